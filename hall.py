@@ -1,0 +1,2260 @@
+#!/usr/bin/env python3
+"""hall.py -- the local Hall: worker registry, WCP router and decision log.
+
+One file, standard library only, CPython 3.8 or newer.
+
+    python hall.py                      # serve on http://127.0.0.1:8765, data in ./hall.db
+    python -m unittest -v test_hall     # run the tests
+
+The Hall is an organization's local governance daemon. Workers (AI agents,
+tools, services) enroll in its registry; before anything runs a worker it
+asks ``POST /api/route`` whether the capability may run and on which worker;
+the Hall answers from its rules, its registry and its policy, and appends
+every decision to a log that the Hall Monitor reads.
+
+Reading order of this file:
+
+    1. Configuration      -- defaults, environment variables, flags
+    2. Utilities          -- time stamps, hashes, JSON input checks
+    3. Storage            -- SQLite schema, migrations, queries
+    4. Rules and router   -- rules documents, the policy gate, the pure router
+    5. The Hall           -- the application object (also the embedding API)
+    6. HTTP layer         -- the one route table, handlers, OpenAPI, server
+    7. Command line       -- argparse, ``main()``
+
+Embedding::
+
+    import hall
+    h = hall.Hall(":memory:")
+    h.enroll(record)                    # same checks and answers as POST /enroll
+    decision = h.route({"capability_id": "cap.doc.summarize", "env": "dev",
+                        "data_label": "PUBLIC", "tenant_id": "acme"})
+    server = h.serve(port=0)            # HTTP in a background thread
+    print(server.url); server.stop(); h.close()
+
+Importing this module has no side effects: no socket, file or thread.
+"""
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import hmac
+import ipaddress
+import json
+import math
+import os
+import queue
+import re
+import secrets
+import signal
+import socket
+import sqlite3
+import ssl
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections import namedtuple
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
+
+__version__ = "0.3.0"
+HALL_NAME = "PyHall"
+
+
+###############################################################################
+# 1. Configuration
+###############################################################################
+
+# Vocabularies of the route input (the union of the reference documents).
+ENVS = ("dev", "stage", "staging", "prod", "edge")
+ENV_ALIASES = {"staging": "stage"}          # names that match as another env
+DATA_LABELS = ("PUBLIC", "INTERNAL", "CONFIDENTIAL", "RESTRICTED", "SECRET")
+TENANT_RISKS = ("low", "medium", "high")
+QOS_CLASSES = ("P0", "P1", "P2", "P3")
+HIGH_STAKES_ENVS = ("prod", "edge")
+
+SCOPES = ("read", "route", "write", "rules", "admin")
+ALL_SCOPES = frozenset(SCOPES)
+
+DEFAULT_PORT = 8765
+DEFAULT_MAX_BODY = 1024 * 1024              # bytes; larger bodies get 413
+MAX_JSON_DEPTH = 64                         # deeper documents get 400
+SESSION_COOKIE = "pyhall_session"
+
+
+class ConfigError(Exception):
+    """A setting that stops start-up: printed as one line, exit code 2."""
+
+
+class Config(object):
+    """Every setting of a hall, with its default.
+
+    ``Config.load(argv, environ)`` reads flags and HALL_* variables (flags
+    win); ``Config(db_path=...)`` builds one directly for embedding."""
+
+    FIELDS = {
+        # name:        (default, environment variable)
+        "host":         ("127.0.0.1", "HALL_API_HOST"),
+        "port":         (DEFAULT_PORT, "HALL_API_PORT"),
+        "db_path":      ("hall.db", "HALL_DB_PATH"),
+        "token":        (None, "HALL_TOKEN"),
+        "token_file":   (None, "HALL_TOKEN_FILE"),
+        "rules_path":   (None, "HALL_RULES_PATH"),
+        "policy_path":  (None, "HALL_POLICY_PATH"),
+        "cors_origins": ("*", "HALL_CORS_ORIGINS"),
+        "tls_cert":     (None, "HALL_TLS_CERT"),
+        "tls_key":      (None, "HALL_TLS_KEY"),
+        "max_body":     (DEFAULT_MAX_BODY, "HALL_MAX_BODY"),
+        "access_log":   (True, "HALL_ACCESS_LOG"),
+    }
+
+    def __init__(self, **settings):
+        for name, (default, _variable) in self.FIELDS.items():
+            setattr(self, name, settings.pop(name, default))
+        if settings:
+            raise TypeError("unknown settings: " + ", ".join(sorted(settings)))
+
+    @classmethod
+    def load(cls, flags=None, environ=None):
+        """Settings from the environment, overridden by parsed ``flags``."""
+        environ = os.environ if environ is None else environ
+        flags = vars(flags) if flags is not None else {}
+        settings = {}
+        for name, (default, variable) in cls.FIELDS.items():
+            value = flags.get(name)
+            if value is None and environ.get(variable, "") != "":
+                value = environ[variable]
+            if value is not None:
+                settings[name] = value
+        config = cls(**settings)
+        config.port = _parse_int_setting("port", config.port, 0, 65535)
+        config.max_body = _parse_int_setting("max body", config.max_body, 1, 1 << 30)
+        config.access_log = _parse_bool_setting("access log", config.access_log)
+        if bool(config.tls_cert) != bool(config.tls_key):
+            raise ConfigError("TLS needs both HALL_TLS_CERT and HALL_TLS_KEY")
+        return config
+
+    @property
+    def token_path(self):
+        """Where the first-start admin token is written: beside the database."""
+        if self.token_file:
+            return self.token_file
+        if self.db_path == ":memory:":
+            return "hall.token"
+        return os.path.join(os.path.dirname(os.path.abspath(self.db_path)), "hall.token")
+
+    @property
+    def loopback(self):
+        return is_loopback(self.host)
+
+    def allowed_origin(self, origin):
+        """The Access-Control-Allow-Origin value for a request's Origin."""
+        origins = [o.strip() for o in str(self.cors_origins).split(",") if o.strip()]
+        if "*" in origins:
+            return "*"
+        return origin if origin in origins else None
+
+
+def _parse_int_setting(label, value, low, high):
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError("%s must be an integer, got %r" % (label, value))
+    if not low <= number <= high:
+        raise ConfigError("%s must be between %d and %d, got %d" % (label, low, high, number))
+    return number
+
+
+def _parse_bool_setting(label, value):
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError("%s must be on or off, got %r" % (label, value))
+
+
+def is_loopback(host):
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+###############################################################################
+# 2. Utilities
+###############################################################################
+
+class HallError(Exception):
+    """A request the hall refuses: an HTTP status, a sentence, maybe a code."""
+
+    def __init__(self, status, message, code=None, headers=None):
+        Exception.__init__(self, message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self):
+        body = {"error": self.message}
+        if self.code:
+            body["code"] = self.code
+        return body
+
+
+class Unavailable(HallError):
+    """The database cannot take the write now; the client may retry."""
+
+    def __init__(self, message="the database is busy; retry shortly"):
+        HallError.__init__(self, 503, message, "DB_UNAVAILABLE", {"Retry-After": "1"})
+
+
+def now_iso():
+    """UTC, ISO 8601 with microseconds and +00:00: text order is time order."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
+
+
+def utc_day(timestamp=None):
+    return (timestamp or now_iso())[:10]
+
+
+_TIMESTAMP = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})"
+    r"(?:[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?)?"
+    r"\s*([Zz]|[+-]\d{2}(?::?\d{2})?)?$")
+
+
+def parse_timestamp(text):
+    """ISO 8601 text -> canonical UTC form, or None when it is not a time.
+
+    Accepts a date, optional time, fraction and offset (``Z``, ``+02:00``,
+    ``+0200``, ``+02``); a time without offset is taken as UTC."""
+    match = _TIMESTAMP.match(text.strip()) if isinstance(text, str) else None
+    if not match:
+        return None
+    year, month, day, hour, minute, second, fraction, offset = match.groups()
+    micro = int((fraction or "0")[:6].ljust(6, "0"))
+    tz = datetime.timezone.utc
+    if offset and offset not in "Zz":
+        sign = -1 if offset[0] == "-" else 1
+        digits = offset[1:].replace(":", "")
+        delta = datetime.timedelta(hours=int(digits[:2]), minutes=int(digits[2:4] or 0))
+        try:
+            tz = datetime.timezone(sign * delta)
+        except ValueError:
+            return None
+    try:
+        moment = datetime.datetime(int(year), int(month), int(day), int(hour or 0),
+                                   int(minute or 0), int(second or 0), micro, tzinfo=tz)
+        moment = moment.astimezone(datetime.timezone.utc)
+    except (ValueError, OverflowError):
+        return None
+    return moment.isoformat(timespec="microseconds")
+
+
+def canonical_json(value):
+    """The one serialisation that hashes are taken over."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def sha256_tag(data):
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def compute_artifact_hash(record):
+    """The artifact_hash a worker record must carry to enroll: sha256 of the
+    canonical JSON of the record without its artifact_hash field."""
+    body = {k: v for k, v in record.items() if k != "artifact_hash"}
+    return sha256_tag(canonical_json(body))
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 16), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f]")
+
+
+def clean_id(value):
+    """An id fit for telemetry and logs: control characters removed."""
+    if value is None:
+        return None
+    return _CONTROL_CHARS.sub("", str(value))
+
+
+def _reject_constant(name):
+    raise ValueError("%s is not a JSON number" % name)
+
+
+def _finite_float(text):
+    number = float(text)
+    if math.isinf(number) or math.isnan(number):
+        raise ValueError("number out of range: " + text[:40])
+    return number
+
+
+def _no_duplicate_keys(pairs):
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError("duplicate key %r" % key[:80])
+        result[key] = value
+    return result
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def parse_json_body(raw):
+    """Request bytes -> a JSON value, or HallError(400) saying what is wrong.
+
+    Refuses what would later break storage or make the document ambiguous:
+    invalid UTF-8, NaN/Infinity, numbers beyond a double, duplicate keys,
+    lone surrogates and nesting deeper than MAX_JSON_DEPTH."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HallError(400, "request body is not valid UTF-8")
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if not text.strip():
+        raise HallError(400, "request body must be a JSON object")
+    try:
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
+                           object_pairs_hook=_no_duplicate_keys)
+    except RecursionError:
+        raise HallError(400, "request body is nested too deeply")
+    except ValueError as exc:
+        raise HallError(400, "request body is not valid JSON: %s" % str(exc)[:200])
+    _check_json_value(value, _SURROGATE_ESCAPE.search(text) is not None)
+    return value
+
+
+def _check_json_value(value, check_strings):
+    """Iteratively bound nesting depth (and find lone surrogates if any)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = list(item.values()) + (list(item.keys()) if check_strings else [])
+        elif isinstance(item, list):
+            children = item
+        else:
+            if check_strings and isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise HallError(400, "request body has a lone UTF-16 surrogate in a string")
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise HallError(400, "request body is nested deeper than %d levels" % MAX_JSON_DEPTH)
+        stack.extend((child, depth + 1) for child in children)
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _optional_string(body, field, default=None):
+    value = body.get(field)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise HallError(400, "%s must be a string" % field)
+    return value
+
+
+###############################################################################
+# 3. Storage
+###############################################################################
+#
+# The three tables of the reference keep their names and columns exactly, so a
+# hall.db written by the reference server opens and is served without loss.
+# Everything newer arrives by forward migrations keyed on PRAGMA user_version,
+# each applied in one transaction.
+
+MIGRATIONS = [
+    # 1 -- the reference schema (a no-op on a database the reference made).
+    [
+        """CREATE TABLE IF NOT EXISTS enrollments (
+            enrollment_id TEXT PRIMARY KEY,
+            worker_id TEXT NOT NULL UNIQUE,
+            worker_species_id TEXT NOT NULL,
+            capabilities TEXT NOT NULL,
+            risk_tier TEXT NOT NULL,
+            enrolled_at TEXT NOT NULL,
+            artifact_hash TEXT NOT NULL,
+            record_json TEXT NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS decisions (
+            decision_id TEXT PRIMARY KEY,
+            decided_at TEXT NOT NULL,
+            capability_id TEXT NOT NULL,
+            tenant_id TEXT NOT NULL DEFAULT '',
+            env TEXT NOT NULL DEFAULT 'dev',
+            denied INTEGER NOT NULL DEFAULT 0,
+            deny_reason TEXT,
+            selected_worker TEXT,
+            blast_score INTEGER,
+            artifact_hash TEXT)""",
+        """CREATE TABLE IF NOT EXISTS alerts (
+            alert_id TEXT PRIMARY KEY,
+            created_at TEXT NOT NULL,
+            level TEXT NOT NULL,
+            code TEXT NOT NULL,
+            message TEXT NOT NULL,
+            worker_id TEXT,
+            capability_id TEXT)""",
+    ],
+    # 2 -- indexes for the list endpoints, per-day counts kept by triggers so
+    # /status costs the same at ten million decisions as at ten, what a route
+    # decision adds to the documented row, and hashed API tokens.
+    [
+        "CREATE INDEX IF NOT EXISTS decisions_by_time ON decisions(decided_at)",
+        "CREATE INDEX IF NOT EXISTS alerts_by_time ON alerts(created_at)",
+        "CREATE INDEX IF NOT EXISTS enrollments_by_time ON enrollments(enrolled_at)",
+        "ALTER TABLE enrollments ADD COLUMN updated_at TEXT",
+        "ALTER TABLE decisions ADD COLUMN source TEXT",
+        "ALTER TABLE decisions ADD COLUMN correlation_id TEXT",
+        "ALTER TABLE decisions ADD COLUMN matched_rule_id TEXT",
+        "ALTER TABLE decisions ADD COLUMN worker_id TEXT",
+        """CREATE TABLE decision_days (
+            day TEXT PRIMARY KEY,
+            total INTEGER NOT NULL DEFAULT 0,
+            denied INTEGER NOT NULL DEFAULT 0)""",
+        """INSERT INTO decision_days(day, total, denied)
+            SELECT substr(decided_at, 1, 10), count(*), sum(denied != 0)
+            FROM decisions GROUP BY substr(decided_at, 1, 10)""",
+        """CREATE TRIGGER decisions_counted AFTER INSERT ON decisions BEGIN
+            INSERT OR IGNORE INTO decision_days(day) VALUES (substr(NEW.decided_at, 1, 10));
+            UPDATE decision_days SET total = total + 1, denied = denied + (NEW.denied != 0)
+                WHERE day = substr(NEW.decided_at, 1, 10);
+        END""",
+        """CREATE TRIGGER decisions_uncounted AFTER DELETE ON decisions BEGIN
+            UPDATE decision_days SET total = total - 1, denied = denied - (OLD.denied != 0)
+                WHERE day = substr(OLD.decided_at, 1, 10);
+        END""",
+        """CREATE TRIGGER decisions_recounted AFTER UPDATE OF decided_at, denied ON decisions BEGIN
+            UPDATE decision_days SET total = total - 1, denied = denied - (OLD.denied != 0)
+                WHERE day = substr(OLD.decided_at, 1, 10);
+            INSERT OR IGNORE INTO decision_days(day) VALUES (substr(NEW.decided_at, 1, 10));
+            UPDATE decision_days SET total = total + 1, denied = denied + (NEW.denied != 0)
+                WHERE day = substr(NEW.decided_at, 1, 10);
+        END""",
+        """CREATE TABLE tokens (
+            token_id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            token_hash TEXT NOT NULL UNIQUE,
+            scopes TEXT NOT NULL,
+            tenant TEXT,
+            created_at TEXT NOT NULL,
+            last_used_at TEXT,
+            revoked_at TEXT)""",
+    ],
+]
+
+DECISION_COLUMNS = ("decision_id", "decided_at", "capability_id", "tenant_id", "env", "denied",
+                    "deny_reason", "selected_worker", "blast_score", "artifact_hash")
+ALERT_COLUMNS = ("alert_id", "created_at", "level", "code", "message", "worker_id",
+                 "capability_id")
+
+Enrollment = namedtuple("Enrollment", "enrollment_id worker_id worker_species_id capabilities "
+                                      "risk_tier enrolled_at artifact_hash record")
+Token = namedtuple("Token", "token_id name scopes tenant")
+
+
+class StoreError(Exception):
+    """The database file cannot be used at all (start-up stops)."""
+
+
+class Store(object):
+    """The SQLite file: one writer connection behind a lock, a pool of
+    read connections (WAL lets readers run beside the writer)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.memory = path == ":memory:"
+        self._write_lock = threading.Lock()
+        self._idle_readers = queue.LifoQueue()
+        try:
+            self._writer = self._connect()
+            self._writer.execute("PRAGMA journal_mode=WAL").fetchone()
+            # FULL: a commit is on disk before the hall answers 2xx, so an
+            # acknowledged write survives a crash of the process or the host.
+            self._writer.execute("PRAGMA synchronous=FULL")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError("cannot use database %s: %s" % (path, exc))
+
+    def _connect(self):
+        conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout=5000")
+        return conn
+
+    def _migrate(self):
+        version = self._writer.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise StoreError("database %s has schema version %d; this hall.py knows only up "
+                             "to %d (it was written by a newer hall)"
+                             % (self.path, version, len(MIGRATIONS)))
+        for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
+            with self._write_lock:
+                conn = self._writer
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in statements:
+                        conn.execute(statement)
+                    conn.execute("PRAGMA user_version=%d" % number)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+
+    def close(self):
+        with self._write_lock:
+            if not self.memory:
+                with contextlib.suppress(sqlite3.Error):
+                    self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._writer.close()
+        while True:
+            try:
+                self._idle_readers.get_nowait().close()
+            except queue.Empty:
+                break
+
+    @contextlib.contextmanager
+    def reading(self):
+        if self.memory:                 # one in-memory database: share the writer
+            with self._write_lock:
+                yield self._writer
+            return
+        try:
+            conn = self._idle_readers.get_nowait()
+        except queue.Empty:
+            conn = self._connect()
+            conn.execute("PRAGMA query_only=1")
+        try:
+            yield conn
+        finally:
+            self._idle_readers.put(conn)
+
+    @contextlib.contextmanager
+    def writing(self):
+        """One transaction on the writer; busy/locked/read-only become 503."""
+        with self._write_lock:
+            conn = self._writer
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise Unavailable("the database cannot take writes now: %s" % exc)
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise Unavailable("the database cannot take writes now: %s" % exc)
+                raise
+
+    # -- enrollments ---------------------------------------------------------
+
+    def upsert_enrollment(self, worker_id, species, capabilities, risk_tier, artifact_hash,
+                          record_json):
+        """Insert or update by worker_id; returns (created, enrollment_id, enrolled_at)."""
+        now = now_iso()
+        with self.writing() as conn:
+            row = conn.execute("SELECT enrollment_id, enrolled_at FROM enrollments "
+                               "WHERE worker_id = ?", (worker_id,)).fetchone()
+            if row:
+                conn.execute("UPDATE enrollments SET worker_species_id = ?, capabilities = ?, "
+                             "risk_tier = ?, artifact_hash = ?, record_json = ?, updated_at = ? "
+                             "WHERE worker_id = ?",
+                             (species, capabilities, risk_tier, artifact_hash, record_json, now,
+                              worker_id))
+                return False, row[0], row[1]
+            enrollment_id = str(uuid.uuid4())
+            conn.execute("INSERT INTO enrollments (enrollment_id, worker_id, worker_species_id, "
+                         "capabilities, risk_tier, enrolled_at, artifact_hash, record_json) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (enrollment_id, worker_id, species, capabilities, risk_tier, now,
+                          artifact_hash, record_json))
+            return True, enrollment_id, now
+
+    def enrollments(self):
+        """Every enrollment, newest first."""
+        with self.reading() as conn:
+            rows = conn.execute("SELECT enrollment_id, worker_id, worker_species_id, capabilities, "
+                                "risk_tier, enrolled_at, artifact_hash, record_json "
+                                "FROM enrollments ORDER BY enrolled_at DESC, rowid DESC").fetchall()
+        return [Enrollment(r[0], r[1], r[2], _json_list(r[3]), r[4], r[5], r[6], _json_object(r[7]))
+                for r in rows]
+
+    def count_workers(self):
+        with self.reading() as conn:
+            return conn.execute("SELECT count(*) FROM enrollments").fetchone()[0]
+
+    # -- decisions -----------------------------------------------------------
+
+    def insert_decision(self, row):
+        """INSERT OR IGNORE one decision row (a dict); True when it was new."""
+        columns = [c for c in row]
+        sql = "INSERT OR IGNORE INTO decisions (%s) VALUES (%s)" % (
+            ", ".join(columns), ", ".join("?" * len(columns)))
+        with self.writing() as conn:
+            return conn.execute(sql, [row[c] for c in columns]).rowcount == 1
+
+    def recent_decisions(self, limit):
+        with self.reading() as conn:
+            rows = conn.execute("SELECT %s FROM decisions ORDER BY decided_at DESC, rowid DESC "
+                                "LIMIT ?" % ", ".join(DECISION_COLUMNS), (limit,)).fetchall()
+        return [dict(zip(DECISION_COLUMNS, r)) for r in rows]
+
+    def decision_counts(self, day):
+        """(total, today, denied today) from the per-day counts."""
+        with self.reading() as conn:
+            total = conn.execute("SELECT coalesce(sum(total), 0) FROM decision_days").fetchone()[0]
+            today = conn.execute("SELECT total, denied FROM decision_days WHERE day = ?",
+                                 (day,)).fetchone() or (0, 0)
+        return total, today[0], today[1]
+
+    # -- alerts --------------------------------------------------------------
+
+    def insert_alert(self, alert):
+        with self.writing() as conn:
+            conn.execute("INSERT INTO alerts (%s) VALUES (%s)" % (
+                ", ".join(ALERT_COLUMNS), ", ".join("?" * len(ALERT_COLUMNS))),
+                [alert[c] for c in ALERT_COLUMNS])
+
+    def recent_alerts(self, limit=50):
+        with self.reading() as conn:
+            rows = conn.execute("SELECT %s FROM alerts ORDER BY created_at DESC, rowid DESC "
+                                "LIMIT ?" % ", ".join(ALERT_COLUMNS), (limit,)).fetchall()
+        return [dict(zip(ALERT_COLUMNS, r)) for r in rows]
+
+    # -- tokens --------------------------------------------------------------
+
+    def insert_token(self, token_id, name, token_hash, scopes, tenant=None):
+        with self.writing() as conn:
+            conn.execute("INSERT INTO tokens (token_id, name, token_hash, scopes, tenant, "
+                         "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                         (token_id, name, token_hash, " ".join(sorted(scopes)), tenant, now_iso()))
+
+    def find_token(self, token_hash):
+        with self.reading() as conn:
+            row = conn.execute("SELECT token_id, name, token_hash, scopes, tenant FROM tokens "
+                               "WHERE token_hash = ? AND revoked_at IS NULL",
+                               (token_hash,)).fetchone()
+        # The index found the row; compare once more in constant time anyway.
+        if row and hmac.compare_digest(row[2], token_hash):
+            return Token(row[0], row[1], frozenset(row[3].split()), row[4])
+        return None
+
+    def count_tokens(self):
+        with self.reading() as conn:
+            return conn.execute("SELECT count(*) FROM tokens WHERE revoked_at IS NULL").fetchone()[0]
+
+
+def _json_list(text):
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return []
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def _json_object(text):
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+###############################################################################
+# 4. Rules and router
+###############################################################################
+#
+# A rules document is {"rules": [{rule_id, match, decision}, ...]}; the first
+# rule whose every condition holds decides.  A condition is an exact value,
+# {"in": [...]} or {"any": true}; an absent key matches anything.
+
+MATCH_KEYS = ("capability_id", "env", "data_label", "tenant_id", "tenant_risk", "qos_class")
+VOCABULARY = {"env": ENVS, "data_label": DATA_LABELS, "tenant_risk": TENANT_RISKS,
+              "qos_class": QOS_CLASSES}
+RISK_ORDER = {"low": 0, "medium": 1, "high": 2, "critical": 3}
+
+# Controls with a meaning to the pipeline itself.
+CTRL_BLAST = "ctrl.blast_radius_scoring"
+CTRL_ENVELOPE = "ctrl.privilege_envelopes_required"
+_CONTROL_ID = re.compile(r"^ctrl\.[^\s]+$")
+
+
+class RulesError(ValueError):
+    """A rules or policy document that cannot be used, with the reason."""
+
+
+def match_value(key, value):
+    """The form a value is compared in: envs by their canonical name."""
+    return ENV_ALIASES.get(value, value) if key == "env" else value
+
+
+class Condition(object):
+    """One match condition: a set of exact values and (for policy ids only)
+    trailing-* prefixes.  ``None`` is used instead for "matches anything"."""
+
+    __slots__ = ("values", "prefixes")
+
+    def __init__(self, values, prefixes=()):
+        self.values = frozenset(values)
+        self.prefixes = tuple(prefixes)
+
+    def matches(self, value):
+        return value in self.values or (bool(self.prefixes) and value.startswith(self.prefixes))
+
+    def covers(self, other):
+        """True when every value ``other`` admits is admitted here too."""
+        if other is None:
+            return False
+        if any(not any(p.startswith(q) for q in self.prefixes) for p in other.prefixes):
+            return False
+        return all(self.matches(v) for v in other.values)
+
+    def describe(self):
+        return sorted(self.values) + [p + "*" for p in self.prefixes]
+
+
+def compile_conditions(match, where, prefix_keys=()):
+    """A ``match`` object -> {key: Condition}; keys that match anything are left out."""
+    if match is None:
+        return {}
+    if not isinstance(match, dict):
+        raise RulesError("%s: match must be an object" % where)
+    conditions = {}
+    for key, spec in match.items():
+        if key not in MATCH_KEYS:
+            raise RulesError("%s: unknown match key %r (known: %s)"
+                             % (where, key, ", ".join(MATCH_KEYS)))
+        label = "%s: match.%s" % (where, key)
+        if isinstance(spec, str):
+            values = [spec]
+        elif isinstance(spec, dict) and list(spec) == ["any"]:
+            if spec["any"] is not True:
+                raise RulesError('%s: {"any": ...} must be {"any": true}' % label)
+            continue
+        elif isinstance(spec, dict) and list(spec) == ["in"]:
+            values = spec["in"]
+            if not (isinstance(values, list) and values and all(isinstance(v, str) for v in values)):
+                raise RulesError('%s: {"in": [...]} needs a non-empty list of strings' % label)
+        else:
+            raise RulesError('%s must be a string, {"in": [...]} or {"any": true}' % label)
+        exact, prefixes = [], []
+        for value in values:
+            if key in prefix_keys and value.endswith("*"):
+                prefixes.append(value[:-1])
+                continue
+            if key in VOCABULARY and value not in VOCABULARY[key]:
+                raise RulesError("%s: %r is not one of %s"
+                                 % (label, value, ", ".join(VOCABULARY[key])))
+            exact.append(match_value(key, value))
+        conditions[key] = Condition(exact, prefixes)
+    return conditions
+
+
+def conditions_match(conditions, values):
+    for key, condition in conditions.items():
+        if not condition.matches(values[key]):
+            return False
+    return True
+
+
+Candidate = namedtuple("Candidate", "worker_species_id score_hint")
+
+
+class Rule(object):
+    """One compiled rule.  ``capability`` is set on auto rules: their workers
+    must also declare the capability to be chosen."""
+
+    __slots__ = ("rule_id", "conditions", "candidates", "controls", "profiles", "escalation",
+                 "preconditions", "capability")
+
+    def __init__(self, rule_id, conditions, candidates, controls=(), profiles=(),
+                 escalation=None, preconditions=None, capability=None):
+        self.rule_id = rule_id
+        self.conditions = conditions
+        self.candidates = tuple(candidates)
+        self.controls = tuple(sorted(set(controls)))
+        self.profiles = list(profiles)
+        self.escalation = dict(escalation or {})
+        self.preconditions = preconditions if preconditions is not None else []
+        self.capability = capability
+
+
+class RuleSet(object):
+    """An ordered list of rules plus what was learned when it was compiled."""
+
+    def __init__(self, rules, source, shadowed=None):
+        self.rules = list(rules)
+        self.source = source                    # "request", "file" or "auto"
+        self.shadowed = shadowed if shadowed is not None else find_shadowed(self.rules)
+        self._by_capability = None
+
+    def first_match(self, values):
+        if self.source == "auto":               # one rule per capability: a lookup
+            if self._by_capability is None:
+                self._by_capability = {r.capability: r for r in self.rules}
+            rule = self._by_capability.get(values["capability_id"])
+            return rule if rule and conditions_match(rule.conditions, values) else None
+        for rule in self.rules:
+            if conditions_match(rule.conditions, values):
+                return rule
+        return None
+
+
+def find_shadowed(rules):
+    """[(earlier_id, later_id)] where the earlier rule matches everything the
+    later one does, so the later rule can never fire."""
+    pairs = []
+    for j, later in enumerate(rules):
+        for earlier in rules[:j]:
+            if all(key not in earlier.conditions or
+                   earlier.conditions[key].covers(later.conditions.get(key))
+                   for key in MATCH_KEYS):
+                pairs.append((earlier.rule_id, later.rule_id))
+                break
+    return pairs
+
+
+def compile_rules(document, source="request"):
+    """A rules document (parsed JSON) -> RuleSet, or RulesError with the reason."""
+    if isinstance(document, dict):
+        rules = document.get("rules")
+    else:
+        rules = document
+    if not isinstance(rules, list):
+        raise RulesError('a rules document is {"rules": [...]}')
+    compiled, seen = [], set()
+    for index, rule in enumerate(rules):
+        where = "rules[%d]" % index
+        if not isinstance(rule, dict):
+            raise RulesError("%s must be an object" % where)
+        rule_id = rule.get("rule_id")
+        if not isinstance(rule_id, str) or not rule_id.strip():
+            raise RulesError("%s: rule_id must be a non-empty string" % where)
+        where = "rule %r" % rule_id
+        if rule_id in seen:
+            raise RulesError("%s: rule_id is used twice" % where)
+        seen.add(rule_id)
+        conditions = compile_conditions(rule.get("match"), where)
+        decision = rule.get("decision")
+        if not isinstance(decision, dict):
+            raise RulesError("%s: decision must be an object" % where)
+        compiled.append(_compile_decision(rule_id, conditions, decision, where))
+    return RuleSet(compiled, source)
+
+
+def _compile_decision(rule_id, conditions, decision, where):
+    ranked = decision.get("candidate_workers_ranked", [])
+    if not isinstance(ranked, list):
+        raise RulesError("%s: candidate_workers_ranked must be a list" % where)
+    candidates = []
+    for entry in ranked:
+        if isinstance(entry, str):
+            entry = {"worker_species_id": entry}
+        species = entry.get("worker_species_id") if isinstance(entry, dict) else None
+        if not isinstance(species, str) or not species:
+            raise RulesError("%s: each candidate needs a worker_species_id string" % where)
+        hint = entry.get("score_hint")
+        if hint is not None and (isinstance(hint, bool) or not isinstance(hint, (int, float))):
+            raise RulesError("%s: score_hint must be a number" % where)
+        candidates.append(Candidate(species, hint))
+    controls = decision.get("required_controls_suggested", [])
+    if not (isinstance(controls, list) and all(isinstance(c, str) for c in controls)):
+        raise RulesError("%s: required_controls_suggested must be a list of strings" % where)
+    profiles = decision.get("recommended_profiles", [])
+    if not isinstance(profiles, list):
+        raise RulesError("%s: recommended_profiles must be a list" % where)
+    escalation = decision.get("escalation", {})
+    if not isinstance(escalation, dict):
+        raise RulesError("%s: escalation must be an object" % where)
+    for flag in ("policy_gate", "human_required_default"):
+        if flag in escalation and not isinstance(escalation[flag], bool):
+            raise RulesError("%s: escalation.%s must be true or false" % (where, flag))
+    if "rationale" in escalation and not isinstance(escalation["rationale"], (str, type(None))):
+        raise RulesError("%s: escalation.rationale must be a string" % where)
+    preconditions = decision.get("preconditions", [])
+    if not isinstance(preconditions, (list, dict)):
+        raise RulesError("%s: preconditions must be a list or an object" % where)
+    return Rule(rule_id, conditions, candidates, controls, profiles, escalation, preconditions)
+
+
+def load_json_file(path, what):
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+    except OSError as exc:
+        raise ConfigError("cannot read %s file %s: %s" % (what, path, exc.strerror or exc))
+    try:
+        return parse_json_body(raw)
+    except HallError as exc:
+        raise ConfigError("%s file %s: %s" % (what, path, exc.message))
+
+
+def load_rules_file(path):
+    try:
+        return compile_rules(load_json_file(path, "rules"), source="file")
+    except RulesError as exc:
+        raise ConfigError("rules file %s: %s" % (path, exc))
+
+
+# -- the operator policy gate ------------------------------------------------
+#
+# {"version": "2026-11", "default": "ALLOW",
+#  "rules": [{"id": "prod-writes", "match": {"env": "prod", "capability_id": "cap.db.*"},
+#             "outcome": "REQUIRE_HUMAN", "reason": "prod writes need a human"}]}
+
+POLICY_OUTCOMES = ("ALLOW", "DENY", "REQUIRE_HUMAN")
+PolicyVerdict = namedtuple("PolicyVerdict", "outcome reason rule_id version")
+
+
+class Policy(object):
+    """A compiled policy document: first matching rule wins, else the default."""
+
+    def __init__(self, version, default, rules):
+        self.version = version
+        self.default = default
+        self.rules = rules                      # [(id, conditions, outcome, reason)]
+
+    def evaluate(self, values):
+        for rule_id, conditions, outcome, reason in self.rules:
+            if conditions_match(conditions, values):
+                return PolicyVerdict(outcome, reason, rule_id, self.version)
+        return PolicyVerdict(self.default, "policy default", None, self.version)
+
+
+def compile_policy(document):
+    if not isinstance(document, dict):
+        raise RulesError("a policy document must be a JSON object")
+    version = document.get("version")
+    if not isinstance(version, str) or not version.strip():
+        raise RulesError("policy version must be a non-empty string")
+    default = document.get("default")
+    if default not in POLICY_OUTCOMES:
+        raise RulesError("policy default must be one of %s" % ", ".join(POLICY_OUTCOMES))
+    rules = document.get("rules", [])
+    if not isinstance(rules, list):
+        raise RulesError("policy rules must be a list")
+    compiled, seen = [], set()
+    for index, rule in enumerate(rules):
+        if not isinstance(rule, dict):
+            raise RulesError("policy rules[%d] must be an object" % index)
+        rule_id = rule.get("id")
+        if not isinstance(rule_id, str) or not rule_id.strip() or rule_id in seen:
+            raise RulesError("policy rules[%d]: id must be a unique non-empty string" % index)
+        seen.add(rule_id)
+        where = "policy rule %r" % rule_id
+        outcome = rule.get("outcome")
+        if outcome not in POLICY_OUTCOMES:
+            raise RulesError("%s: outcome must be one of %s" % (where, ", ".join(POLICY_OUTCOMES)))
+        reason = rule.get("reason", "")
+        if not isinstance(reason, str):
+            raise RulesError("%s: reason must be a string" % where)
+        conditions = compile_conditions(rule.get("match"), where,
+                                        prefix_keys=("capability_id", "tenant_id"))
+        compiled.append((rule_id, conditions, outcome, reason or "policy rule " + rule_id))
+    return Policy(version, default, compiled)
+
+
+def load_policy_file(path):
+    try:
+        return compile_policy(load_json_file(path, "policy"))
+    except RulesError as exc:
+        raise ConfigError("policy file %s: %s" % (path, exc))
+
+
+def ask_policy(policy, values):
+    """Run the gate; a policy may be a Policy or any callable (embedding).
+    Whatever a callable returns that is not an outcome fails closed."""
+    if isinstance(policy, Policy):
+        return policy.evaluate(values)
+    try:
+        answer = policy(dict(values))
+    except Exception as exc:                    # a broken gate must deny, not crash
+        return PolicyVerdict(None, "policy gate raised %s" % type(exc).__name__, None, None)
+    if isinstance(answer, PolicyVerdict):
+        return answer
+    if isinstance(answer, tuple) and len(answer) == 2:
+        return PolicyVerdict(answer[0], str(answer[1]), None, None)
+    return PolicyVerdict(answer, "", None, None)
+
+
+# -- the registry snapshot ---------------------------------------------------
+
+class Worker(namedtuple("Worker", "worker_id species capabilities risk_tier enrolled_at "
+                                  "artifact_hash environments")):
+    """An enrolled worker as the router sees it.  ``environments`` is None
+    when the worker did not declare allowed_environments (any env)."""
+
+    def allows(self, env_key):
+        return self.environments is None or env_key in self.environments
+
+
+class Registry(object):
+    """An immutable snapshot of the enrolled workers, with what the router
+    derives from them: the control set, workers by species, auto rules."""
+
+    def __init__(self, enrollments=()):
+        workers, controls = [], set()
+        for e in enrollments:
+            record = e.record
+            implemented = record.get("currently_implements")
+            if isinstance(implemented, list):
+                controls.update(c for c in implemented
+                                if isinstance(c, str) and _CONTROL_ID.match(c))
+            workers.append(Worker(e.worker_id, e.worker_species_id, tuple(e.capabilities),
+                                  e.risk_tier, e.enrolled_at, e.artifact_hash,
+                                  _declared_environments(record)))
+        # Older enrollment first, so selection is stable and deterministic.
+        workers.sort(key=lambda w: (w.enrolled_at, w.worker_id))
+        self.workers = tuple(workers)
+        self.controls = frozenset(controls)
+        self.by_species = {}
+        for worker in self.workers:
+            self.by_species.setdefault(worker.species, []).append(worker)
+        self.auto_rules = RuleSet(self._auto_rules(), "auto", shadowed=[])
+
+    def _auto_rules(self):
+        """Per capability: candidates are the species that serve it, lower
+        risk tier first, then older enrollment; envs as the workers declare."""
+        serving = {}
+        for worker in self.workers:
+            for capability in worker.capabilities:
+                serving.setdefault(capability, []).append(worker)
+        rules = []
+        for capability in sorted(serving):
+            workers = serving[capability]
+            rank = {}
+            for w in workers:
+                key = (RISK_ORDER.get(w.risk_tier, len(RISK_ORDER)), w.enrolled_at, w.worker_id)
+                rank[w.species] = min(rank.get(w.species, key), key)
+            species = sorted(rank, key=rank.get)
+            conditions = {"capability_id": Condition([capability])}
+            if all(w.environments is not None for w in workers):
+                conditions["env"] = Condition(set().union(*(w.environments for w in workers)))
+            rules.append(Rule("auto." + capability, conditions,
+                              [Candidate(s, None) for s in species], capability=capability))
+        return rules
+
+
+def _declared_environments(record):
+    declared = record.get("allowed_environments")
+    if declared is None:
+        return None
+    if not isinstance(declared, list):
+        return frozenset()                      # unreadable declaration: allow nothing
+    return frozenset(match_value("env", e) for e in declared if isinstance(e, str))
+
+
+# -- the route input ---------------------------------------------------------
+
+ROUTE_REQUIRED = ("capability_id", "env", "data_label", "tenant_id")
+ROUTE_DEFAULTS = (("tenant_risk", "low"), ("qos_class", "P2"))
+# What the artifact_hash covers: the request itself, not how it is traced or
+# which rules or approval it is checked against.
+HASHED_FIELDS = ("capability_id", "env", "data_label", "tenant_id", "tenant_risk",
+                 "qos_class", "request", "blast_score")
+
+
+def parse_route_input(body):
+    """A /api/route body -> the normalised route input, or HallError(400)."""
+    if not isinstance(body, dict):
+        raise HallError(400, "request body must be a JSON object")
+    inp = {}
+    for field in ROUTE_REQUIRED:
+        if body.get(field) is None:
+            raise HallError(400, "missing field: %s" % field)
+        if not isinstance(body[field], str):
+            raise HallError(400, "%s must be a string" % field)
+        inp[field] = body[field]
+    for field, default in ROUTE_DEFAULTS:
+        inp[field] = _optional_string(body, field, default)
+    for field, allowed in VOCABULARY.items():
+        if inp[field] not in allowed:
+            raise HallError(400, "%s must be one of: %s" % (field, ", ".join(allowed)))
+    inp["correlation_id"] = _optional_string(body, "correlation_id") or (
+        str(uuid.uuid4()) if body.get("correlation_id") is None else "")
+    request = body.get("request")
+    if request is not None and not isinstance(request, dict):
+        raise HallError(400, "request must be an object")
+    inp["request"] = request or {}
+    blast = body.get("blast_score")
+    if blast is not None and not _is_int(blast):
+        raise HallError(400, "blast_score must be an integer from 0 to 100, or null")
+    inp["blast_score"] = blast
+    for flag in ("dry_run",):
+        value = body.get(flag, False)
+        if value is None:
+            value = False
+        if not isinstance(value, bool):
+            raise HallError(400, "%s must be true or false" % flag)
+        inp[flag] = value
+    inp["approval_id"] = _optional_string(body, "approval_id")
+    return inp
+
+
+def route_input_hash(inp):
+    return sha256_tag(canonical_json({k: inp[k] for k in HASHED_FIELDS}))
+
+
+# -- the pure router ---------------------------------------------------------
+
+class Floor(namedtuple("Floor", "safe_mode safe_mode_reason tenants banned")):
+    """The hall-wide state checked before any rule: safe mode, the signatory
+    tenants (None = any tenant), and banned artifact hashes."""
+
+
+OPEN_FLOOR = Floor(False, None, None, frozenset())
+
+DENY_MESSAGES = {
+    "DENY_SAFE_MODE": "the hall is in safe mode; every route is denied",
+    "DENY_UNKNOWN_TENANT": "tenant is not among the hall's signatory tenants",
+    "DENY_MISSING_TENANT_ID": "tenant_id is empty",
+    "DENY_INVALID_INPUT": "blast_score must be between 0 and 100",
+    "DENY_SHADOW_RULES_DETECTED": "the rule set has rules shadowed by earlier rules; "
+                                  "refused in prod and edge",
+    "DENY_NO_MATCHING_RULE": "no rule matches this request",
+    "DENY_MISSING_CORRELATION_ID": "correlation_id is empty",
+    "DENY_MISSING_REQUIRED_CONTROLS": "the registry lacks controls the rule requires",
+    "DENY_REQUIRES_HUMAN": "blast score is too high for this environment without a human",
+    "DENY_POLICY_GATE_UNCONFIGURED": "the rule requires a policy gate but none is configured",
+    "DENY_POLICY_GATE": "the policy gate denied this request",
+    "DENY_REQUIRES_HUMAN_APPROVAL": "the policy gate requires human approval",
+    "DENY_POLICY_GATE_INVALID_RESPONSE": "the policy gate gave no valid outcome",
+    "DENY_NO_AVAILABLE_WORKER": "no enrolled worker of a candidate species is available",
+}
+BLAST_HUMAN_THRESHOLD = 85
+
+
+class Denied(Exception):
+    """Raised inside the pipeline: the first failing step decides."""
+
+    def __init__(self, code, **detail):
+        Exception.__init__(self, code)
+        self.code = code
+        self.detail = detail
+
+
+def blast_score(inp):
+    """The blast radius of a request, 0..100; (score, terms)."""
+    terms = [("base", 10)]
+    label_terms = {"INTERNAL": 20, "CONFIDENTIAL": 30, "RESTRICTED": 40, "SECRET": 50}
+    if inp["data_label"] in label_terms:
+        terms.append(("data_label", label_terms[inp["data_label"]]))
+    if inp["env"] in HIGH_STAKES_ENVS:
+        terms.append(("env", 15))
+    if inp["qos_class"] == "P0":
+        terms.append(("qos_class", 10))
+    request = inp["request"]
+    if request.get("egress") or request.get("external_call"):
+        terms.append(("egress", 15))
+    if request.get("writes") or request.get("mutates_state"):
+        terms.append(("writes", 15))
+    score = min(100, sum(value for _name, value in terms))
+    caller = inp.get("blast_score")
+    if caller is not None and caller > score:  # a caller may raise it, never lower it
+        terms.append(("caller", caller - score))
+        score = caller
+    return score, terms
+
+
+def decide(inp, rules, registry, policy=None, floor=OPEN_FLOOR, now=None, decision_id=None):
+    """The router: a pure function of the route input (from
+    ``parse_route_input``), a RuleSet, a Registry snapshot, a policy and the
+    hall floor.  Returns the RouteDecision, with the short form of the
+    /api/route client contract (allowed, worker_id, deny_reason) on top.
+
+    Every failure is a denial: nothing raises for any input."""
+    decision = {
+        "decision_id": decision_id or str(uuid.uuid4()),
+        "timestamp": now or now_iso(),
+        "correlation_id": inp["correlation_id"],
+        "tenant_id": inp["tenant_id"],
+        "capability_id": inp["capability_id"],
+        "matched_rule_id": None,
+        "env": inp["env"],
+        "data_label": inp["data_label"],
+        "tenant_risk": inp["tenant_risk"],
+        "qos_class": inp["qos_class"],
+        "denied": False,
+        "deny_reason_if_denied": None,
+        "selected_worker_species_id": None,
+        "selected_worker_id": None,
+        "candidate_workers_ranked": [],
+        "required_controls_effective": [],
+        "escalation_effective": {"policy_gate": False, "human_required_default": False,
+                                 "rationale": None},
+        "preconditions_checked": {},
+        "blast_score": inp.get("blast_score"),
+        "artifact_hash": route_input_hash(inp),
+        "dry_run": bool(inp.get("dry_run")),
+        "telemetry_envelopes": [],
+    }
+    events = []
+    try:
+        _run_pipeline(inp, decision, events, rules, registry, policy, floor)
+    except Denied as denial:
+        detail = dict(denial.detail)
+        message = detail.pop("message", None) or DENY_MESSAGES.get(denial.code, denial.code)
+        decision["denied"] = True
+        decision["deny_reason_if_denied"] = dict({"code": denial.code, "message": message},
+                                                 **detail)
+        decision["selected_worker_species_id"] = None
+        decision["selected_worker_id"] = None
+        if decision["matched_rule_id"] is None:
+            decision["matched_rule_id"] = "NO_MATCH"
+        events.append(("evt.os.task.denied", {"deny_code": denial.code}))
+    else:
+        events[0:0] = [("evt.os.task.routed", {}),
+                       ("evt.os.worker.selected",
+                        {"worker_species_id": decision["selected_worker_species_id"],
+                         "worker_id": decision["selected_worker_id"]})]
+    decision["telemetry_envelopes"] = [_telemetry(decision, name, extra)
+                                       for name, extra in events]
+    decision["allowed"] = not decision["denied"]
+    decision["worker_id"] = decision["selected_worker_id"]
+    reason = decision["deny_reason_if_denied"]
+    decision["deny_reason"] = reason["code"] if reason else None
+    return decision
+
+
+def _telemetry(decision, event_id, extra):
+    envelope = {
+        "event_id": event_id,
+        "timestamp": decision["timestamp"],
+        "decision_id": decision["decision_id"],
+        "correlation_id": clean_id(decision["correlation_id"]),
+        "tenant_id": clean_id(decision["tenant_id"]),
+        "capability_id": clean_id(decision["capability_id"]),
+        "matched_rule_id": clean_id(decision["matched_rule_id"]),
+    }
+    for key, value in extra.items():
+        envelope[key] = clean_id(value) if isinstance(value, str) else value
+    return envelope
+
+
+def _run_pipeline(inp, decision, events, rules, registry, policy, floor):
+    values = {key: match_value(key, inp[key]) for key in MATCH_KEYS}
+    env_key = values["env"]
+    high_stakes = inp["env"] in HIGH_STAKES_ENVS
+    checked = decision["preconditions_checked"]
+
+    # 0. The hall floor: checked before any rule is read.
+    if floor.safe_mode:
+        raise Denied("DENY_SAFE_MODE", safe_mode_reason=floor.safe_mode_reason)
+    if floor.tenants is not None and inp["tenant_id"] not in floor.tenants:
+        raise Denied("DENY_UNKNOWN_TENANT")
+    if not inp["tenant_id"].strip():
+        raise Denied("DENY_MISSING_TENANT_ID")
+    caller_blast = inp.get("blast_score")
+    if caller_blast is not None and not 0 <= caller_blast <= 100:
+        raise Denied("DENY_INVALID_INPUT", field="blast_score")
+    if high_stakes and rules.shadowed:
+        raise Denied("DENY_SHADOW_RULES_DETECTED",
+                     shadowed_rules=[later for _earlier, later in rules.shadowed],
+                     shadowed_by={later: earlier for earlier, later in rules.shadowed})
+
+    # 1. First matching rule; none fails closed.
+    rule = rules.first_match(values)
+    if rule is None:
+        raise Denied("DENY_NO_MATCHING_RULE")
+    decision["matched_rule_id"] = rule.rule_id
+    if rule.capability is not None and rule.candidates:
+        # auto rules are named after the species they select (the first until then)
+        decision["matched_rule_id"] = "%s.%s" % (rule.rule_id, rule.candidates[0].worker_species_id)
+    decision["candidate_workers_ranked"] = [
+        {"worker_species_id": c.worker_species_id, "score_hint": c.score_hint}
+        for c in rule.candidates]
+    decision["required_controls_effective"] = list(rule.controls)
+    escalation = decision["escalation_effective"]
+    escalation.update(rule.escalation)
+
+    # 2. A correlation id to trace the work by.
+    checked["correlation_id"] = bool(inp["correlation_id"].strip())
+    if not checked["correlation_id"]:
+        raise Denied("DENY_MISSING_CORRELATION_ID")
+
+    # 3. Every required control is implemented somewhere in the registry.
+    missing = [c for c in rule.controls if c not in registry.controls]
+    checked["required_controls"] = not missing
+    if missing:
+        raise Denied("DENY_MISSING_REQUIRED_CONTROLS", missing_controls=missing)
+
+    # 4. Blast radius.
+    if CTRL_BLAST in rule.controls or high_stakes:
+        score, terms = blast_score(inp)
+        decision["blast_score"] = score
+        events.append(("evt.gov.blast_scored", {"blast_score": score,
+                                                "terms": dict(terms)}))
+        checked["blast_radius"] = not (high_stakes and score >= BLAST_HUMAN_THRESHOLD)
+        if not checked["blast_radius"]:
+            escalation["human_required_default"] = True
+            raise Denied("DENY_REQUIRES_HUMAN", blast_score=score,
+                         threshold=BLAST_HUMAN_THRESHOLD)
+
+    # 5. The policy gate.
+    verdict = None
+    if policy is not None:
+        verdict = ask_policy(policy, dict(values, env=inp["env"],
+                                          blast_score=decision["blast_score"],
+                                          request=inp["request"]))
+        escalation["policy_gate"] = True
+    elif escalation.get("policy_gate"):
+        raise Denied("DENY_POLICY_GATE_UNCONFIGURED")
+    if verdict is not None:
+        checked["policy_gate"] = verdict.outcome
+        detail = {"policy_rule_id": verdict.rule_id, "policy_version": verdict.version}
+        if verdict.outcome == "DENY":
+            raise Denied("DENY_POLICY_GATE", message=verdict.reason or None, **detail)
+        if verdict.outcome == "REQUIRE_HUMAN":
+            escalation["human_required_default"] = True
+            raise Denied("DENY_REQUIRES_HUMAN_APPROVAL", message=verdict.reason or None,
+                         **detail)
+        if verdict.outcome != "ALLOW":
+            raise Denied("DENY_POLICY_GATE_INVALID_RESPONSE", **detail)
+    events.append(("evt.os.policy.gated", {
+        "outcome": verdict.outcome if verdict else "ALLOW",
+        "policy_version": verdict.version if verdict else None,
+        "policy_rule_id": verdict.rule_id if verdict else None}))
+
+    # 6. The first candidate species with an eligible worker.
+    chosen = None
+    for entry in decision["candidate_workers_ranked"]:
+        if chosen is not None:
+            entry["skip_reason"] = "already_selected"
+            continue
+        for worker in registry.by_species.get(entry["worker_species_id"], ()):
+            if (worker.allows(env_key) and worker.artifact_hash not in floor.banned
+                    and (rule.capability is None or rule.capability in worker.capabilities)):
+                chosen = worker
+                break
+        entry["skip_reason"] = None if chosen else "unavailable"
+    if chosen is None:
+        raise Denied("DENY_NO_AVAILABLE_WORKER")
+    decision["selected_worker_species_id"] = chosen.species
+    decision["selected_worker_id"] = chosen.worker_id
+    if rule.capability is not None:
+        decision["matched_rule_id"] = "%s.%s" % (rule.rule_id, chosen.species)
+
+
+###############################################################################
+# 5. The Hall
+###############################################################################
+
+Principal = namedtuple("Principal", "token_id name scopes tenant")
+TRUSTED = Principal("in-process", "in-process", ALL_SCOPES, None)   # embedding callers
+ANONYMOUS = Principal(None, None, frozenset(), None)
+
+ALERT_DEDUP_SECONDS = 60.0
+
+
+class Hall(object):
+    """The application: registry, router and decision log over one Store.
+
+    Every HTTP handler is a thin call of a method here, and embedding
+    programs call the same methods, so the checks and answers are the same."""
+
+    def __init__(self, config=None):
+        if config is None or isinstance(config, str):
+            config = Config(db_path=config or ":memory:")
+        self.config = config
+        self.operator_rules = load_rules_file(config.rules_path) if config.rules_path else None
+        self.policy = load_policy_file(config.policy_path) if config.policy_path else None
+        try:
+            self.store = Store(config.db_path)
+        except StoreError as exc:
+            raise ConfigError(str(exc))
+        self.hall_hash = file_sha256(os.path.abspath(__file__))
+        self.started_at = now_iso()
+        self.floor = OPEN_FLOOR
+        self._registry = None
+        self._registry_lock = threading.Lock()
+        self._alert_lock = threading.Lock()
+        self._recent_alerts = {}                # dedup key -> monotonic time raised
+
+    def close(self):
+        self.store.close()
+
+    # -- reads ---------------------------------------------------------------
+
+    def health(self):
+        """Liveness, with no database access at all."""
+        return {"status": "ok", "timestamp": now_iso(), "hall_hash": self.hall_hash,
+                "hall_hash_banned": self.hall_hash in self.floor.banned}
+
+    def status(self):
+        total, today, denied_today = self.store.decision_counts(utc_day())
+        return {
+            "hall_version": __version__,
+            "hall_name": HALL_NAME,
+            "workers_enrolled": self.store.count_workers(),
+            "decisions_total": total,
+            "decisions_today": today,
+            "denials_today": denied_today,
+            "timestamp": now_iso(),
+            "online": True,
+            # No upstream registry is configured: standing is decided locally,
+            # once, when the hall starts.
+            "account_standing": "ok",
+            "standing_checked_at": self.started_at,
+        }
+
+    def workers(self):
+        workers = [{"worker_id": e.worker_id, "worker_species_id": e.worker_species_id,
+                    "capabilities": e.capabilities, "risk_tier": e.risk_tier,
+                    "enrolled_at": e.enrolled_at, "status": "active"}
+                   for e in self.store.enrollments()]
+        return {"workers": workers, "count": len(workers)}
+
+    def dispatches(self, limit=50):
+        rows = self.store.recent_decisions(max(1, min(200, limit)))
+        return {"dispatches": rows, "count": len(rows)}
+
+    def alerts(self):
+        rows = self.store.recent_alerts(50)
+        return {"alerts": rows, "count": len(rows)}
+
+    def registry(self):
+        """The current registry snapshot, rebuilt only after enrollments change."""
+        snapshot = self._registry
+        if snapshot is None:
+            with self._registry_lock:
+                if self._registry is None:
+                    self._registry = Registry(self.store.enrollments())
+                snapshot = self._registry
+        return snapshot
+
+    # -- writes --------------------------------------------------------------
+
+    def enroll(self, record):
+        """Validate and store a worker record (checks in the documented order)."""
+        if not isinstance(record, dict):
+            raise HallError(400, "request body must be a JSON object")
+        for field in ("worker_id", "worker_species_id"):
+            value = record.get(field)
+            if value is not None and not isinstance(value, str):
+                raise HallError(400, "%s must be a string" % field)
+            if not value or not value.strip():
+                raise HallError(400, "%s is required" % field)
+        capabilities = record.get("capabilities")
+        if not isinstance(capabilities, list) or not capabilities:
+            raise HallError(400, "capabilities must be a non-empty list")
+        if not all(isinstance(c, str) and c.strip() for c in capabilities):
+            raise HallError(400, "capabilities must be a non-empty list of non-empty strings")
+        if record.get("artifact_hash") is None:
+            raise HallError(400, "artifact_hash is required: sha256: + hex digest of the "
+                                 "record without this field, keys sorted")
+        if not isinstance(record["artifact_hash"], str):
+            raise HallError(400, "artifact_hash must be a string")
+        risk_tier = _optional_string(record, "risk_tier", "low")
+        implements = record.get("currently_implements")
+        if implements is not None and not (isinstance(implements, list) and
+                                           all(isinstance(c, str) for c in implements)):
+            raise HallError(400, "currently_implements must be a list of strings")
+        environments = record.get("allowed_environments")
+        if environments is not None and not (isinstance(environments, list) and
+                                             all(e in ENVS for e in environments)):
+            raise HallError(400, "allowed_environments must be a list of: " + ", ".join(ENVS))
+        worker_id = record["worker_id"]
+        if not hmac.compare_digest(compute_artifact_hash(record), record["artifact_hash"]):
+            self.raise_alert("warning", "DENY_WORKER_TAMPERED",
+                             "artifact_hash mismatch at enrollment for worker %s (species %s)"
+                             % (clean_id(worker_id), clean_id(record["worker_species_id"])),
+                             worker_id=worker_id)
+            raise HallError(400, "artifact_hash mismatch", "DENY_WORKER_TAMPERED")
+        created, enrollment_id, enrolled_at = self.store.upsert_enrollment(
+            worker_id, record["worker_species_id"], json.dumps(capabilities), risk_tier,
+            record["artifact_hash"], json.dumps(record))
+        self._registry = None                   # the next route rebuilds the snapshot
+        if created:
+            return {"enrolled": True, "enrollment_id": enrollment_id, "worker_id": worker_id,
+                    "enrolled_at": enrolled_at, "artifact_hash_verified": True}
+        return {"enrolled": True, "updated": True, "worker_id": worker_id,
+                "artifact_hash_verified": True}
+
+    def ingest(self, decision):
+        """Record a decision made elsewhere (a router or SDK); idempotent by decision_id."""
+        if not isinstance(decision, dict):
+            raise HallError(400, "request body must be a JSON object")
+        row = {
+            "decision_id": _optional_string(decision, "decision_id") or str(uuid.uuid4()),
+            "capability_id": _optional_string(decision, "capability_id", ""),
+            "tenant_id": _optional_string(decision, "tenant_id", ""),
+            "env": _optional_string(decision, "env", "dev"),
+            "deny_reason": _optional_string(decision, "deny_reason"),
+            "selected_worker": _optional_string(decision, "selected_worker"),
+            "artifact_hash": _optional_string(decision, "artifact_hash"),
+            "source": "ingest",
+        }
+        decided_at = decision.get("decided_at")
+        if decided_at is None:
+            row["decided_at"] = now_iso()
+        else:
+            row["decided_at"] = parse_timestamp(decided_at)
+            if row["decided_at"] is None:
+                raise HallError(400, "decided_at must be an ISO 8601 timestamp")
+        denied = decision.get("denied", False)
+        if denied is None:
+            denied = False
+        if not isinstance(denied, bool):
+            raise HallError(400, "denied must be true or false")
+        row["denied"] = int(denied)
+        blast = decision.get("blast_score")
+        if blast is not None and not (_is_int(blast) and 0 <= blast <= 100):
+            raise HallError(400, "blast_score must be an integer from 0 to 100, or null")
+        row["blast_score"] = blast
+        self.store.insert_decision(row)
+        return {"recorded": True, "decision_id": row["decision_id"]}
+
+    def route(self, body, principal=TRUSTED):
+        """Decide a route request and log it (unless dry_run).
+
+        ``principal`` is who asks: a ``_rules`` document in the body is
+        honoured only for the ``rules`` or ``admin`` scope."""
+        inp = parse_route_input(body)
+        rules = self.rules_for(body.get("_rules"), principal)
+        decision = decide(inp, rules, self.registry(), self.policy, self.floor)
+        if not decision["dry_run"]:
+            self.store.insert_decision({
+                "decision_id": decision["decision_id"],
+                "decided_at": decision["timestamp"],
+                "capability_id": decision["capability_id"],
+                "tenant_id": decision["tenant_id"],
+                "env": decision["env"],
+                "denied": int(decision["denied"]),
+                "deny_reason": decision["deny_reason"],
+                "selected_worker": decision["selected_worker_species_id"],
+                "blast_score": decision["blast_score"],
+                "artifact_hash": decision["artifact_hash"],
+                "source": "route",
+                "correlation_id": decision["correlation_id"],
+                "matched_rule_id": decision["matched_rule_id"],
+                "worker_id": decision["worker_id"],
+            })
+        return decision
+
+    def rules_for(self, document, principal):
+        """Which rules apply: the request's own, else the operator's, else auto."""
+        if document is not None:
+            if not principal.scopes & {"rules", "admin"}:
+                raise HallError(403, "_rules needs a token with the rules or admin scope",
+                                "FORBIDDEN_RULES_OVERRIDE")
+            try:
+                return compile_rules(document, source="request")
+            except RulesError as exc:
+                raise HallError(400, "_rules: %s" % exc)
+        if self.operator_rules is not None:
+            return self.operator_rules
+        return self.registry().auto_rules
+
+    def raise_alert(self, level, code, message, worker_id=None, capability_id=None):
+        """Append an alert unless the same one was raised within the window,
+        so a flood of bad requests leaves a bounded number of rows."""
+        key = (level, code, worker_id, capability_id)
+        moment = time.monotonic()
+        with self._alert_lock:
+            last = self._recent_alerts.get(key)
+            if last is not None and moment - last < ALERT_DEDUP_SECONDS:
+                return False
+            if len(self._recent_alerts) > 4096:
+                self._recent_alerts = {k: t for k, t in self._recent_alerts.items()
+                                       if moment - t < ALERT_DEDUP_SECONDS}
+            self._recent_alerts[key] = moment
+        self.store.insert_alert({"alert_id": str(uuid.uuid4()), "created_at": now_iso(),
+                                 "level": level, "code": code, "message": message,
+                                 "worker_id": worker_id, "capability_id": capability_id})
+        return True
+
+    # -- tokens --------------------------------------------------------------
+
+    def create_token(self, name, scopes, tenant=None):
+        """A new random token (returned once, stored only as its hash)."""
+        unknown = set(scopes) - ALL_SCOPES
+        if unknown or not scopes:
+            raise HallError(400, "scopes must be a non-empty list of: " + ", ".join(SCOPES))
+        secret = "hall_" + secrets.token_urlsafe(32)
+        token_id = "tok_" + secrets.token_hex(6)
+        self.store.insert_token(token_id, name, _token_hash(secret), scopes, tenant)
+        return token_id, secret
+
+    def ensure_admin_token(self):
+        """On first start (no token stored, none in HALL_TOKEN) create an admin
+        token and write it to the token file with mode 0600.  Returns its path."""
+        if self.config.token or self.store.count_tokens():
+            return None
+        path = self.config.token_path
+        token_id, secret = self.create_token("first-start admin", ["admin"])
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(secret + "\n")
+        return path
+
+    def authenticate(self, secret):
+        """A presented token -> Principal, or None."""
+        if not secret:
+            return None
+        if self.config.token and hmac.compare_digest(secret.encode("utf-8", "replace"),
+                                                     str(self.config.token).encode("utf-8")):
+            return Principal("env", "HALL_TOKEN", ALL_SCOPES, None)
+        token = self.store.find_token(_token_hash(secret))
+        if token is None:
+            return None
+        scopes = ALL_SCOPES if "admin" in token.scopes else token.scopes
+        return Principal(token.token_id, token.name, scopes, token.tenant)
+
+    def serve(self, host="127.0.0.1", port=0):
+        """Serve HTTP from a background thread; returns the running server."""
+        server = make_server(self, host, port)
+        server.start_background()
+        return server
+
+
+def _token_hash(secret):
+    return hashlib.sha256(secret.encode("utf-8", "replace")).hexdigest()
+
+
+###############################################################################
+# 6. HTTP layer
+###############################################################################
+#
+# ROUTES below is the one table of every path the hall serves: the dispatcher
+# looks requests up in it and /openapi.json is generated from it.
+
+# -- JSON schemas (OpenAPI 3.0 dialect) ---------------------------------------
+
+STRING = {"type": "string"}
+INTEGER = {"type": "integer"}
+BOOLEAN = {"type": "boolean"}
+ANY_OBJECT = {"type": "object", "additionalProperties": True}
+
+
+def nullable(schema):
+    return dict(schema, nullable=True)
+
+
+def array_of(schema):
+    return {"type": "array", "items": schema}
+
+
+def object_of(required=(), **properties):
+    schema = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = list(required)
+    return schema
+
+
+ERROR_SCHEMA = object_of(["error"], error=STRING, code=STRING)
+HEALTH_SCHEMA = object_of(["status", "timestamp", "hall_hash", "hall_hash_banned"],
+                          status=STRING, timestamp=STRING, hall_hash=STRING,
+                          hall_hash_banned=BOOLEAN)
+STATUS_SCHEMA = object_of(
+    ["hall_version", "hall_name", "workers_enrolled", "decisions_total", "decisions_today",
+     "denials_today", "timestamp", "online", "account_standing", "standing_checked_at"],
+    hall_version=STRING, hall_name=STRING, workers_enrolled=INTEGER, decisions_total=INTEGER,
+    decisions_today=INTEGER, denials_today=INTEGER, timestamp=STRING, online=BOOLEAN,
+    account_standing=STRING, standing_checked_at=STRING)
+WORKER_SCHEMA = object_of(
+    ["worker_id", "worker_species_id", "capabilities", "risk_tier", "enrolled_at", "status"],
+    worker_id=STRING, worker_species_id=STRING, capabilities=array_of(STRING),
+    risk_tier=STRING, enrolled_at=STRING, status=STRING)
+DISPATCH_SCHEMA = object_of(
+    list(DECISION_COLUMNS), decision_id=STRING, decided_at=STRING, capability_id=STRING,
+    tenant_id=STRING, env=STRING, denied=INTEGER, deny_reason=nullable(STRING),
+    selected_worker=nullable(STRING), blast_score=nullable(INTEGER),
+    artifact_hash=nullable(STRING))
+ALERT_SCHEMA = object_of(
+    list(ALERT_COLUMNS), alert_id=STRING, created_at=STRING, level=STRING, code=STRING,
+    message=STRING, worker_id=nullable(STRING), capability_id=nullable(STRING))
+ENROLL_REQUEST = dict(object_of(
+    ["worker_id", "worker_species_id", "capabilities", "artifact_hash"],
+    worker_id=STRING, worker_species_id=STRING, capabilities=array_of(STRING),
+    risk_tier=STRING, currently_implements=array_of(STRING),
+    allowed_environments=array_of({"type": "string", "enum": list(ENVS)}),
+    artifact_hash=STRING), additionalProperties=True)
+ENROLL_RESPONSE = object_of(
+    ["enrolled", "worker_id", "artifact_hash_verified"], enrolled=BOOLEAN, updated=BOOLEAN,
+    enrollment_id=STRING, worker_id=STRING, enrolled_at=STRING, artifact_hash_verified=BOOLEAN)
+INGEST_REQUEST = object_of(
+    (), decision_id=nullable(STRING), decided_at=nullable(STRING),
+    capability_id=nullable(STRING), tenant_id=nullable(STRING), env=nullable(STRING),
+    denied=nullable(BOOLEAN), deny_reason=nullable(STRING), selected_worker=nullable(STRING),
+    blast_score=nullable(dict(INTEGER, minimum=0, maximum=100)),
+    artifact_hash=nullable(STRING))
+INGEST_RESPONSE = object_of(["recorded", "decision_id"], recorded=BOOLEAN, decision_id=STRING)
+ROUTE_REQUEST = object_of(
+    ROUTE_REQUIRED, capability_id=STRING,
+    env={"type": "string", "enum": list(ENVS)},
+    data_label={"type": "string", "enum": list(DATA_LABELS)}, tenant_id=STRING,
+    tenant_risk={"type": "string", "enum": list(TENANT_RISKS)},
+    qos_class={"type": "string", "enum": list(QOS_CLASSES)},
+    correlation_id=STRING, request=ANY_OBJECT, blast_score=nullable(INTEGER),
+    dry_run=BOOLEAN, approval_id=nullable(STRING), _rules=ANY_OBJECT)
+ROUTE_RESPONSE = object_of(
+    ["decision_id", "timestamp", "correlation_id", "tenant_id", "capability_id",
+     "matched_rule_id", "env", "data_label", "tenant_risk", "qos_class", "denied",
+     "deny_reason_if_denied", "selected_worker_species_id", "candidate_workers_ranked",
+     "required_controls_effective", "escalation_effective", "preconditions_checked",
+     "blast_score", "artifact_hash", "dry_run", "telemetry_envelopes", "allowed", "worker_id",
+     "deny_reason"],
+    decision_id=STRING, timestamp=STRING, correlation_id=STRING, tenant_id=STRING,
+    capability_id=STRING, matched_rule_id=STRING, env=STRING, data_label=STRING,
+    tenant_risk=STRING, qos_class=STRING, denied=BOOLEAN,
+    deny_reason_if_denied=nullable(dict(object_of(["code", "message"], code=STRING,
+                                                  message=STRING), additionalProperties=True)),
+    selected_worker_species_id=nullable(STRING), selected_worker_id=nullable(STRING),
+    candidate_workers_ranked=array_of(object_of(
+        ["worker_species_id"], worker_species_id=STRING,
+        score_hint=nullable({"type": "number"}), skip_reason=nullable(STRING))),
+    required_controls_effective=array_of(STRING), escalation_effective=ANY_OBJECT,
+    preconditions_checked=ANY_OBJECT, blast_score=nullable(INTEGER),
+    artifact_hash=STRING, dry_run=BOOLEAN, telemetry_envelopes=array_of(ANY_OBJECT),
+    allowed=BOOLEAN, worker_id=nullable(STRING), deny_reason=nullable(STRING))
+DISPATCH_LIST = object_of(["dispatches", "count"], dispatches=array_of(DISPATCH_SCHEMA),
+                          count=INTEGER)
+
+
+class Request(object):
+    """What a handler sees: the parsed request and who sent it."""
+
+    def __init__(self, method, path, query, headers, body, params, principal):
+        self.method = method
+        self.path = path
+        self.query = query          # {name: first value}
+        self.headers = headers
+        self.raw_body = body
+        self.params = params        # path parameters
+        self.principal = principal
+        self._json = None
+
+    def json(self):
+        if self._json is None:
+            self._json = parse_json_body(self.raw_body)
+        return self._json
+
+
+# -- handlers: thin calls into the Hall ----------------------------------------
+
+def handle_health(hall, req):
+    return 200, hall.health()
+
+
+def handle_status(hall, req):
+    return 200, hall.status()
+
+
+def handle_workers(hall, req):
+    return 200, hall.workers()
+
+
+def handle_dispatches(hall, req):
+    text = req.query.get("limit")
+    limit = 50
+    if text is not None:
+        try:
+            limit = int(text.strip())
+        except ValueError:
+            raise HallError(400, "limit must be an integer")
+    return 200, hall.dispatches(limit)
+
+
+def handle_active_dispatches(hall, req):
+    return 200, {"dispatches": [], "count": 0}
+
+
+def handle_alerts(hall, req):
+    return 200, hall.alerts()
+
+
+def handle_enroll(hall, req):
+    result = hall.enroll(req.json())
+    return (200 if result.get("updated") else 201), result
+
+
+def handle_ingest(hall, req):
+    return 201, hall.ingest(req.json())
+
+
+def handle_route(hall, req):
+    return 200, hall.route(req.json(), req.principal)
+
+
+def handle_openapi(hall, req):
+    return 200, openapi_document()
+
+
+class Route(namedtuple("Route", "method path handler scope open_on_loopback summary "
+                                "query request responses")):
+    """One row of the route table.
+
+    scope: the token scope needed (None: never needs a token).
+    open_on_loopback: the reference documents it without auth, so on a
+    loopback bind it stays open to existing scripts and the Monitor."""
+
+
+def route(method, path, handler, scope, summary, open_on_loopback=False, query=(),
+          request=None, responses=None):
+    return Route(method, path, handler, scope, open_on_loopback, summary, tuple(query), request,
+                 responses or {})
+
+
+LIMIT_PARAM = ("limit", INTEGER, "How many decisions, 1..200 (default 50; clamped).")
+
+ROUTES = [
+    route("GET", "/health", handle_health, None, "Liveness; never touches the database.",
+          responses={200: HEALTH_SCHEMA}),
+    route("GET", "/status", handle_status, "read", "Enrollment and decision counts.",
+          open_on_loopback=True, responses={200: STATUS_SCHEMA}),
+    route("GET", "/workers", handle_workers, "read", "Enrolled workers, newest first.",
+          open_on_loopback=True,
+          responses={200: object_of(["workers", "count"], workers=array_of(WORKER_SCHEMA),
+                                    count=INTEGER)}),
+    route("GET", "/dispatches", handle_dispatches, "read", "Recent decisions, newest first.",
+          open_on_loopback=True, query=[LIMIT_PARAM], responses={200: DISPATCH_LIST}),
+    route("GET", "/dispatches/active", handle_active_dispatches, "read",
+          "In-flight dispatches (none are tracked: always empty).", open_on_loopback=True,
+          responses={200: DISPATCH_LIST}),
+    route("GET", "/alerts", handle_alerts, "read", "Recent governance alerts, at most 50.",
+          open_on_loopback=True,
+          responses={200: object_of(["alerts", "count"], alerts=array_of(ALERT_SCHEMA),
+                                    count=INTEGER)}),
+    route("POST", "/enroll", handle_enroll, "write", "Enroll or update a worker.",
+          open_on_loopback=True, request=ENROLL_REQUEST,
+          responses={201: ENROLL_RESPONSE, 200: ENROLL_RESPONSE}),
+    route("POST", "/decisions/ingest", handle_ingest, "write",
+          "Record a decision made by another router.", open_on_loopback=True,
+          request=INGEST_REQUEST, responses={201: INGEST_RESPONSE}),
+    route("POST", "/api/route", handle_route, "route",
+          "Decide whether a capability may run, and on which worker.",
+          request=ROUTE_REQUEST, responses={200: ROUTE_RESPONSE}),
+    route("GET", "/openapi.json", handle_openapi, None, "This document.",
+          responses={200: ANY_OBJECT}),
+]
+
+
+def _compile_routes(routes):
+    """{path: {method: Route}} for fixed paths, [(regex, {method: Route})] for
+    paths with {parameters}."""
+    fixed, patterned = {}, []
+    for r in routes:
+        if "{" not in r.path:
+            fixed.setdefault(r.path, {})[r.method] = r
+            continue
+        regex = re.compile("^" + re.sub(r"\\{(\w+)\\}", r"(?P<\1>[^/]+)", re.escape(r.path)) + "$")
+        for existing, methods in patterned:
+            if existing.pattern == regex.pattern:
+                methods[r.method] = r
+                break
+        else:
+            patterned.append((regex, {r.method: r}))
+    return fixed, patterned
+
+
+_FIXED_ROUTES, _PATTERNED_ROUTES = _compile_routes(ROUTES)
+
+
+def find_route(path):
+    """(methods, path parameters) for a path, or (None, None)."""
+    methods = _FIXED_ROUTES.get(path)
+    if methods is not None:
+        return methods, {}
+    for regex, methods in _PATTERNED_ROUTES:
+        match = regex.match(path)
+        if match:
+            return methods, {k: unquote(v) for k, v in match.groupdict().items()}
+    return None, None
+
+
+_OPENAPI = []
+
+
+def openapi_document():
+    """The OpenAPI 3.0 document, generated from ROUTES (built once)."""
+    if _OPENAPI:
+        return _OPENAPI[0]
+    paths = {}
+    for r in ROUTES:
+        operation = {
+            "summary": r.summary,
+            "operationId": r.handler.__name__.replace("handle_", "", 1),
+            "responses": {},
+        }
+        if r.scope:
+            operation["security"] = [{"bearerAuth": []}, {"cookieAuth": []}]
+            operation["description"] = "Needs a token with the `%s` scope%s." % (
+                r.scope, " (open when the hall is bound to loopback)" if r.open_on_loopback
+                else "")
+        else:
+            operation["security"] = []
+        parameters = [{"name": name, "in": "path", "required": True, "schema": STRING}
+                      for name in re.findall(r"\{(\w+)\}", r.path)]
+        parameters += [{"name": name, "in": "query", "required": False, "schema": schema,
+                        "description": text} for name, schema, text in r.query]
+        if parameters:
+            operation["parameters"] = parameters
+        if r.request is not None:
+            operation["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": r.request}}}
+        for status, schema in sorted(r.responses.items()):
+            operation["responses"][str(status)] = {
+                "description": "OK" if status < 300 else "See schema",
+                "content": {"application/json": {"schema": schema}}}
+        errors = ["400"] if (r.request is not None or r.query) else []
+        if r.scope:
+            errors += ["401", "403"]
+        if r.request is not None:
+            errors += ["413", "415"]
+        for status in errors + ["500", "503"]:
+            operation["responses"][status] = {"$ref": "#/components/responses/Error"}
+        paths.setdefault(r.path, {})[r.method.lower()] = operation
+    document = {
+        "openapi": "3.0.3",
+        "info": {"title": "Hall Server API", "version": __version__,
+                 "description": "PyHall Hall Server -- local API for Hall Monitor and "
+                                "orchestrator integrations"},
+        "paths": paths,
+        "components": {
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer"},
+                "cookieAuth": {"type": "apiKey", "in": "cookie", "name": SESSION_COOKIE}},
+            "schemas": {"Error": ERROR_SCHEMA},
+            "responses": {"Error": {"description": "An error",
+                                    "content": {"application/json": {
+                                        "schema": {"$ref": "#/components/schemas/Error"}}}}},
+        },
+    }
+    _OPENAPI.append(document)
+    return document
+
+
+# -- dispatch --------------------------------------------------------------------
+
+def _presented_token(headers):
+    """The bearer token or the session cookie, whichever was sent."""
+    authorization = headers.get("Authorization") or ""
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    for cookie in (headers.get("Cookie") or "").split(";"):
+        name, _, value = cookie.strip().partition("=")
+        if name == SESSION_COOKIE and value:
+            return value.strip('"')
+    return None
+
+
+def _is_json_type(content_type):
+    if not content_type:
+        return True                             # tolerated: the body is still parsed as JSON
+    media = content_type.split(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+def dispatch(hall, method, target, headers, body, principal):
+    """One request from an authenticated (or anonymous: None) principal ->
+    (status, payload, extra headers); the payload is sent as JSON, or None."""
+    path = urlsplit(target).path or "/"
+    methods, params = find_route(path)
+    if method == "OPTIONS":                     # CORS preflight
+        allowed = sorted(set(methods or ()) | {"OPTIONS"}) if methods else None
+        return 204, None, {"Access-Control-Allow-Methods": ", ".join(
+            allowed or ["GET", "POST", "PUT", "DELETE", "OPTIONS"]),
+            "Access-Control-Allow-Headers": "Content-Type, Authorization",
+            "Access-Control-Max-Age": "600"}
+    if methods is None:
+        raise HallError(404, "no such path: %s" % clean_id(path)[:200], "NOT_FOUND")
+    entry = methods.get("GET" if method == "HEAD" else method)
+    if entry is None:
+        allow = sorted(set(methods) | ({"HEAD"} if "GET" in methods else set()) | {"OPTIONS"})
+        raise HallError(405, "method %s is not allowed on %s" % (method, path),
+                        "METHOD_NOT_ALLOWED", {"Allow": ", ".join(allow)})
+    if entry.scope and not (entry.open_on_loopback and hall.config.loopback):
+        if principal is None:
+            raise HallError(401, "a valid token is required (Authorization: Bearer <token>)",
+                            "UNAUTHORIZED", {"WWW-Authenticate": 'Bearer realm="hall"'})
+        if entry.scope not in principal.scopes:
+            raise HallError(403, "this token lacks the %s scope" % entry.scope, "FORBIDDEN")
+    if entry.request is not None and not _is_json_type(headers.get("Content-Type")):
+        raise HallError(415, "request body must be application/json", "UNSUPPORTED_MEDIA_TYPE")
+    query = {k: v[0] for k, v in parse_qs(urlsplit(target).query,
+                                          keep_blank_values=True).items()}
+    req = Request(method, path, query, headers, body, params, principal or ANONYMOUS)
+    status, payload = entry.handler(hall, req)
+    return status, payload, {}
+
+
+class HallRequestHandler(BaseHTTPRequestHandler):
+    """Socket I/O only: read the request, call ``dispatch``, write the answer
+    in a single write (headers and body together, so Nagle's algorithm and
+    delayed ACKs do not add ~40 ms to every keep-alive request)."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "hall.py/" + __version__
+    timeout = 30                                # seconds a client may stay silent
+
+    def setup(self):
+        BaseHTTPRequestHandler.setup(self)
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def do_request(self):
+        started = time.perf_counter()
+        hall = self.server.hall
+        status, payload, headers, principal = 500, None, {}, None
+        try:
+            principal = hall.authenticate(_presented_token(self.headers))
+            body = self._read_body(hall.config.max_body)
+            status, payload, headers = dispatch(hall, self.command, self.path, self.headers,
+                                                body, principal)
+        except HallError as exc:
+            status, payload, headers = exc.status, exc.body(), exc.headers
+        except Exception:
+            traceback.print_exc()
+            status, payload, headers = 500, {"error": "internal error"}, {}
+        self._answer(status, payload, headers)
+        if hall.config.access_log:
+            sys.stderr.write('%s - "%s %s" %d %.1fms token=%s\n' % (
+                self.client_address[0], self.command, clean_id(self.path)[:300], status,
+                (time.perf_counter() - started) * 1000,
+                principal.token_id if principal else "-"))
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_request
+
+    def _read_body(self, limit):
+        """The request body, at most ``limit`` bytes (413 without reading more)."""
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            return self._read_chunked(limit)
+        length = self.headers.get("Content-Length")
+        if length is None:
+            return b""
+        try:
+            size = int(length)
+            if size < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            raise HallError(400, "Content-Length must be a non-negative integer")
+        if size > limit:
+            self.close_connection = True
+            raise HallError(413, "request body is larger than %d bytes" % limit,
+                            "PAYLOAD_TOO_LARGE")
+        body = self.rfile.read(size)
+        if len(body) < size:
+            self.close_connection = True
+            raise HallError(400, "request body is shorter than its Content-Length")
+        return body
+
+    def _read_chunked(self, limit):
+        parts, total = [], 0
+        while True:
+            line = self.rfile.readline(1024)
+            try:
+                size = int(line.split(b";")[0].strip(), 16)
+            except ValueError:
+                self.close_connection = True
+                raise HallError(400, "malformed chunked body")
+            if size == 0:
+                while self.rfile.readline(1024).strip():   # trailers
+                    pass
+                return b"".join(parts)
+            total += size
+            if total > limit:
+                self.close_connection = True
+                raise HallError(413, "request body is larger than %d bytes" % limit,
+                                "PAYLOAD_TOO_LARGE")
+            parts.append(self.rfile.read(size))
+            self.rfile.readline(1024)
+
+    def _answer(self, status, payload, headers):
+        body = b"" if payload is None else json.dumps(payload).encode("utf-8")
+        lines = ["HTTP/1.1 %d %s" % (status, self.responses.get(status, ("",))[0]),
+                 "Server: " + self.server_version,
+                 "Date: " + formatdate(usegmt=True)]
+        if status != 204:
+            lines.append("Content-Type: application/json; charset=utf-8")
+            lines.append("Content-Length: %d" % len(body))
+        origin = self.server.hall.config.allowed_origin(self.headers.get("Origin")
+                                                        if self.headers else None)
+        if origin:
+            lines.append("Access-Control-Allow-Origin: " + origin)
+            if origin != "*":
+                lines.append("Vary: Origin")
+        for name, value in headers.items():
+            lines.append("%s: %s" % (name, value))
+        if self.close_connection:
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        try:
+            self.wfile.write(head if self.command == "HEAD" else head + body)
+        except OSError:
+            self.close_connection = True
+
+    def send_error(self, code, message=None, explain=None):
+        """Errors http.server finds itself (bad request line, huge headers)."""
+        self.close_connection = True
+        self._answer(code, {"error": message or self.responses.get(code, ("error",))[0]}, {})
+
+    def log_message(self, format, *args):
+        pass                                    # do_request writes the access log
+
+
+class HallHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server bound to a Hall; threads are daemons."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, hall, address):
+        self.hall = hall
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.address_family = family
+        ThreadingHTTPServer.__init__(self, address, HallRequestHandler)
+        self.scheme = "http"
+        if hall.config.tls_cert:
+            self.socket = tls_context(hall.config).wrap_socket(
+                self.socket, server_side=True, do_handshake_on_connect=False)
+            self.scheme = "https"
+        self._thread = None
+
+    @property
+    def url(self):
+        host, port = self.server_address[:2]
+        if ":" in host:
+            host = "[%s]" % host
+        return "%s://%s:%d" % (self.scheme, host, port)
+
+    def start_background(self):
+        self._thread = threading.Thread(target=self.serve_forever, name="hall-http",
+                                        kwargs={"poll_interval": 0.2}, daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self.shutdown()
+        self.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+def tls_context(config):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("cannot load TLS certificate %s / key %s: %s"
+                          % (config.tls_cert, config.tls_key, exc))
+    return context
+
+
+def make_server(hall, host, port):
+    try:
+        return HallHTTPServer(hall, (host, port))
+    except OSError as exc:
+        raise ConfigError("cannot listen on %s:%s: %s" % (host, port, exc.strerror or exc))
+
+
+###############################################################################
+# 7. Command line
+###############################################################################
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="hall.py", description="The local Hall: worker registry, WCP router and "
+                                    "decision log.  With no command, serves HTTP.")
+    commands = parser.add_subparsers(dest="command", metavar="command")
+    serve = commands.add_parser("serve", help="serve the HTTP API (the default)")
+    for p in (parser, serve):
+        p.add_argument("--host", help="bind address (HALL_API_HOST, default 127.0.0.1)")
+        p.add_argument("--port", help="TCP port (HALL_API_PORT, default 8765; 0 = any free)")
+        p.add_argument("--db", dest="db_path", help="SQLite file (HALL_DB_PATH, default hall.db)")
+        p.add_argument("--rules", dest="rules_path", help="operator rules JSON (HALL_RULES_PATH)")
+        p.add_argument("--policy", dest="policy_path",
+                       help="operator policy JSON (HALL_POLICY_PATH)")
+        p.add_argument("--tls-cert", dest="tls_cert", help="certificate PEM (HALL_TLS_CERT)")
+        p.add_argument("--tls-key", dest="tls_key", help="private key PEM (HALL_TLS_KEY)")
+    hash_cmd = commands.add_parser("hash", help="print the artifact_hash of a worker record")
+    hash_cmd.add_argument("file", help="worker record JSON ('-' for standard input)")
+    return parser
+
+
+def run_server(config):
+    hall = Hall(config)
+    try:
+        token_file = hall.ensure_admin_token()
+        server = make_server(hall, config.host, config.port)
+    except BaseException:
+        hall.close()
+        raise
+    print("[hall-api] PyHall API v%s starting on %s" % (__version__, server.url), flush=True)
+    if token_file:
+        print("[hall-api] first start: admin token written to %s (mode 0600)" % token_file,
+              flush=True)
+    if hall.operator_rules is not None:
+        for earlier, later in hall.operator_rules.shadowed:
+            print("[hall-api] warning: rule %r is shadowed by earlier rule %r (routes in prod "
+                  "and edge are denied until fixed)" % (later, earlier), file=sys.stderr)
+
+    def stop(signum, frame):
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
+        hall.close()
+    print("[hall-api] stopped", flush=True)
+    return 0
+
+
+def cmd_hash(path):
+    try:
+        raw = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
+    except OSError as exc:
+        raise ConfigError("cannot read %s: %s" % (path, exc.strerror or exc))
+    try:
+        record = parse_json_body(raw)
+    except HallError as exc:
+        raise ConfigError("%s: %s" % (path, exc.message))
+    if not isinstance(record, dict):
+        raise ConfigError("%s: a worker record is a JSON object" % path)
+    print(compute_artifact_hash(record))
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "hash":
+            return cmd_hash(args.file)
+        return run_server(Config.load(args))
+    except ConfigError as exc:
+        print("hall.py: error: %s" % exc, file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
