@@ -2095,8 +2095,9 @@ class HallRequestHandler(BaseHTTPRequestHandler):
         if status != 204:
             lines.append("Content-Type: application/json; charset=utf-8")
             lines.append("Content-Length: %d" % len(body))
-        origin = self.server.hall.config.allowed_origin(self.headers.get("Origin")
-                                                        if self.headers else None)
+        headers_in = getattr(self, "headers", None)     # absent when the request line was bad
+        origin = self.server.hall.config.allowed_origin(headers_in.get("Origin")
+                                                        if headers_in else None)
         if origin:
             lines.append("Access-Control-Allow-Origin: " + origin)
             if origin != "*":

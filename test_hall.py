@@ -1,0 +1,1356 @@
+"""Tests of hall.py: a real server on an ephemeral loopback port over a real
+SQLite file, driven with http.client, plus direct calls of the pure router.
+
+    python -m unittest -v test_hall
+"""
+
+import hashlib
+import http.client
+import json
+import os
+import socket
+import sqlite3
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+import uuid
+
+import hall
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+HALL_PY = os.path.join(HERE, "hall.py")
+
+
+# -- helpers -------------------------------------------------------------------
+
+def worker_record(worker_id="org.example.summarizer", species="wrk.doc.summarizer",
+                  capabilities=("cap.doc.summarize",), **extra):
+    """A worker record with a correct artifact_hash."""
+    record = {"worker_id": worker_id, "worker_species_id": species,
+              "capabilities": list(capabilities), "risk_tier": "low"}
+    record.update(extra)
+    record["artifact_hash"] = hall.compute_artifact_hash(record)
+    return record
+
+
+def route_body(**overrides):
+    body = {"capability_id": "cap.doc.summarize", "env": "dev", "data_label": "PUBLIC",
+            "tenant_id": "org.acme"}
+    body.update(overrides)
+    return body
+
+
+def check_schema(testcase, value, schema, where="$"):
+    """A small validator for the OpenAPI 3.0 schemas hall.py publishes."""
+    if value is None:
+        testcase.assertTrue(schema.get("nullable"), "%s is null but not nullable" % where)
+        return
+    kind = schema.get("type")
+    types = {"object": dict, "array": list, "string": str, "boolean": bool,
+             "integer": int, "number": (int, float)}
+    if kind:
+        testcase.assertIsInstance(value, types[kind], "%s should be %s" % (where, kind))
+        if kind in ("integer", "number"):
+            testcase.assertNotIsInstance(value, bool, "%s should be %s" % (where, kind))
+    if "enum" in schema:
+        testcase.assertIn(value, schema["enum"], where)
+    if kind == "object":
+        for name in schema.get("required", []):
+            testcase.assertIn(name, value, "%s lacks %s" % (where, name))
+        for name, sub in schema.get("properties", {}).items():
+            if name in value:
+                check_schema(testcase, value[name], sub, "%s.%s" % (where, name))
+    if kind == "array":
+        for index, item in enumerate(value):
+            check_schema(testcase, item, schema.get("items", {}), "%s[%d]" % (where, index))
+
+
+class Client(object):
+    """http.client over one keep-alive connection."""
+
+    def __init__(self, url):
+        host_port = url.split("://", 1)[1]
+        host, port = host_port.rsplit(":", 1)
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=10)
+
+    def request(self, method, path, body=None, token=None, headers=None, raw=None):
+        headers = dict(headers or {})
+        if token:
+            headers["Authorization"] = "Bearer " + token
+        data = raw
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers.setdefault("Content-Type", "application/json")
+        self.conn.request(method, path, body=data, headers=headers)
+        response = self.conn.getresponse()
+        payload = response.read()
+        parsed = json.loads(payload) if payload else None
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, parsed
+
+    def close(self):
+        self.conn.close()
+
+
+class ServerCase(unittest.TestCase):
+    """Each test gets a fresh hall on a temporary database and an ephemeral port."""
+
+    settings = {}
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.db = os.path.join(self.tmp.name, "hall.db")
+        self.hall = None
+        self.start()
+
+    def tearDown(self):
+        self.stop()
+        self.tmp.cleanup()
+
+    def start(self, **settings):
+        config = hall.Config(db_path=self.db, access_log=False,
+                             token_file=os.path.join(self.tmp.name, "hall.token"),
+                             **dict(self.settings, **settings))
+        self.hall = hall.Hall(config)
+        self.server = self.hall.serve(port=0)
+        self.client = Client(self.server.url)
+        _, self.admin = self.hall.create_token("test admin", ["admin"])
+        _, self.router_token = self.hall.create_token("test router", ["route"])
+
+    def stop(self):
+        if self.hall is not None:
+            self.client.close()
+            self.server.stop()
+            self.hall.close()
+            self.hall = None
+
+    def restart(self, **settings):
+        self.stop()
+        self.start(**settings)
+
+    def call(self, method, path, body=None, token=None, **kwargs):
+        return self.client.request(method, path, body, token, **kwargs)
+
+    def enroll(self, record):
+        status, _, body = self.call("POST", "/enroll", record)
+        self.assertIn(status, (200, 201), body)
+        return body
+
+    def route(self, token=None, **overrides):
+        return self.call("POST", "/api/route", route_body(**overrides),
+                         token=token or self.router_token)
+
+    def db_rows(self, sql, params=()):
+        conn = sqlite3.connect(self.db)
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+
+# -- the reference endpoints ---------------------------------------------------
+
+class ReadEndpointsTest(ServerCase):
+
+    def test_health_reports_the_hash_of_the_running_file(self):
+        status, headers, body = self.call("GET", "/health")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["content-type"], "application/json; charset=utf-8")
+        with open(HALL_PY, "rb") as handle:
+            expected = "sha256:" + hashlib.sha256(handle.read()).hexdigest()
+        self.assertEqual(body, {"status": "ok", "timestamp": body["timestamp"],
+                                "hall_hash": expected, "hall_hash_banned": False})
+        self.assertRegex(body["timestamp"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00$")
+
+    def test_health_does_not_touch_the_database(self):
+        store, self.hall.store = self.hall.store, None   # any database access would raise
+        try:
+            status, _, body = self.call("GET", "/health")
+        finally:
+            self.hall.store = store
+        self.assertEqual((status, body["status"]), (200, "ok"))
+
+    def test_status_counts_workers_decisions_and_todays_denials(self):
+        self.enroll(worker_record())
+        self.route()
+        self.route(capability_id="cap.unknown")
+        yesterday = "2020-01-01T00:00:00.000000+00:00"
+        self.call("POST", "/decisions/ingest", {"decided_at": yesterday, "denied": True})
+        status, _, body = self.call("GET", "/status")
+        self.assertEqual(status, 200)
+        self.assertEqual(body["hall_version"], "0.3.0")
+        self.assertEqual(body["hall_name"], "PyHall")
+        self.assertEqual(body["workers_enrolled"], 1)
+        self.assertEqual(body["decisions_total"], 3)
+        self.assertEqual(body["decisions_today"], 2)
+        self.assertEqual(body["denials_today"], 1)
+        self.assertIs(body["online"], True)
+        self.assertEqual(body["account_standing"], "ok")
+        self.assertTrue(body["standing_checked_at"].endswith("+00:00"))
+
+    def test_workers_newest_first_with_documented_fields(self):
+        self.enroll(worker_record("w.one"))
+        self.enroll(worker_record("w.two", species="wrk.other", capabilities=["cap.x", "cap.y"],
+                                  extra_field={"kept": True}))
+        status, _, body = self.call("GET", "/workers")
+        self.assertEqual(status, 200)
+        self.assertEqual(body["count"], 2)
+        self.assertEqual([w["worker_id"] for w in body["workers"]], ["w.two", "w.one"])
+        first = body["workers"][0]
+        self.assertEqual(set(first), {"worker_id", "worker_species_id", "capabilities",
+                                      "risk_tier", "enrolled_at", "status"})
+        self.assertEqual(first["capabilities"], ["cap.x", "cap.y"])
+        self.assertEqual((first["risk_tier"], first["status"]), ("low", "active"))
+
+    def test_dispatches_newest_first_and_limit_clamped(self):
+        for i in range(5):
+            self.call("POST", "/decisions/ingest",
+                      {"decision_id": "d%d" % i, "decided_at": "2026-01-01T00:00:0%dZ" % i})
+        status, _, body = self.call("GET", "/dispatches")
+        self.assertEqual(status, 200)
+        self.assertEqual([d["decision_id"] for d in body["dispatches"]],
+                         ["d4", "d3", "d2", "d1", "d0"])
+        self.assertEqual(body["count"], 5)
+        self.assertEqual(self.call("GET", "/dispatches?limit=2")[2]["count"], 2)
+        self.assertEqual(self.call("GET", "/dispatches?limit=0")[2]["count"], 1)
+        self.assertEqual(self.call("GET", "/dispatches?limit=-7")[2]["count"], 1)
+        self.assertEqual(self.call("GET", "/dispatches?limit=9999&other=x")[2]["count"], 5)
+        for bad in ("abc", "1.5", "", "1e3"):
+            status, _, body = self.call("GET", "/dispatches?limit=" + bad)
+            self.assertEqual((status, body), (400, {"error": "limit must be an integer"}), bad)
+
+    def test_dispatches_limit_caps_at_200(self):
+        with self.hall.store.writing() as conn:
+            conn.executemany("INSERT INTO decisions (decision_id, decided_at, capability_id) "
+                             "VALUES (?, ?, 'cap')",
+                             [("id%03d" % i, "2026-01-01T00:00:00.%06d+00:00" % i)
+                              for i in range(250)])
+        status, _, body = self.call("GET", "/dispatches?limit=500")
+        self.assertEqual((status, body["count"]), (200, 200))
+        self.assertEqual(body["dispatches"][0]["decision_id"], "id249")
+
+    def test_active_dispatches_is_empty(self):
+        self.assertEqual(self.call("GET", "/dispatches/active")[::2],
+                         (200, {"dispatches": [], "count": 0}))
+
+    def test_alerts_newest_first_at_most_50(self):
+        for i in range(55):
+            self.hall.raise_alert("info", "TEST_%d" % i, "alert %d" % i)
+        status, _, body = self.call("GET", "/alerts")
+        self.assertEqual((status, body["count"]), (200, 50))
+        self.assertEqual(body["alerts"][0]["code"], "TEST_54")
+        self.assertEqual(set(body["alerts"][0]), {"alert_id", "created_at", "level", "code",
+                                                  "message", "worker_id", "capability_id"})
+
+
+class EnrollTest(ServerCase):
+
+    def test_new_worker_is_201_and_same_worker_again_is_200_updated(self):
+        record = worker_record(currently_implements=["ctrl.obs.audit-log-append-only"])
+        status, _, body = self.call("POST", "/enroll", record)
+        self.assertEqual(status, 201)
+        self.assertEqual(body["enrolled"], True)
+        self.assertEqual(body["worker_id"], record["worker_id"])
+        self.assertEqual(body["artifact_hash_verified"], True)
+        uuid.UUID(body["enrollment_id"])
+        self.assertTrue(body["enrolled_at"].endswith("+00:00"))
+        updated = worker_record(capabilities=["cap.doc.summarize", "cap.doc.translate"])
+        status, _, body = self.call("POST", "/enroll", updated)
+        self.assertEqual((status, body), (200, {"enrolled": True, "updated": True,
+                                                "worker_id": record["worker_id"],
+                                                "artifact_hash_verified": True}))
+        rows = self.db_rows("SELECT capabilities, record_json FROM enrollments")
+        self.assertEqual(len(rows), 1)
+        self.assertEqual(json.loads(rows[0][0]), ["cap.doc.summarize", "cap.doc.translate"])
+        self.assertEqual(json.loads(rows[0][1]), updated)
+
+    def test_extra_fields_are_kept_in_record_json(self):
+        record = worker_record(owner="team-a", limits={"rps": 5}, note="caf\u00e9 \u2603")
+        self.enroll(record)
+        stored = json.loads(self.db_rows("SELECT record_json FROM enrollments")[0][0])
+        self.assertEqual(stored, record)
+
+    def test_validation_errors_in_documented_order_and_text(self):
+        cases = [
+            ({}, "worker_id is required"),
+            ({"worker_id": ""}, "worker_id is required"),
+            ({"worker_id": "  "}, "worker_id is required"),
+            ({"worker_id": 5}, "worker_id must be a string"),
+            ({"worker_id": "w"}, "worker_species_id is required"),
+            ({"worker_id": "w", "worker_species_id": "s"}, "capabilities must be a non-empty list"),
+            ({"worker_id": "w", "worker_species_id": "s", "capabilities": []},
+             "capabilities must be a non-empty list"),
+            ({"worker_id": "w", "worker_species_id": "s", "capabilities": "cap.a"},
+             "capabilities must be a non-empty list"),
+            ({"worker_id": "w", "worker_species_id": "s", "capabilities": [""]},
+             "capabilities must be a non-empty list of non-empty strings"),
+            ({"worker_id": "w", "worker_species_id": "s", "capabilities": [1]},
+             "capabilities must be a non-empty list of non-empty strings"),
+        ]
+        for body, error in cases:
+            status, _, answer = self.call("POST", "/enroll", body)
+            self.assertEqual((status, answer), (400, {"error": error}), body)
+        status, _, answer = self.call("POST", "/enroll", {"worker_id": "w", "worker_species_id":
+                                                          "s", "capabilities": ["c"]})
+        self.assertEqual(status, 400)
+        self.assertTrue(answer["error"].startswith("artifact_hash is required"))
+        self.assertEqual(self.db_rows("SELECT count(*) FROM enrollments"), [(0,)])
+
+    def test_optional_fields_are_type_checked(self):
+        for field, value in (("risk_tier", 3), ("currently_implements", "ctrl.a"),
+                             ("currently_implements", [1]), ("allowed_environments", ["moon"]),
+                             ("artifact_hash", 12)):
+            record = worker_record()
+            record[field] = value
+            status, _, answer = self.call("POST", "/enroll", record)
+            self.assertEqual(status, 400, field)
+            self.assertIn(field, answer["error"])
+
+    def test_tampered_hash_is_refused_and_raises_an_alert(self):
+        record = worker_record("org.example.tampered")
+        record["capabilities"] = ["cap.doc.summarize", "cap.shell.exec"]   # after hashing
+        status, _, body = self.call("POST", "/enroll", record)
+        self.assertEqual((status, body), (400, {"error": "artifact_hash mismatch",
+                                                "code": "DENY_WORKER_TAMPERED"}))
+        self.assertEqual(self.db_rows("SELECT count(*) FROM enrollments"), [(0,)])
+        alerts = self.call("GET", "/alerts")[2]["alerts"]
+        self.assertEqual(len(alerts), 1)
+        self.assertEqual((alerts[0]["level"], alerts[0]["code"], alerts[0]["worker_id"]),
+                         ("warning", "DENY_WORKER_TAMPERED", "org.example.tampered"))
+        self.assertIn("org.example.tampered", alerts[0]["message"])
+
+    def test_repeated_tampering_is_deduplicated(self):
+        record = worker_record("org.example.tampered")
+        record["risk_tier"] = "high"
+        for _ in range(20):
+            self.assertEqual(self.call("POST", "/enroll", record)[0], 400)
+        self.assertEqual(self.db_rows("SELECT count(*) FROM alerts"), [(1,)])
+
+    def test_hash_uses_ascii_escapes_like_json_dumps(self):
+        record = {"worker_id": "w\u00e9", "worker_species_id": "s", "capabilities": ["c"]}
+        payload = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+        record["artifact_hash"] = "sha256:" + hashlib.sha256(payload).hexdigest()
+        self.assertEqual(self.call("POST", "/enroll", record)[0], 201)
+
+
+class IngestTest(ServerCase):
+
+    def test_all_fields_optional_with_documented_defaults(self):
+        status, _, body = self.call("POST", "/decisions/ingest", {})
+        self.assertEqual(status, 201)
+        self.assertEqual(body["recorded"], True)
+        uuid.UUID(body["decision_id"])
+        row = self.call("GET", "/dispatches")[2]["dispatches"][0]
+        self.assertEqual(row, {"decision_id": body["decision_id"], "decided_at": row["decided_at"],
+                               "capability_id": "", "tenant_id": "", "env": "dev", "denied": 0,
+                               "deny_reason": None, "selected_worker": None,
+                               "blast_score": None, "artifact_hash": None})
+
+    def test_full_decision_round_trips_and_time_is_canonical(self):
+        decision = {"decision_id": "550e8400-e29b-41d4-a716-446655440000",
+                    "decided_at": "2026-02-28T14:00:00+02:00",
+                    "capability_id": "cap.doc.summarize", "tenant_id": "acme-corp",
+                    "env": "prod", "denied": True, "deny_reason": "DENY_POLICY_GATE",
+                    "selected_worker": None, "blast_score": 2,
+                    "artifact_hash": "sha256:abc123"}
+        status, _, body = self.call("POST", "/decisions/ingest", decision)
+        self.assertEqual((status, body), (201, {"recorded": True,
+                                                "decision_id": decision["decision_id"]}))
+        row = self.call("GET", "/dispatches")[2]["dispatches"][0]
+        expected = dict(decision, denied=1, decided_at="2026-02-28T12:00:00.000000+00:00")
+        self.assertEqual(row, expected)
+
+    def test_timestamp_forms(self):
+        forms = {"2026-02-28T12:00:00Z": "2026-02-28T12:00:00.000000+00:00",
+                 "2026-02-28T12:00:00.5": "2026-02-28T12:00:00.500000+00:00",
+                 "2026-02-28 13:30:00+0130": "2026-02-28T12:00:00.000000+00:00",
+                 "2026-02-28": "2026-02-28T00:00:00.000000+00:00",
+                 "2026-02-28T12:00:00.123456789-00:00": "2026-02-28T12:00:00.123456+00:00"}
+        for text, canonical in forms.items():
+            self.assertEqual(hall.parse_timestamp(text), canonical, text)
+        for text in ("yesterday", "2026-13-01", "2026-02-30T00:00:00Z", "2026-02-28T25:00:00",
+                     "", "2026-02-28T12:00:00+99:00"):
+            self.assertIsNone(hall.parse_timestamp(text), text)
+
+    def test_duplicate_decision_id_is_ignored_and_still_201(self):
+        first = {"decision_id": "dup-1", "capability_id": "cap.a", "denied": False}
+        second = {"decision_id": "dup-1", "capability_id": "cap.b", "denied": True}
+        self.assertEqual(self.call("POST", "/decisions/ingest", first)[0], 201)
+        status, _, body = self.call("POST", "/decisions/ingest", second)
+        self.assertEqual((status, body), (201, {"recorded": True, "decision_id": "dup-1"}))
+        self.assertEqual(self.db_rows("SELECT capability_id, denied FROM decisions"),
+                         [("cap.a", 0)])
+        self.assertEqual(self.call("GET", "/status")[2]["decisions_total"], 1)
+
+    def test_wrong_types_are_400_and_store_nothing(self):
+        bad = [("denied", "yes"), ("denied", 1), ("blast_score", True), ("blast_score", 101),
+               ("blast_score", -1), ("blast_score", 2.5), ("blast_score", "3"),
+               ("decision_id", 7), ("capability_id", ["x"]), ("tenant_id", {}),
+               ("env", 1), ("deny_reason", 5), ("selected_worker", False),
+               ("artifact_hash", 1.5), ("decided_at", "not a time"), ("decided_at", 12)]
+        for field, value in bad:
+            status, _, body = self.call("POST", "/decisions/ingest", {field: value})
+            self.assertEqual(status, 400, (field, value))
+            self.assertIn(field, body["error"])
+        self.assertEqual(self.db_rows("SELECT count(*) FROM decisions"), [(0,)])
+
+    def test_nulls_take_the_defaults(self):
+        body = {k: None for k in ("decision_id", "decided_at", "capability_id", "tenant_id",
+                                  "env", "denied", "deny_reason", "selected_worker",
+                                  "blast_score", "artifact_hash")}
+        self.assertEqual(self.call("POST", "/decisions/ingest", body)[0], 201)
+        self.assertEqual(self.db_rows("SELECT capability_id, tenant_id, env, denied "
+                                      "FROM decisions"), [("", "", "dev", 0)])
+
+
+class RouteEndpointTest(ServerCase):
+
+    def test_allowed_route_has_both_client_contracts(self):
+        self.enroll(worker_record())
+        status, _, d = self.route(correlation_id="trace-1")
+        self.assertEqual(status, 200)
+        # seed 001's short form
+        self.assertIs(d["allowed"], True)
+        self.assertEqual(d["worker_id"], "org.example.summarizer")
+        self.assertIsNone(d["deny_reason"])
+        # seed 000's RouteDecision
+        self.assertIs(d["denied"], False)
+        self.assertIsNone(d["deny_reason_if_denied"])
+        self.assertEqual(d["selected_worker_species_id"], "wrk.doc.summarizer")
+        self.assertEqual(d["matched_rule_id"], "auto.cap.doc.summarize.wrk.doc.summarizer")
+        self.assertEqual(d["correlation_id"], "trace-1")
+        self.assertEqual((d["tenant_risk"], d["qos_class"]), ("low", "P2"))
+        uuid.UUID(d["decision_id"])
+        check_schema(self, d, hall.ROUTE_RESPONSE)
+
+    def test_every_decision_is_logged_but_dry_runs_are_not(self):
+        self.enroll(worker_record())
+        allowed = self.route()[2]
+        denied = self.route(capability_id="cap.nothing")[2]
+        dry = self.route(dry_run=True)[2]
+        self.assertIs(dry["dry_run"], True)
+        self.assertIs(dry["allowed"], True)
+        rows = self.call("GET", "/dispatches")[2]["dispatches"]
+        self.assertEqual([r["decision_id"] for r in rows],
+                         [denied["decision_id"], allowed["decision_id"]])
+        self.assertEqual(rows[0]["denied"], 1)
+        self.assertEqual(rows[0]["deny_reason"], "DENY_NO_MATCHING_RULE")
+        self.assertEqual(rows[1]["selected_worker"], "wrk.doc.summarizer")
+        self.assertEqual(rows[1]["artifact_hash"], allowed["artifact_hash"])
+        self.assertEqual(self.call("GET", "/status")[2]["decisions_total"], 2)
+
+    def test_denial_is_still_200_with_deny_code(self):
+        status, _, d = self.route()
+        self.assertEqual(status, 200)
+        self.assertIs(d["allowed"], False)
+        self.assertEqual(d["deny_reason"], "DENY_NO_MATCHING_RULE")
+        self.assertEqual(d["deny_reason_if_denied"]["code"], "DENY_NO_MATCHING_RULE")
+        self.assertEqual(d["matched_rule_id"], "NO_MATCH")
+        self.assertIsNone(d["worker_id"])
+
+    def test_token_required_by_header_or_cookie(self):
+        status, headers, body = self.call("POST", "/api/route", route_body())
+        self.assertEqual((status, body["code"]), (401, "UNAUTHORIZED"))
+        self.assertIn("bearer", headers["www-authenticate"].lower())
+        self.assertEqual(self.route(token="hall_not-a-real-token")[0], 401)
+        status, _, _ = self.call("POST", "/api/route", route_body(),
+                                 headers={"Cookie": "theme=dark; pyhall_session=" +
+                                          self.router_token})
+        self.assertEqual(status, 200)
+        self.assertEqual(self.db_rows("SELECT count(*) FROM decisions"), [(1,)])
+
+    def test_read_only_token_is_403(self):
+        _, reader = self.hall.create_token("reader", ["read"])
+        status, _, body = self.route(token=reader)
+        self.assertEqual((status, body["code"]), (403, "FORBIDDEN"))
+
+    def test_hall_token_variable_has_every_scope(self):
+        self.restart(token="operator-secret")
+        self.assertEqual(self.route(token="operator-secret")[0], 200)
+        self.assertEqual(self.route(token="operator-secre")[0], 401)
+
+    def test_missing_and_invalid_fields(self):
+        for field in ("capability_id", "env", "data_label", "tenant_id"):
+            body = route_body()
+            del body[field]
+            status, _, answer = self.call("POST", "/api/route", body, token=self.router_token)
+            self.assertEqual((status, answer), (400, {"error": "missing field: %s" % field}))
+        for field, value in (("env", "production"), ("data_label", "public"),
+                             ("tenant_risk", "extreme"), ("qos_class", "P9"), ("env", 3)):
+            status, _, answer = self.route(**{field: value})
+            self.assertEqual(status, 400, (field, value))
+            self.assertIn(field, answer["error"])
+        for field, value in (("blast_score", True), ("blast_score", "50"), ("blast_score", 5.5),
+                             ("request", [1]), ("dry_run", "yes"), ("correlation_id", 4),
+                             ("_rules", "x"), ("_rules", {"rules": {}})):
+            status, _, answer = self.route(token=self.admin, **{field: value})
+            self.assertEqual(status, 400, (field, value))
+        self.assertEqual(self.db_rows("SELECT count(*) FROM decisions"), [(0,)])
+
+    def test_staging_is_accepted(self):
+        self.enroll(worker_record(allowed_environments=["stage"]))
+        status, _, d = self.route(env="staging")
+        self.assertEqual((status, d["allowed"], d["env"]), (200, True, "staging"))
+
+    def test_request_rules_need_the_rules_or_admin_scope(self):
+        self.enroll(worker_record())
+        rules = {"rules": [{"rule_id": "r.custom", "match": {"capability_id": "cap.doc.summarize"},
+                            "decision": {"candidate_workers_ranked": [
+                                {"worker_species_id": "wrk.doc.summarizer", "score_hint": 1}]}}]}
+        status, _, body = self.route(_rules=rules)
+        self.assertEqual((status, body["code"]), (403, "FORBIDDEN_RULES_OVERRIDE"))
+        self.assertEqual(self.db_rows("SELECT count(*) FROM decisions"), [(0,)])
+        _, rules_token = self.hall.create_token("rules", ["route", "rules"])
+        for token in (rules_token, self.admin):
+            status, _, d = self.route(token=token, _rules=rules)
+            self.assertEqual((status, d["matched_rule_id"], d["allowed"]),
+                             (200, "r.custom", True))
+        status, _, body = self.route(token=self.admin, _rules={"rules": [{"rule_id": ""}]})
+        self.assertEqual(status, 400)
+        self.assertTrue(body["error"].startswith("_rules:"))
+
+    def test_operator_rules_file_applies(self):
+        path = os.path.join(self.tmp.name, "rules.json")
+        with open(path, "w") as handle:
+            json.dump({"rules": [{"rule_id": "op.summarize", "match": {
+                "capability_id": "cap.doc.summarize", "env": {"in": ["dev", "stage"]}},
+                "decision": {"candidate_workers_ranked": [
+                    {"worker_species_id": "wrk.doc.summarizer"}]}}]}, handle)
+        self.restart(rules_path=path)
+        self.enroll(worker_record())
+        self.assertEqual(self.route()[2]["matched_rule_id"], "op.summarize")
+        self.assertEqual(self.route(env="staging")[2]["matched_rule_id"], "op.summarize")
+        self.assertEqual(self.route(env="edge")[2]["deny_reason"], "DENY_NO_MATCHING_RULE")
+
+    def test_seed_001_go_client_shape(self):
+        # The Go example decodes {"allowed": bool, "deny_reason": string}; null is fine there.
+        status, _, d = self.route(tenant_id="org.you")
+        self.assertEqual(status, 200)
+        self.assertIsInstance(d["allowed"], bool)
+        self.assertIn("decision_id", d)
+        self.assertIsInstance(d["deny_reason"], str)
+
+
+class HttpBehaviourTest(ServerCase):
+
+    def test_unknown_path_is_404_json(self):
+        status, headers, body = self.call("GET", "/nope")
+        self.assertEqual((status, body["code"]), (404, "NOT_FOUND"))
+        self.assertIn("application/json", headers["content-type"])
+
+    def test_wrong_method_is_405_with_allow(self):
+        status, headers, body = self.call("DELETE", "/workers")
+        self.assertEqual(status, 405)
+        self.assertEqual(headers["allow"], "GET, HEAD, OPTIONS")
+        self.assertEqual(body["code"], "METHOD_NOT_ALLOWED")
+        status, headers, _ = self.call("GET", "/enroll")
+        self.assertEqual((status, headers["allow"]), (405, "OPTIONS, POST"))
+
+    def test_not_json_is_415(self):
+        status, _, body = self.call("POST", "/enroll", raw=b"worker_id=x",
+                                    headers={"Content-Type": "application/x-www-form-urlencoded"})
+        self.assertEqual((status, body["code"]), (415, "UNSUPPORTED_MEDIA_TYPE"))
+
+    def test_body_over_the_cap_is_413(self):
+        self.restart(max_body=1000)
+        status, headers, body = self.call("POST", "/decisions/ingest",
+                                          raw=b'{"x": "' + b"a" * 5000 + b'"}',
+                                          headers={"Content-Type": "application/json"})
+        self.assertEqual((status, body["code"]), (413, "PAYLOAD_TOO_LARGE"))
+        self.assertEqual(headers.get("connection"), "close")
+
+    def test_malformed_bodies_are_400_and_store_nothing(self):
+        bodies = [b"", b"{", b"[]", b'"x"', b"null", b"{'a': 1}", b"\xff\xfe{}",
+                  b'{"worker_id": NaN}', b'{"blast_score": 1e999}', b'{"a": 1, "a": 2}',
+                  b"[" * 5000 + b"]" * 5000, b'{"x": "\\ud800"}', b"{} trailing"]
+        for path in ("/enroll", "/decisions/ingest", "/api/route"):
+            for raw in bodies:
+                status, _, body = self.call("POST", path, raw=raw, token=self.admin,
+                                            headers={"Content-Type": "application/json"})
+                self.assertEqual(status, 400, (path, raw[:30]))
+                self.assertIsInstance(body["error"], str)
+        self.assertEqual(self.db_rows("SELECT (SELECT count(*) FROM decisions) + "
+                                      "(SELECT count(*) FROM enrollments)"), [(0,)])
+
+    def test_odd_but_valid_input_is_stored_faithfully(self):
+        weird = "nul\x00 ctrl\x1b quote' semi; DROP TABLE decisions; -- \u2603 \U0001f600"
+        status, _, body = self.call("POST", "/decisions/ingest",
+                                    {"decision_id": weird, "tenant_id": weird,
+                                     "capability_id": "x" * 100000})
+        self.assertEqual(status, 201)
+        rows = self.db_rows("SELECT decision_id, tenant_id, length(capability_id) FROM decisions")
+        self.assertEqual(rows, [(weird, weird, 100000)])
+        self.assertEqual(self.call("GET", "/dispatches")[2]["dispatches"][0]["tenant_id"], weird)
+
+    def test_cors_on_every_response_and_preflight(self):
+        for method, path in (("GET", "/health"), ("GET", "/nope"), ("POST", "/api/route")):
+            _, headers, _ = self.call(method, path, headers={"Origin": "http://monitor"})
+            self.assertEqual(headers["access-control-allow-origin"], "*", path)
+        status, headers, body = self.call("OPTIONS", "/api/route",
+                                          headers={"Origin": "http://monitor",
+                                                   "Access-Control-Request-Method": "POST"})
+        self.assertEqual((status, body), (204, None))
+        self.assertIn("POST", headers["access-control-allow-methods"])
+        self.assertEqual(headers["access-control-allow-headers"], "Content-Type, Authorization")
+
+    def test_cors_origin_list(self):
+        self.restart(cors_origins="https://a.example, https://b.example")
+        _, headers, _ = self.call("GET", "/health", headers={"Origin": "https://b.example"})
+        self.assertEqual(headers["access-control-allow-origin"], "https://b.example")
+        _, headers, _ = self.call("GET", "/health", headers={"Origin": "https://evil.example"})
+        self.assertNotIn("access-control-allow-origin", headers)
+
+    def test_keep_alive_serves_many_requests_on_one_connection(self):
+        for _ in range(20):
+            self.assertEqual(self.call("GET", "/health")[0], 200)
+        self.assertEqual(self.call("POST", "/decisions/ingest", {})[0], 201)
+        self.assertEqual(self.call("GET", "/status")[0], 200)
+
+    def test_response_is_one_write(self):
+        # Headers and body arrive together: one recv sees the whole answer.
+        host, port = self.server.server_address[:2]
+        with socket.create_connection((host, port), timeout=5) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += sock.recv(65536)
+            head, _, rest = data.partition(b"\r\n\r\n")
+            length = int([l for l in head.split(b"\r\n")
+                          if l.lower().startswith(b"content-length")][0].split(b":")[1])
+            deadline = time.monotonic() + 5
+            while len(rest) < length and time.monotonic() < deadline:
+                rest += sock.recv(65536)
+            self.assertEqual(json.loads(rest)["status"], "ok")
+
+    def test_garbage_request_line_gets_a_json_error(self):
+        host, port = self.server.server_address[:2]
+        with socket.create_connection((host, port), timeout=5) as sock:
+            sock.sendall(b"NONSENSE\r\n\r\n")
+            data = sock.recv(65536)
+        self.assertTrue(data.startswith(b"HTTP/1.1 400"), data[:40])
+        self.assertIn(b'"error"', data)
+
+    def test_chunked_body_is_read(self):
+        payload = json.dumps({"decision_id": "chunky"}).encode()
+        raw = b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload)
+        status, _, body = self.call("POST", "/decisions/ingest", raw=raw,
+                                    headers={"Transfer-Encoding": "chunked",
+                                             "Content-Type": "application/json"})
+        self.assertEqual((status, body["decision_id"]), (201, "chunky"))
+
+    def test_head_has_no_body(self):
+        self.client.conn.request("HEAD", "/health")
+        response = self.client.conn.getresponse()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.read(), b"")
+
+
+class OpenApiTest(ServerCase):
+
+    def test_document_describes_every_route(self):
+        status, _, doc = self.call("GET", "/openapi.json")
+        self.assertEqual(status, 200)
+        self.assertTrue(doc["openapi"].startswith("3.0."))
+        self.assertEqual(doc["info"]["title"], "Hall Server API")
+        self.assertEqual(doc["info"]["version"], "0.3.0")
+        served = {(r.method.lower(), r.path) for r in hall.ROUTES}
+        documented = {(m, p) for p, ops in doc["paths"].items() for m in ops}
+        self.assertEqual(served, documented)
+        for path, operations in doc["paths"].items():
+            for method, op in operations.items():
+                self.assertTrue(op["responses"], (method, path))
+                self.assertIn("summary", op)
+
+    def test_real_responses_satisfy_the_schemas(self):
+        self.enroll(worker_record())
+        self.route()
+        self.call("POST", "/decisions/ingest", {"blast_score": 5})
+        self.hall.raise_alert("info", "TEST", "x", worker_id="w")
+        doc = self.call("GET", "/openapi.json")[2]
+        samples = {"/health": None, "/status": None, "/workers": None, "/dispatches": None,
+                   "/dispatches/active": None, "/alerts": None}
+        for path in samples:
+            status, _, body = self.call("GET", path)
+            check_schema(self, body, doc["paths"][path]["get"]["responses"][str(status)]
+                         ["content"]["application/json"]["schema"], path)
+        status, _, body = self.route()
+        check_schema(self, body, doc["paths"]["/api/route"]["post"]["responses"]["200"]
+                     ["content"]["application/json"]["schema"])
+        status, _, body = self.call("POST", "/enroll", worker_record("w.new"))
+        check_schema(self, body, doc["paths"]["/enroll"]["post"]["responses"]["201"]
+                     ["content"]["application/json"]["schema"])
+        status, _, body = self.call("GET", "/nope")
+        check_schema(self, body, doc["components"]["schemas"]["Error"])
+
+
+# -- the pure router -------------------------------------------------------------
+
+def registry_of(*records):
+    """A Registry snapshot from worker records, enrolled in the given order."""
+    enrollments = []
+    for index, record in enumerate(records):
+        enrollments.append(hall.Enrollment(
+            "e%d" % index, record["worker_id"], record["worker_species_id"],
+            record["capabilities"], record.get("risk_tier", "low"),
+            "2026-01-01T00:00:%02d.000000+00:00" % index, record.get("artifact_hash", ""), record))
+    return hall.Registry(enrollments)
+
+
+def rule(rule_id, match=None, candidates=(), controls=(), **decision):
+    decision = dict(decision, candidate_workers_ranked=[
+        {"worker_species_id": c, "score_hint": 1.0} for c in candidates],
+        required_controls_suggested=list(controls))
+    return {"rule_id": rule_id, "match": match or {}, "decision": decision}
+
+
+def decide(body, rules=None, registry=None, **kwargs):
+    inp = hall.parse_route_input(route_body(**body))
+    registry = registry or hall.Registry()
+    ruleset = hall.compile_rules({"rules": rules}) if rules is not None else registry.auto_rules
+    return hall.decide(inp, ruleset, registry, **kwargs)
+
+
+SUMMARIZER = worker_record("w.sum", "wrk.doc.summarizer", ["cap.doc.summarize"])
+
+
+class RouterTest(unittest.TestCase):
+
+    def assertDenied(self, decision, code):
+        self.assertIs(decision["denied"], True)
+        self.assertEqual(decision["deny_reason_if_denied"]["code"], code)
+        self.assertEqual(decision["deny_reason"], code)
+        self.assertIs(decision["allowed"], False)
+        self.assertIsNone(decision["selected_worker_species_id"])
+        self.assertIsNone(decision["worker_id"])
+        denied = [e for e in decision["telemetry_envelopes"] if e["event_id"] == "evt.os.task.denied"]
+        self.assertEqual(len(denied), 1)
+        self.assertEqual(denied[0]["deny_code"], code)
+
+    def assertAllowed(self, decision, species):
+        self.assertIs(decision["denied"], False, decision["deny_reason_if_denied"])
+        self.assertEqual(decision["selected_worker_species_id"], species)
+
+    def test_no_rules_fails_closed(self):
+        d = decide({}, rules=[])
+        self.assertDenied(d, "DENY_NO_MATCHING_RULE")
+        self.assertEqual(d["matched_rule_id"], "NO_MATCH")
+
+    def test_no_workers_means_no_auto_rule(self):
+        self.assertDenied(decide({}), "DENY_NO_MATCHING_RULE")
+
+    def test_unknown_capability(self):
+        self.assertDenied(decide({"capability_id": "cap.unknown"}, registry=registry_of(SUMMARIZER)),
+                          "DENY_NO_MATCHING_RULE")
+
+    def test_auto_rule_selects_enrolled_worker(self):
+        d = decide({}, registry=registry_of(SUMMARIZER))
+        self.assertAllowed(d, "wrk.doc.summarizer")
+        self.assertEqual(d["worker_id"], "w.sum")
+        self.assertEqual(d["matched_rule_id"], "auto.cap.doc.summarize.wrk.doc.summarizer")
+
+    def test_auto_rule_ranks_lower_risk_then_older(self):
+        risky = worker_record("w.a", "wrk.a", ["cap.doc.summarize"], risk_tier="high")
+        old = worker_record("w.b", "wrk.b", ["cap.doc.summarize"], risk_tier="low")
+        young = worker_record("w.c", "wrk.c", ["cap.doc.summarize"], risk_tier="low")
+        d = decide({}, registry=registry_of(risky, old, young))
+        self.assertEqual([c["worker_species_id"] for c in d["candidate_workers_ranked"]],
+                         ["wrk.b", "wrk.c", "wrk.a"])
+        self.assertAllowed(d, "wrk.b")
+        self.assertEqual([c["skip_reason"] for c in d["candidate_workers_ranked"]],
+                         [None, "already_selected", "already_selected"])
+
+    def test_first_match_wins(self):
+        rules = [rule("r.first", {"capability_id": "cap.doc.summarize"}, ["wrk.doc.summarizer"]),
+                 rule("r.second", {"capability_id": "cap.doc.summarize", "env": "dev"},
+                      ["wrk.doc.summarizer"])]
+        d = decide({}, rules=rules, registry=registry_of(SUMMARIZER))
+        self.assertEqual(d["matched_rule_id"], "r.first")
+        self.assertAllowed(d, "wrk.doc.summarizer")
+
+    def test_in_and_any_conditions(self):
+        rules = [rule("r.in", {"data_label": {"in": ["INTERNAL", "CONFIDENTIAL"]},
+                               "tenant_id": {"any": True}}, ["wrk.doc.summarizer"]),
+                 rule("r.public", {"data_label": "PUBLIC"}, ["wrk.doc.summarizer"])]
+        registry = registry_of(SUMMARIZER)
+        self.assertEqual(decide({"data_label": "CONFIDENTIAL"}, rules, registry)["matched_rule_id"],
+                         "r.in")
+        self.assertEqual(decide({"data_label": "PUBLIC"}, rules, registry)["matched_rule_id"],
+                         "r.public")
+        self.assertDenied(decide({"data_label": "SECRET"}, rules, registry),
+                          "DENY_NO_MATCHING_RULE")
+
+    def test_tenant_and_qos_conditions(self):
+        rules = [rule("r.acme", {"tenant_id": "org.acme", "qos_class": "P0"}, ["wrk.doc.summarizer"])]
+        registry = registry_of(SUMMARIZER)
+        self.assertAllowed(decide({"qos_class": "P0"}, rules, registry), "wrk.doc.summarizer")
+        self.assertDenied(decide({"qos_class": "P1"}, rules, registry), "DENY_NO_MATCHING_RULE")
+        self.assertDenied(decide({"tenant_id": "org.other", "qos_class": "P0"}, rules, registry),
+                          "DENY_NO_MATCHING_RULE")
+
+    def test_env_routing_and_staging_alias(self):
+        devonly = worker_record("w.dev", "wrk.dev", ["cap.doc.summarize"],
+                                allowed_environments=["dev"])
+        prod = worker_record("w.prod", "wrk.prod", ["cap.doc.summarize"],
+                             allowed_environments=["prod", "staging"])
+        registry = registry_of(devonly, prod)
+        self.assertAllowed(decide({"env": "dev"}, registry=registry), "wrk.dev")
+        d = decide({"env": "prod"}, registry=registry)
+        self.assertAllowed(d, "wrk.prod")
+        self.assertEqual([c["skip_reason"] for c in d["candidate_workers_ranked"]],
+                         ["unavailable", None])
+        self.assertAllowed(decide({"env": "stage"}, registry=registry), "wrk.prod")
+        self.assertDenied(decide({"env": "edge"}, registry=registry), "DENY_NO_MATCHING_RULE")
+        rules = [rule("r.stage", {"env": "staging"}, ["wrk.prod"])]
+        self.assertAllowed(decide({"env": "stage"}, rules, registry), "wrk.prod")
+
+    def test_undeclared_environments_allow_any(self):
+        self.assertAllowed(decide({"env": "edge"}, registry=registry_of(SUMMARIZER)),
+                           "wrk.doc.summarizer")
+
+    def test_missing_required_controls(self):
+        registry = registry_of(worker_record("w.sum", "wrk.doc.summarizer", ["cap.doc.summarize"],
+                                             currently_implements=["ctrl.audit", "not-a-control"]))
+        rules = [rule("r.ctl", {}, ["wrk.doc.summarizer"],
+                      controls=["ctrl.audit", "ctrl.redaction", "ctrl.zeta"])]
+        d = decide({}, rules, registry)
+        self.assertDenied(d, "DENY_MISSING_REQUIRED_CONTROLS")
+        self.assertEqual(d["deny_reason_if_denied"]["missing_controls"],
+                         ["ctrl.redaction", "ctrl.zeta"])
+        self.assertEqual(d["required_controls_effective"],
+                         ["ctrl.audit", "ctrl.redaction", "ctrl.zeta"])
+        ok = [rule("r.ok", {}, ["wrk.doc.summarizer"], controls=["ctrl.audit"])]
+        self.assertAllowed(decide({}, ok, registry), "wrk.doc.summarizer")
+        junk = [rule("r.junk", {}, ["wrk.doc.summarizer"], controls=["not-a-control"])]
+        self.assertDenied(decide({}, junk, registry), "DENY_MISSING_REQUIRED_CONTROLS")
+
+    def test_missing_correlation_id(self):
+        registry = registry_of(SUMMARIZER)
+        for blank in ("", "   "):
+            self.assertDenied(decide({"correlation_id": blank}, registry=registry),
+                              "DENY_MISSING_CORRELATION_ID")
+        d = decide({}, registry=registry)
+        uuid.UUID(d["correlation_id"])          # generated when omitted
+
+    def test_blank_tenant(self):
+        for blank in ("", "  \t"):
+            self.assertDenied(decide({"tenant_id": blank}, registry=registry_of(SUMMARIZER)),
+                              "DENY_MISSING_TENANT_ID")
+
+    def test_blast_gate_in_prod(self):
+        registry = registry_of(SUMMARIZER)
+        # 10 + 30 CONFIDENTIAL + 15 prod + 15 writes = 70: allowed, scored
+        d = decide({"env": "prod", "data_label": "CONFIDENTIAL", "request": {"writes": True}},
+                   registry=registry)
+        self.assertAllowed(d, "wrk.doc.summarizer")
+        self.assertEqual(d["blast_score"], 70)
+        scored = [e for e in d["telemetry_envelopes"] if e["event_id"] == "evt.gov.blast_scored"]
+        self.assertEqual(scored[0]["blast_score"], 70)
+        # 10 + 50 SECRET + 15 prod + 10 P0 = 85: denied, needs a human
+        d = decide({"env": "prod", "data_label": "SECRET", "qos_class": "P0"}, registry=registry)
+        self.assertDenied(d, "DENY_REQUIRES_HUMAN")
+        self.assertEqual(d["blast_score"], 85)
+        # 10 + 40 RESTRICTED + 15 edge + 15 egress = 80: allowed
+        d = decide({"env": "edge", "data_label": "RESTRICTED", "request": {"external_call": 1}},
+                   registry=registry)
+        self.assertAllowed(d, "wrk.doc.summarizer")
+        self.assertEqual(d["blast_score"], 80)
+        # everything: capped at 100
+        d = decide({"env": "prod", "data_label": "SECRET", "qos_class": "P0",
+                    "request": {"egress": True, "mutates_state": True}}, registry=registry)
+        self.assertEqual(d["blast_score"], 100)
+
+    def test_caller_blast_score_raises_never_lowers(self):
+        registry = registry_of(SUMMARIZER)
+        d = decide({"env": "prod", "blast_score": 90}, registry=registry)
+        self.assertDenied(d, "DENY_REQUIRES_HUMAN")
+        self.assertEqual(d["blast_score"], 90)
+        d = decide({"env": "prod", "data_label": "SECRET", "qos_class": "P0", "blast_score": 0},
+                   registry=registry)
+        self.assertDenied(d, "DENY_REQUIRES_HUMAN")
+        self.assertEqual(d["blast_score"], 85)
+        d = decide({"env": "dev", "blast_score": 99}, registry=registry)   # not scored in dev
+        self.assertAllowed(d, "wrk.doc.summarizer")
+        self.assertEqual(d["blast_score"], 99)
+
+    def test_blast_scoring_control_scores_in_dev_without_gate(self):
+        registry = registry_of(worker_record("w.sum", "wrk.doc.summarizer", ["cap.doc.summarize"],
+                                             currently_implements=[hall.CTRL_BLAST]))
+        rules = [rule("r.scored", {}, ["wrk.doc.summarizer"], controls=[hall.CTRL_BLAST])]
+        d = decide({"data_label": "SECRET", "qos_class": "P0", "request": {"writes": True}},
+                   rules, registry)
+        self.assertAllowed(d, "wrk.doc.summarizer")
+        self.assertEqual(d["blast_score"], 85)
+
+    def test_blast_score_out_of_range_and_bool(self):
+        registry = registry_of(SUMMARIZER)
+        for score in (-1, 101, 10 ** 30):
+            self.assertDenied(decide({"blast_score": score}, registry=registry),
+                              "DENY_INVALID_INPUT")
+        for score in (True, False, "5", 5.0):
+            with self.assertRaises(hall.HallError) as caught:
+                decide({"blast_score": score}, registry=registry)
+            self.assertEqual(caught.exception.status, 400)
+
+    def test_shadow_rules_denied_in_prod_and_edge_routed_in_dev(self):
+        rules = [rule("r.broad", {"capability_id": "cap.doc.summarize"}, ["wrk.doc.summarizer"]),
+                 rule("r.narrow", {"capability_id": "cap.doc.summarize", "env": "prod"},
+                      ["wrk.doc.summarizer"])]
+        registry = registry_of(SUMMARIZER)
+        for env in ("prod", "edge"):
+            d = decide({"env": env}, rules, registry)
+            self.assertDenied(d, "DENY_SHADOW_RULES_DETECTED")
+            self.assertEqual(d["deny_reason_if_denied"]["shadowed_rules"], ["r.narrow"])
+        self.assertAllowed(decide({"env": "dev"}, rules, registry), "wrk.doc.summarizer")
+
+    def test_shadow_detection_understands_in_any_and_aliases(self):
+        def shadows(*matches):
+            return hall.compile_rules({"rules": [rule("r%d" % i, m) for i, m in
+                                                 enumerate(matches)]}).shadowed
+        self.assertEqual(shadows({"env": {"in": ["dev", "prod"]}}, {"env": "prod"}),
+                         [("r0", "r1")])
+        self.assertEqual(shadows({"env": {"any": True}}, {"env": "prod", "tenant_id": "t"}),
+                         [("r0", "r1")])
+        self.assertEqual(shadows({"env": "staging"}, {"env": "stage"}), [("r0", "r1")])
+        self.assertEqual(shadows({"env": "prod"}, {"env": {"in": ["prod", "dev"]}}), [])
+        self.assertEqual(shadows({"env": "prod", "data_label": "PUBLIC"}, {"env": "prod"}), [])
+        self.assertEqual(shadows({"env": "prod"}, {"env": "dev"}), [])
+
+    def test_auto_rules_never_shadow(self):
+        a = worker_record("w.a", "wrk.a", ["cap.doc.summarize", "cap.x"])
+        b = worker_record("w.b", "wrk.b", ["cap.doc.summarize"])
+        self.assertAllowed(decide({"env": "prod"}, registry=registry_of(a, b)), "wrk.a")
+
+    def test_policy_gate_required_but_unconfigured(self):
+        rules = [rule("r.gated", {}, ["wrk.doc.summarizer"],
+                      escalation={"policy_gate": True, "rationale": "sensitive"})]
+        d = decide({}, rules, registry_of(SUMMARIZER))
+        self.assertDenied(d, "DENY_POLICY_GATE_UNCONFIGURED")
+        self.assertEqual(d["escalation_effective"]["rationale"], "sensitive")
+
+    def test_policy_gate_outcomes(self):
+        registry = registry_of(SUMMARIZER)
+        policy = hall.compile_policy({"version": "p-7", "default": "ALLOW", "rules": [
+            {"id": "no-secret", "match": {"data_label": "SECRET"}, "outcome": "DENY",
+             "reason": "no secrets here"},
+            {"id": "human-for-acme", "match": {"tenant_id": "org.acme*", "env": "stage"},
+             "outcome": "REQUIRE_HUMAN"}]})
+        d = decide({}, registry=registry, policy=policy)
+        self.assertAllowed(d, "wrk.doc.summarizer")
+        gated = [e for e in d["telemetry_envelopes"] if e["event_id"] == "evt.os.policy.gated"]
+        self.assertEqual((gated[0]["outcome"], gated[0]["policy_version"]), ("ALLOW", "p-7"))
+        d = decide({"data_label": "SECRET"}, registry=registry, policy=policy)
+        self.assertDenied(d, "DENY_POLICY_GATE")
+        self.assertEqual(d["deny_reason_if_denied"]["message"], "no secrets here")
+        d = decide({"env": "stage", "tenant_id": "org.acme.eu"}, registry=registry, policy=policy)
+        self.assertDenied(d, "DENY_REQUIRES_HUMAN_APPROVAL")
+        self.assertEqual(d["deny_reason_if_denied"]["policy_rule_id"], "human-for-acme")
+        for broken in (lambda values: "MAYBE", lambda values: 1 / 0, lambda values: None):
+            self.assertDenied(decide({}, registry=registry, policy=broken),
+                              "DENY_POLICY_GATE_INVALID_RESPONSE")
+        self.assertAllowed(decide({}, registry=registry, policy=lambda values: "ALLOW"),
+                           "wrk.doc.summarizer")
+
+    def test_no_available_worker_and_skip_reasons(self):
+        rules = [rule("r.ghosts", {}, ["wrk.ghost", "wrk.phantom"])]
+        d = decide({}, rules, registry_of(SUMMARIZER))
+        self.assertDenied(d, "DENY_NO_AVAILABLE_WORKER")
+        self.assertEqual([c["skip_reason"] for c in d["candidate_workers_ranked"]],
+                         ["unavailable", "unavailable"])
+        self.assertEqual(d["matched_rule_id"], "r.ghosts")
+        rules = [rule("r.mixed", {}, ["wrk.ghost", "wrk.doc.summarizer", "wrk.other"])]
+        d = decide({}, rules, registry_of(SUMMARIZER))
+        self.assertAllowed(d, "wrk.doc.summarizer")
+        self.assertEqual([c["skip_reason"] for c in d["candidate_workers_ranked"]],
+                         ["unavailable", None, "already_selected"])
+
+    def test_banned_artifact_is_skipped(self):
+        registry = registry_of(SUMMARIZER)
+        floor = hall.Floor(False, None, None, frozenset([SUMMARIZER["artifact_hash"]]))
+        self.assertDenied(decide({}, registry=registry, floor=floor), "DENY_NO_AVAILABLE_WORKER")
+
+    def test_floor_safe_mode_and_tenants_come_first(self):
+        registry = registry_of(SUMMARIZER)
+        self.assertDenied(decide({}, registry=registry,
+                                 floor=hall.Floor(True, "drill", None, frozenset())),
+                          "DENY_SAFE_MODE")
+        tenants = hall.Floor(False, None, frozenset(["org.acme"]), frozenset())
+        self.assertAllowed(decide({}, registry=registry, floor=tenants), "wrk.doc.summarizer")
+        self.assertDenied(decide({"tenant_id": "org.evil"}, registry=registry, floor=tenants),
+                          "DENY_UNKNOWN_TENANT")
+
+    def test_pipeline_order_first_failure_decides(self):
+        # blank tenant, blank correlation id and no rule: the floor step wins
+        d = decide({"tenant_id": "", "correlation_id": "", "capability_id": "nope"})
+        self.assertDenied(d, "DENY_MISSING_TENANT_ID")
+        # no rule and blank correlation id: the rule step wins
+        self.assertDenied(decide({"correlation_id": ""}), "DENY_NO_MATCHING_RULE")
+
+    def test_telemetry_on_allow(self):
+        d = decide({"correlation_id": "corr\x00-\x1f1\x7f"}, registry=registry_of(SUMMARIZER))
+        events = [e["event_id"] for e in d["telemetry_envelopes"]]
+        self.assertEqual(events, ["evt.os.task.routed", "evt.os.worker.selected",
+                                  "evt.os.policy.gated"])
+        for envelope in d["telemetry_envelopes"]:
+            self.assertEqual(envelope["correlation_id"], "corr-1")
+            self.assertEqual(envelope["decision_id"], d["decision_id"])
+        self.assertEqual(d["correlation_id"], "corr\x00-\x1f1\x7f")   # the decision keeps it
+
+    def test_telemetry_on_deny(self):
+        d = decide({"env": "prod", "data_label": "SECRET", "qos_class": "P0",
+                    "tenant_id": "t\x1b[31m"}, registry=registry_of(SUMMARIZER))
+        events = [e["event_id"] for e in d["telemetry_envelopes"]]
+        self.assertEqual(events, ["evt.gov.blast_scored", "evt.os.task.denied"])
+        self.assertTrue(all(e["tenant_id"] == "t[31m" for e in d["telemetry_envelopes"]))
+        self.assertTrue(all(e["correlation_id"] == d["correlation_id"]
+                            for e in d["telemetry_envelopes"]))
+
+    def test_determinism_of_rule_worker_and_hash(self):
+        a = worker_record("w.a", "wrk.a", ["cap.doc.summarize"])
+        b = worker_record("w.b", "wrk.b", ["cap.doc.summarize"])
+        registry = registry_of(a, b)
+        body = {"request": {"z": 1, "a": [1, 2]}, "correlation_id": "c1"}
+        results = {(d["matched_rule_id"], d["worker_id"], d["deny_reason"], d["artifact_hash"])
+                   for d in (decide(body, registry=registry) for _ in range(10))}
+        self.assertEqual(len(results), 1)
+        # the hash covers the request, not how it is traced
+        other = decide(dict(body, correlation_id="c2", request={"a": [1, 2], "z": 1}),
+                       registry=registry)
+        self.assertEqual(other["artifact_hash"], results.pop()[3])
+        changed = decide(dict(body, tenant_id="org.other"), registry=registry)
+        self.assertNotEqual(changed["artifact_hash"], other["artifact_hash"])
+        inp = hall.parse_route_input(route_body(**body))
+        expected = "sha256:" + hashlib.sha256(json.dumps(
+            {k: inp[k] for k in hall.HASHED_FIELDS}, sort_keys=True,
+            separators=(",", ":")).encode()).hexdigest()
+        self.assertEqual(other["artifact_hash"], expected)
+
+    def test_router_never_raises_for_odd_values(self):
+        registry = registry_of(SUMMARIZER)
+        for body in ({"capability_id": "\x00"}, {"tenant_id": "\u2603" * 1000},
+                     {"request": {"egress": [], "writes": {"deep": [1]}}},
+                     {"correlation_id": "\n"}):
+            d = decide(body, registry=registry)
+            self.assertIsInstance(d["denied"], bool)
+
+
+class RulesDocumentTest(unittest.TestCase):
+
+    def test_invalid_documents_are_refused_with_a_reason(self):
+        cases = [
+            ([], 'a rules document is {"rules": [...]}'.replace("a rules", "a rules")),
+            ({"rules": "x"}, "rules"),
+            ({"rules": [1]}, "rules[0] must be an object"),
+            ({"rules": [{"rule_id": "a", "decision": {}}, {"rule_id": "a", "decision": {}}]},
+             "used twice"),
+            ({"rules": [{"rule_id": "a", "match": {"colour": "red"}, "decision": {}}]},
+             "unknown match key"),
+            ({"rules": [{"rule_id": "a", "match": {"env": "production"}, "decision": {}}]},
+             "'production' is not one of"),
+            ({"rules": [{"rule_id": "a", "match": {"env": {"any": False}}, "decision": {}}]},
+             '{"any": true}'),
+            ({"rules": [{"rule_id": "a", "match": {"env": {"in": []}}, "decision": {}}]},
+             "non-empty list"),
+            ({"rules": [{"rule_id": "a", "match": {"env": 5}, "decision": {}}]}, "must be a string"),
+            ({"rules": [{"rule_id": "a"}]}, "decision must be an object"),
+            ({"rules": [{"rule_id": "a", "decision": {"candidate_workers_ranked": [{}]}}]},
+             "worker_species_id"),
+            ({"rules": [{"rule_id": "a", "decision": {"required_controls_suggested": "x"}}]},
+             "required_controls_suggested"),
+            ({"rules": [{"rule_id": "a", "decision": {"escalation": {"policy_gate": "yes"}}}]},
+             "policy_gate"),
+        ]
+        for document, reason in cases[1:]:
+            with self.assertRaises(hall.RulesError) as caught:
+                hall.compile_rules(document)
+            self.assertIn(reason, str(caught.exception), document)
+
+    def test_policy_documents_are_validated(self):
+        for document, reason in (([], "JSON object"), ({"default": "ALLOW"}, "version"),
+                                 ({"version": "1", "default": "MAYBE"}, "default"),
+                                 ({"version": "1", "default": "DENY", "rules": [{"id": "a"}]},
+                                  "outcome"),
+                                 ({"version": "1", "default": "DENY",
+                                   "rules": [{"id": "a", "outcome": "DENY", "match": {"x": 1}}]},
+                                  "unknown match key")):
+            with self.assertRaises(hall.RulesError) as caught:
+                hall.compile_policy(document)
+            self.assertIn(reason, str(caught.exception))
+
+
+# -- storage -------------------------------------------------------------------------
+
+REFERENCE_SCHEMA = """
+CREATE TABLE enrollments (enrollment_id TEXT PRIMARY KEY, worker_id TEXT NOT NULL UNIQUE,
+    worker_species_id TEXT NOT NULL, capabilities TEXT NOT NULL, risk_tier TEXT NOT NULL,
+    enrolled_at TEXT NOT NULL, artifact_hash TEXT NOT NULL, record_json TEXT NOT NULL);
+CREATE TABLE decisions (decision_id TEXT PRIMARY KEY, decided_at TEXT NOT NULL,
+    capability_id TEXT NOT NULL, tenant_id TEXT NOT NULL DEFAULT '',
+    env TEXT NOT NULL DEFAULT 'dev', denied INTEGER NOT NULL DEFAULT 0, deny_reason TEXT,
+    selected_worker TEXT, blast_score INTEGER, artifact_hash TEXT);
+CREATE TABLE alerts (alert_id TEXT PRIMARY KEY, created_at TEXT NOT NULL, level TEXT NOT NULL,
+    code TEXT NOT NULL, message TEXT NOT NULL, worker_id TEXT, capability_id TEXT);
+"""
+
+
+class StorageTest(ServerCase):
+
+    def test_everything_survives_a_restart(self):
+        self.enroll(worker_record())
+        routed = self.route()[2]
+        self.call("POST", "/decisions/ingest", {"decision_id": "kept", "denied": True})
+        tampered = worker_record("w.bad")
+        tampered["risk_tier"] = "high"
+        self.call("POST", "/enroll", tampered)
+        before = [self.call("GET", p)[2] for p in ("/workers", "/dispatches", "/alerts")]
+        status_before = self.call("GET", "/status")[2]
+        self.restart()
+        after = [self.call("GET", p)[2] for p in ("/workers", "/dispatches", "/alerts")]
+        self.assertEqual(before, after)
+        status_after = self.call("GET", "/status")[2]
+        for key in ("workers_enrolled", "decisions_total", "decisions_today", "denials_today"):
+            self.assertEqual(status_before[key], status_after[key], key)
+        self.assertEqual(self.route()[2]["worker_id"], routed["worker_id"])
+
+    def test_schema_is_wal_with_indexes_and_a_version(self):
+        self.assertEqual(self.db_rows("PRAGMA journal_mode"), [("wal",)])
+        self.assertEqual(self.db_rows("PRAGMA user_version"), [(len(hall.MIGRATIONS),)])
+        indexes = {r[0] for r in self.db_rows("SELECT name FROM sqlite_master WHERE type='index'")}
+        self.assertTrue({"decisions_by_time", "alerts_by_time", "enrollments_by_time"} <= indexes)
+        plan = " ".join(str(r) for r in self.db_rows(
+            "EXPLAIN QUERY PLAN SELECT * FROM decisions ORDER BY decided_at DESC, rowid DESC LIMIT 5"))
+        self.assertIn("decisions_by_time", plan)
+        self.assertNotIn("TEMP B-TREE", plan)
+
+    def test_tokens_are_stored_only_as_hashes(self):
+        rows = self.db_rows("SELECT token_hash, scopes FROM tokens")
+        self.assertEqual(len(rows), 2)
+        self.assertNotIn(self.admin, str(rows))
+        self.assertIn((hashlib.sha256(self.admin.encode()).hexdigest(), "admin"), rows)
+
+
+class ReferenceDatabaseTest(unittest.TestCase):
+    """A hall.db written by the reference server opens and is served without loss."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.db = os.path.join(self.tmp.name, "hall.db")
+        conn = sqlite3.connect(self.db)
+        conn.executescript(REFERENCE_SCHEMA)
+        self.record = worker_record("org.legacy.worker", "wrk.legacy", ["cap.legacy"])
+        conn.execute("INSERT INTO enrollments VALUES (?,?,?,?,?,?,?,?)",
+                     ("e-1", "org.legacy.worker", "wrk.legacy", '["cap.legacy"]', "low",
+                      "2026-02-28T10:00:00.000000+00:00", self.record["artifact_hash"],
+                      json.dumps(self.record)))
+        today = hall.now_iso()
+        conn.executemany("INSERT INTO decisions VALUES (?,?,?,?,?,?,?,?,?,?)", [
+            ("d-old", "2026-02-28T12:00:00.000000+00:00", "cap.legacy", "acme", "dev", 0, None,
+             "wrk.legacy", 2, "sha256:abc"),
+            ("d-today", today, "cap.legacy", "acme", "prod", 1, "DENY_POLICY_GATE", None, None,
+             None)])
+        conn.execute("INSERT INTO alerts VALUES (?,?,?,?,?,?,?)",
+                     ("a-1", "2026-02-28T12:00:00.000000+00:00", "warning",
+                      "DENY_WORKER_TAMPERED", "Worker code hash mismatch", "org.legacy.worker",
+                      "cap.legacy"))
+        conn.commit()
+        conn.close()
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def test_reference_database_is_served_without_loss(self):
+        h = hall.Hall(hall.Config(db_path=self.db, access_log=False))
+        server = h.serve(port=0)
+        client = Client(server.url)
+        try:
+            status = client.request("GET", "/status")[2]
+            self.assertEqual((status["workers_enrolled"], status["decisions_total"],
+                              status["decisions_today"], status["denials_today"]), (1, 2, 1, 1))
+            dispatches = client.request("GET", "/dispatches")[2]["dispatches"]
+            self.assertEqual([d["decision_id"] for d in dispatches], ["d-today", "d-old"])
+            self.assertEqual(dispatches[1], {
+                "decision_id": "d-old", "decided_at": "2026-02-28T12:00:00.000000+00:00",
+                "capability_id": "cap.legacy", "tenant_id": "acme", "env": "dev", "denied": 0,
+                "deny_reason": None, "selected_worker": "wrk.legacy", "blast_score": 2,
+                "artifact_hash": "sha256:abc"})
+            workers = client.request("GET", "/workers")[2]["workers"]
+            self.assertEqual(workers[0]["worker_id"], "org.legacy.worker")
+            self.assertEqual(workers[0]["enrolled_at"], "2026-02-28T10:00:00.000000+00:00")
+            alerts = client.request("GET", "/alerts")[2]["alerts"]
+            self.assertEqual(alerts[0]["alert_id"], "a-1")
+            _, token = h.create_token("t", ["route"])
+            d = client.request("POST", "/api/route", route_body(capability_id="cap.legacy"),
+                               token)[2]
+            self.assertEqual(d["worker_id"], "org.legacy.worker")
+            # the legacy worker re-enrolls as an update of the same row
+            self.assertEqual(client.request("POST", "/enroll", self.record)[0], 200)
+        finally:
+            client.close()
+            server.stop()
+            h.close()
+        conn = sqlite3.connect(self.db)
+        try:
+            columns = [r[1] for r in conn.execute("PRAGMA table_info(decisions)")]
+            self.assertEqual(columns[:10], list(hall.DECISION_COLUMNS))
+            self.assertEqual(conn.execute("SELECT count(*) FROM decisions").fetchone(), (3,))
+        finally:
+            conn.close()
+
+    def test_a_database_from_a_newer_hall_is_refused(self):
+        conn = sqlite3.connect(self.db)
+        conn.execute("PRAGMA user_version=999")
+        conn.commit()
+        conn.close()
+        with self.assertRaises(hall.ConfigError) as caught:
+            hall.Hall(hall.Config(db_path=self.db))
+        self.assertIn("newer hall", str(caught.exception))
+
+
+# -- embedding and command line ----------------------------------------------------
+
+class EmbeddingTest(unittest.TestCase):
+
+    def test_in_process_hall_gives_the_same_answers(self):
+        h = hall.Hall(":memory:")
+        try:
+            record = worker_record()
+            self.assertIn("enrollment_id", h.enroll(record))
+            self.assertEqual(h.enroll(record)["updated"], True)
+            d = h.route(route_body())
+            self.assertEqual((d["allowed"], d["worker_id"]), (True, record["worker_id"]))
+            self.assertEqual(h.ingest({"decision_id": "x"})["decision_id"], "x")
+            self.assertEqual(h.status()["decisions_total"], 2)
+            with self.assertRaises(hall.HallError) as caught:
+                h.enroll(dict(record, risk_tier="tampered"))
+            self.assertEqual((caught.exception.status, caught.exception.code),
+                             (400, "DENY_WORKER_TAMPERED"))
+            with self.assertRaises(hall.HallError) as caught:
+                h.route({"env": "dev"})
+            self.assertEqual(caught.exception.message, "missing field: capability_id")
+        finally:
+            h.close()
+
+    def test_compute_artifact_hash_matches_the_reference_recipe(self):
+        record = {"worker_id": "org.example.my-summarizer",
+                  "worker_species_id": "wrk.doc.summarizer",
+                  "capabilities": ["cap.doc.summarize"], "risk_tier": "low"}
+        payload = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+        expected = "sha256:" + hashlib.sha256(payload).hexdigest()
+        self.assertEqual(hall.compute_artifact_hash(record), expected)
+        self.assertEqual(hall.compute_artifact_hash(dict(record, artifact_hash="x")), expected)
+
+    def test_import_has_no_side_effects(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            probe = ("import os, sys, threading; sys.path.insert(0, %r); before = set(os.listdir('.'));"
+                     "import hall; assert threading.active_count() == 1;"
+                     "assert set(os.listdir('.')) == before; print('clean')" % HERE)
+            result = subprocess.run([sys.executable, "-c", probe], cwd=tmp,
+                                    capture_output=True, text=True, timeout=60)
+            self.assertEqual(result.stdout.strip(), "clean", result.stderr)
+
+
+def run_hall(args, env=None, cwd=None, timeout=30):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("HALL_")}
+    environ.update(env or {})
+    return subprocess.run([sys.executable, HALL_PY] + args, env=environ, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+class CommandLineTest(unittest.TestCase):
+
+    def test_bad_settings_exit_2_with_one_line(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            bad_rules = os.path.join(tmp, "rules.json")
+            with open(bad_rules, "w") as handle:
+                handle.write('{"rules": [{"rule_id": "x", "match": {"env": "moon"}, '
+                             '"decision": {}}]}')
+            bad_json = os.path.join(tmp, "policy.json")
+            with open(bad_json, "w") as handle:
+                handle.write("{not json")
+            not_db = os.path.join(tmp, "junk.db")
+            with open(not_db, "wb") as handle:
+                handle.write(b"this is not a database" * 100)
+            cases = [(["--port", "abc"], {}, "port must be an integer"),
+                     ([], {"HALL_API_PORT": "70000"}, "port must be between"),
+                     (["--rules", os.path.join(tmp, "missing.json")], {}, "cannot read rules"),
+                     (["--rules", bad_rules], {}, "'moon' is not one of"),
+                     (["--policy", bad_json], {}, "policy file"),
+                     (["--db", not_db], {}, "cannot use database"),
+                     (["--tls-cert", bad_json], {}, "TLS needs both")]
+            for args, env, message in cases:
+                result = run_hall(args + ["--db", os.path.join(tmp, "h.db")]
+                                  if "--db" not in args else args, env, cwd=tmp)
+                self.assertEqual(result.returncode, 2, (args, result.stderr))
+                lines = result.stderr.strip().splitlines()
+                self.assertEqual(len(lines), 1, result.stderr)
+                self.assertIn(message, lines[0])
+                self.assertNotIn("Traceback", result.stderr)
+            with open(not_db, "rb") as handle:
+                self.assertTrue(handle.read().startswith(b"this is not a database"))
+
+    def test_serve_prints_start_line_writes_token_and_stops_on_sigterm(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            environ = {k: v for k, v in os.environ.items() if not k.startswith("HALL_")}
+            environ["HALL_API_PORT"] = "0"
+            process = subprocess.Popen([sys.executable, "-u", HALL_PY, "--db",
+                                        os.path.join(tmp, "hall.db")], cwd=tmp, env=environ,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                line = process.stdout.readline()
+                self.assertRegex(line, r"^\[hall-api\] PyHall API v0\.3\.0 starting on "
+                                       r"http://127\.0\.0\.1:\d+$")
+                url = line.split(" on ")[1].strip()
+                token_line = process.stdout.readline()
+                token_path = os.path.join(tmp, "hall.token")
+                self.assertIn(token_path, token_line)
+                self.assertEqual(stat.S_IMODE(os.stat(token_path).st_mode), 0o600)
+                with open(token_path) as handle:
+                    token = handle.read().strip()
+                self.assertGreaterEqual(len(token), 40)
+                client = Client(url)
+                status, _, body = client.request("POST", "/api/route", route_body(), token)
+                self.assertEqual((status, body["deny_reason"]), (200, "DENY_NO_MATCHING_RULE"))
+                client.close()
+                process.terminate()
+                self.assertEqual(process.wait(timeout=15), 0)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+                process.stdout.close()
+                process.stderr.close()
+            # a second start keeps the first token and writes no new one
+            process = subprocess.Popen([sys.executable, "-u", HALL_PY, "--db",
+                                        os.path.join(tmp, "hall.db")], cwd=tmp, env=environ,
+                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                       text=True)
+            try:
+                self.assertIn("starting on", process.stdout.readline())
+                process.send_signal(2)
+                self.assertEqual(process.wait(timeout=15), 0)
+                self.assertEqual(process.stdout.read().strip(), "[hall-api] stopped")
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+                process.stdout.close()
+            with open(token_path) as handle:
+                self.assertEqual(handle.read().strip(), token)
+
+    def test_hash_command(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "worker.json")
+            record = {"worker_id": "w", "worker_species_id": "s", "capabilities": ["c"]}
+            with open(path, "w") as handle:
+                json.dump(record, handle)
+            result = run_hall(["hash", path])
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertEqual(result.stdout.strip(), hall.compute_artifact_hash(record))
+            result = run_hall(["hash", os.path.join(tmp, "nope.json")])
+            self.assertEqual(result.returncode, 2)
+            self.assertIn("cannot read", result.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
