@@ -40,6 +40,7 @@ import contextlib
 import datetime
 import hashlib
 import hmac
+import io
 import ipaddress
 import json
 import math
@@ -114,6 +115,14 @@ class Config(object):
         "tenants":      (None, "HALL_TENANTS"),
         "attest_dirs":  ((), "HALL_ATTEST_DIRS"),
         "require_attestation": (False, "HALL_REQUIRE_ATTESTATION"),
+        "allow_plain_http": (False, "HALL_ALLOW_PLAIN_HTTP"),
+        "idle_timeout": (30, "HALL_IDLE_TIMEOUT"),
+        "request_timeout": (10, "HALL_REQUEST_TIMEOUT"),
+        "max_connections": (256, "HALL_MAX_CONNECTIONS"),
+        "rate_limit": (None, "HALL_RATE_LIMIT"),
+        "rate_burst": (None, "HALL_RATE_BURST"),
+        "busy_timeout": (5000, "HALL_BUSY_TIMEOUT_MS"),
+        "drain_seconds": (10, "HALL_DRAIN_SECONDS"),
     }
 
     def __init__(self, **settings):
@@ -142,6 +151,17 @@ class Config(object):
                                                  365 * 86400)
         config.require_attestation = _parse_bool_setting("require attestation",
                                                          config.require_attestation)
+        config.allow_plain_http = _parse_bool_setting("allow plain http",
+                                                      config.allow_plain_http)
+        for name, low, high in (("idle_timeout", 1, 3600), ("request_timeout", 1, 3600),
+                                ("max_connections", 1, 100000), ("busy_timeout", 0, 600000),
+                                ("drain_seconds", 0, 3600)):
+            setattr(config, name, _parse_int_setting(name.replace("_", " "),
+                                                     getattr(config, name), low, high))
+        if config.rate_limit is not None:
+            config.rate_limit = _parse_int_setting("rate limit", config.rate_limit, 0, 10 ** 6)
+        if config.rate_burst is not None:
+            config.rate_burst = _parse_int_setting("rate burst", config.rate_burst, 1, 10 ** 7)
         if isinstance(config.tenants, str):
             config.tenants = [t.strip() for t in config.tenants.split(",") if t.strip()]
         if isinstance(config.attest_dirs, str):
@@ -168,6 +188,13 @@ class Config(object):
     @property
     def loopback(self):
         return is_loopback(self.host)
+
+    @property
+    def requests_per_second(self):
+        """The rate limit per client: as set, else off on loopback and 100/s elsewhere."""
+        if self.rate_limit is not None:
+            return self.rate_limit
+        return 0 if self.loopback else 100
 
     def allowed_origin(self, origin):
         """The Access-Control-Allow-Origin value for a request's Origin."""
@@ -245,9 +272,9 @@ def utc_day(timestamp=None):
 
 
 _TIMESTAMP = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})"
-    r"(?:[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?)?"
-    r"\s*([Zz]|[+-]\d{2}(?::?\d{2})?)?$")
+    r"^([0-9]{4})-([0-9]{2})-([0-9]{2})"
+    r"(?:[Tt ]([0-9]{2}):([0-9]{2})(?::([0-9]{2})(?:[.,]([0-9]{1,9}))?)?)?"
+    r" ?([Zz]|[+-][0-9]{2}(?::?[0-5][0-9])?)?$")
 
 
 def parse_timestamp(text):
@@ -334,36 +361,39 @@ def _no_duplicate_keys(pairs):
     return result
 
 
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# Escapes that may hide a NUL or a lone surrogate: only then are strings walked.
+_SUSPECT_ESCAPE = re.compile(r"\\u(?:[dD][89a-fA-F]|0000)")
 
 
-def parse_json_body(raw):
+def parse_json_body(raw, what="request body"):
     """Request bytes -> a JSON value, or HallError(400) saying what is wrong.
 
     Refuses what would later break storage or make the document ambiguous:
     invalid UTF-8, NaN/Infinity, numbers beyond a double, duplicate keys,
-    lone surrogates and nesting deeper than MAX_JSON_DEPTH."""
+    NUL characters (they cut strings short in SQLite's functions and most
+    tools that read the file), lone surrogates, and nesting deeper than
+    MAX_JSON_DEPTH."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise HallError(400, "request body is not valid UTF-8")
+        raise HallError(400, "%s is not valid UTF-8" % what)
     if text.startswith("\ufeff"):
         text = text[1:]
     if not text.strip():
-        raise HallError(400, "request body must be a JSON object")
+        raise HallError(400, "%s must be a JSON object" % what)
     try:
         value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
                            object_pairs_hook=_no_duplicate_keys)
     except RecursionError:
-        raise HallError(400, "request body is nested too deeply")
+        raise HallError(400, "%s is nested too deeply" % what)
     except ValueError as exc:
-        raise HallError(400, "request body is not valid JSON: %s" % str(exc)[:200])
-    _check_json_value(value, _SURROGATE_ESCAPE.search(text) is not None)
+        raise HallError(400, "%s is not valid JSON: %s" % (what, str(exc)[:200]))
+    _check_json_value(value, _SUSPECT_ESCAPE.search(text) is not None, what)
     return value
 
 
-def _check_json_value(value, check_strings):
-    """Iteratively bound nesting depth (and find lone surrogates if any)."""
+def _check_json_value(value, check_strings, what):
+    """Iteratively bound nesting depth (and find NULs and lone surrogates)."""
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
@@ -373,13 +403,15 @@ def _check_json_value(value, check_strings):
             children = item
         else:
             if check_strings and isinstance(item, str):
+                if "\x00" in item:
+                    raise HallError(400, "%s has a NUL character in a string" % what)
                 try:
                     item.encode("utf-8")
                 except UnicodeEncodeError:
-                    raise HallError(400, "request body has a lone UTF-16 surrogate in a string")
+                    raise HallError(400, "%s has a lone UTF-16 surrogate in a string" % what)
             continue
         if depth > MAX_JSON_DEPTH:
-            raise HallError(400, "request body is nested deeper than %d levels" % MAX_JSON_DEPTH)
+            raise HallError(400, "%s is nested deeper than %d levels" % (what, MAX_JSON_DEPTH))
         stack.extend((child, depth + 1) for child in children)
 
 
@@ -558,8 +590,9 @@ class Store(object):
     """The SQLite file: one writer connection behind a lock, a pool of
     read connections (WAL lets readers run beside the writer)."""
 
-    def __init__(self, path):
+    def __init__(self, path, busy_timeout_ms=5000):
         self.path = path
+        self.busy_timeout_ms = busy_timeout_ms
         self.memory = path == ":memory:"
         self._write_lock = threading.Lock()
         self._idle_readers = queue.LifoQueue()
@@ -574,9 +607,9 @@ class Store(object):
             raise StoreError("cannot use database %s: %s" % (path, exc))
 
     def _connect(self):
-        conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None,
-                               check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout=5000")
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000.0,
+                               isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout=%d" % self.busy_timeout_ms)
         return conn
 
     def _migrate(self):
@@ -612,6 +645,7 @@ class Store(object):
 
     @contextlib.contextmanager
     def reading(self):
+        """A read connection (busy or unreadable database: 503, not 500)."""
         if self.memory:                 # one in-memory database: share the writer
             with self._write_lock:
                 yield self._writer
@@ -619,10 +653,15 @@ class Store(object):
         try:
             conn = self._idle_readers.get_nowait()
         except queue.Empty:
-            conn = self._connect()
-            conn.execute("PRAGMA query_only=1")
+            try:
+                conn = self._connect()
+                conn.execute("PRAGMA query_only=1")
+            except sqlite3.OperationalError as exc:
+                raise Unavailable("the database cannot be read now: %s" % exc)
         try:
             yield conn
+        except sqlite3.OperationalError as exc:
+            raise Unavailable("the database cannot be read now: %s" % exc)
         finally:
             self._idle_readers.put(conn)
 
@@ -929,6 +968,9 @@ CTRL_ENVELOPE = "ctrl.privilege_envelopes_required"
 _CONTROL_ID = re.compile(r"^ctrl\.[^\s]+$")
 
 
+MAX_RULES = 1000                    # per document: shadow detection is quadratic
+
+
 class RulesError(ValueError):
     """A rules or policy document that cannot be used, with the reason."""
 
@@ -1027,13 +1069,20 @@ class Rule(object):
 
 
 class RuleSet(object):
-    """An ordered list of rules plus what was learned when it was compiled."""
+    """An ordered list of rules; its shadowed pairs are found when first asked
+    for (only prod and edge routes need them)."""
 
     def __init__(self, rules, source, shadowed=None):
         self.rules = list(rules)
         self.source = source                    # "request", "file" or "auto"
-        self.shadowed = shadowed if shadowed is not None else find_shadowed(self.rules)
+        self._shadowed = shadowed
         self._by_capability = None
+
+    @property
+    def shadowed(self):
+        if self._shadowed is None:
+            self._shadowed = find_shadowed(self.rules)
+        return self._shadowed
 
     def first_match(self, values):
         if self.source == "auto":               # one rule per capability: a lookup
@@ -1069,6 +1118,8 @@ def compile_rules(document, source="request"):
         rules = document
     if not isinstance(rules, list):
         raise RulesError('a rules document is {"rules": [...]}')
+    if len(rules) > MAX_RULES:
+        raise RulesError("a rules document may hold at most %d rules" % MAX_RULES)
     compiled, seen = [], set()
     for index, rule in enumerate(rules):
         where = "rules[%d]" % index
@@ -1131,7 +1182,7 @@ def load_json_file(path, what):
     except OSError as exc:
         raise ConfigError("cannot read %s file %s: %s" % (what, path, exc.strerror or exc))
     try:
-        return parse_json_body(raw)
+        return parse_json_body(raw, "the file")
     except HallError as exc:
         raise ConfigError("%s file %s: %s" % (what, path, exc.message))
 
@@ -1259,6 +1310,7 @@ class Registry(object):
                                   _object_or_none(record.get("privilege_envelope")),
                                   worker_namespace(e.worker_id, record)))
         # Older enrollment first, so selection is stable and deterministic.
+        self.newest_first = tuple(workers)      # as the store lists them
         workers.sort(key=lambda w: (w.enrolled_at, w.worker_id))
         self.workers = tuple(workers)
         self.controls = frozenset(controls)
@@ -1538,6 +1590,7 @@ def _run_pipeline(inp, decision, events, rules, registry, policy, floor, approva
         raise Denied("DENY_MISSING_TENANT_ID")
     caller_blast = inp.get("blast_score")
     if caller_blast is not None and not 0 <= caller_blast <= 100:
+        decision["blast_score"] = None          # never echo or store an out-of-range score
         raise Denied("DENY_INVALID_INPUT", field="blast_score")
     if high_stakes and rules.shadowed:
         raise Denied("DENY_SHADOW_RULES_DETECTED",
@@ -1773,6 +1826,7 @@ Principal = namedtuple("Principal", "token_id name scopes tenant")
 TRUSTED = Principal("in-process", "in-process", ALL_SCOPES, None)   # embedding callers
 ANONYMOUS = Principal(None, None, frozenset(), None)
 
+MAX_RECORD_BYTES = 64 * 1024        # a worker record, as stored
 ALERT_DEDUP_SECONDS = 60.0          # the same alert is stored at most once per window
 ALERTS_PER_CODE = 20                # and no code more often than this per window
 DENIAL_BURST = (20, 60.0)           # denials for one tenant or capability within seconds
@@ -1839,12 +1893,13 @@ class Hall(object):
         if config.attest_dirs or config.require_attestation:
             self.attestor = Attestor(config.attest_dirs, config.require_attestation)
         try:
-            self.store = Store(config.db_path)
+            self.store = Store(config.db_path, config.busy_timeout)
         except StoreError as exc:
             raise ConfigError(str(exc))
         self.hall_hash = file_sha256(os.path.abspath(__file__))
         self.started_at = now_iso()
         self._registry = None
+        self._registry_generation = 0           # bumped by every enrollment change
         self._registry_lock = threading.Lock()
         self._alert_lock = threading.Lock()
         self._recent_alerts = {}                # dedup key -> monotonic time raised
@@ -1905,10 +1960,10 @@ class Hall(object):
         }
 
     def workers(self):
-        workers = [{"worker_id": e.worker_id, "worker_species_id": e.worker_species_id,
-                    "capabilities": e.capabilities, "risk_tier": e.risk_tier,
-                    "enrolled_at": e.enrolled_at, "status": "active"}
-                   for e in self.store.enrollments()]
+        workers = [{"worker_id": w.worker_id, "worker_species_id": w.species,
+                    "capabilities": list(w.capabilities), "risk_tier": w.risk_tier,
+                    "enrolled_at": w.enrolled_at, "status": "active"}
+                   for w in self.registry().newest_first]
         return {"workers": workers, "count": len(workers)}
 
     def dispatches(self, limit=50):
@@ -1920,14 +1975,24 @@ class Hall(object):
         return {"alerts": rows, "count": len(rows)}
 
     def registry(self):
-        """The current registry snapshot, rebuilt only after enrollments change."""
+        """The current registry snapshot, rebuilt only after enrollments change.
+
+        A snapshot is kept only if no enrollment changed while it was being
+        read, so a route racing an enroll can never pin a stale registry."""
         snapshot = self._registry
         if snapshot is None:
             with self._registry_lock:
-                if self._registry is None:
-                    self._registry = Registry(self.store.enrollments())
                 snapshot = self._registry
+                if snapshot is None:
+                    generation = self._registry_generation
+                    snapshot = Registry(self.store.enrollments())
+                    if generation == self._registry_generation:
+                        self._registry = snapshot
         return snapshot
+
+    def registry_changed(self):
+        self._registry_generation += 1
+        self._registry = None
 
     # -- enrollment and ingest -------------------------------------------------
 
@@ -1953,11 +2018,16 @@ class Hall(object):
             raise HallError(400, "artifact_hash must be a string")
         risk_tier = _optional_string(record, "risk_tier", "low")
         _check_record_extras(record)
+        record_json = json.dumps(record)
+        if len(record_json) > MAX_RECORD_BYTES:
+            raise HallError(400, "a worker record may be at most %d bytes of JSON"
+                            % MAX_RECORD_BYTES)
         worker_id = record["worker_id"]
         if principal.tenant and not in_namespace(record.get("namespace") or "", principal.tenant):
             raise HallError(403, "this token may only enroll workers whose namespace is in %s"
                             % principal.tenant, "FORBIDDEN_NAMESPACE")
-        if not hmac.compare_digest(compute_artifact_hash(record), record["artifact_hash"]):
+        if not hmac.compare_digest(compute_artifact_hash(record).encode(),
+                                   record["artifact_hash"].encode("utf-8")):
             self.raise_alert("warning", "DENY_WORKER_TAMPERED",
                              "artifact_hash mismatch at enrollment for worker %s (species %s)"
                              % (clean_id(worker_id), clean_id(record["worker_species_id"])),
@@ -1974,8 +2044,8 @@ class Hall(object):
                             "DENY_WORKER_BANNED")
         created, enrollment_id, enrolled_at = self.store.upsert_enrollment(
             worker_id, record["worker_species_id"], json.dumps(capabilities), risk_tier,
-            record["artifact_hash"], json.dumps(record))
-        self._registry = None                   # the next route rebuilds the snapshot
+            record["artifact_hash"], record_json)
+        self.registry_changed()                 # the next route rebuilds the snapshot
         if created:
             return {"enrolled": True, "enrollment_id": enrollment_id, "worker_id": worker_id,
                     "enrolled_at": enrolled_at, "artifact_hash_verified": True}
@@ -1987,7 +2057,7 @@ class Hall(object):
             worker_id, (principal.token_id, "worker.retire", worker_id, {}))
         if not gone:
             raise HallError(404, "no enrolled worker %s" % clean_id(worker_id)[:200], "NOT_FOUND")
-        self._registry = None
+        self.registry_changed()
         self.raise_alert("info", "WORKER_RETIRED", "worker %s was retired by %s"
                          % (clean_id(worker_id), principal.name), worker_id=worker_id)
         return {"retired": True, "worker_id": worker_id}
@@ -2147,16 +2217,35 @@ class Hall(object):
             times = [t for t in self._alerts_by_code.get(code, ())
                      if moment - t < ALERT_DEDUP_SECONDS]
             if len(times) >= ALERTS_PER_CODE:
-                return False
-            self._alerts_by_code[code] = times + [moment]
+                # Say once per window that alerts of this code are being dropped.
+                suppressed = ("info", "ALERTS_SUPPRESSED", None, None, code)
+                if moment - self._recent_alerts.get(suppressed, -ALERT_DEDUP_SECONDS) \
+                        < ALERT_DEDUP_SECONDS:
+                    return False
+                self._recent_alerts[suppressed] = moment
+                level, message, worker_id, capability_id = (
+                    "warning", "more than %d %s alerts within %ds: further ones are dropped "
+                    "until the flood stops" % (ALERTS_PER_CODE, code, ALERT_DEDUP_SECONDS),
+                    None, None)
+                code = "ALERTS_SUPPRESSED"
+            else:
+                self._alerts_by_code[code] = times + [moment]
             if len(self._recent_alerts) > 4096:
                 self._recent_alerts = {k: t for k, t in self._recent_alerts.items()
                                        if moment - t < ALERT_DEDUP_SECONDS}
             self._recent_alerts[key] = moment
-        self.store.insert_alert({"alert_id": str(uuid.uuid4()), "created_at": now_iso(),
-                                 "level": level, "code": code, "message": message,
-                                 "worker_id": worker_id, "capability_id": capability_id})
+        self.store.insert_alert({
+            "alert_id": str(uuid.uuid4()), "created_at": now_iso(), "level": level,
+            "code": code, "message": clean_id(message)[:1000],
+            "worker_id": clean_id(worker_id)[:200] if worker_id is not None else None,
+            "capability_id": clean_id(capability_id)[:200] if capability_id is not None else None})
         return True
+
+    def storage_fault(self, error):
+        """A write failed for the database's sake: say so in an alert if the
+        database takes even that (a full disk may not)."""
+        with contextlib.suppress(HallError, sqlite3.Error):
+            self.raise_alert("critical", "STORAGE_UNAVAILABLE", error.message)
 
     def failed_login(self, client):
         """A token was presented and refused; a burst from one address alerts."""
@@ -2318,16 +2407,29 @@ class Hall(object):
 
     def ensure_admin_token(self):
         """On first start (no token stored, none in HALL_TOKEN) create an admin
-        token and write it to the token file with mode 0600.  Returns its path."""
+        token and write it to the token file with mode 0600.
+
+        Returns (path, secret): (None, None) when no token was needed; for an
+        in-memory hall with no HALL_TOKEN_FILE, (None, secret) -- nothing is
+        written, the caller shows it.  An existing token file is never
+        overwritten: it may hold another hall's token."""
         if self.config.token or self.store.count_tokens():
-            return None
+            return None, None
+        if self.config.db_path == ":memory:" and not self.config.token_file:
+            return None, self.create_token("first-start admin", ["admin"])[1]
         path = self.config.token_path
-        _token_id, secret = self.create_token("first-start admin", ["admin"])
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise ConfigError("token file %s exists but database %s has no token: it belongs "
+                              "to another hall or an earlier database; move it away (or set "
+                              "HALL_TOKEN_FILE) and start again" % (path, self.config.db_path))
+        except OSError as exc:
+            raise ConfigError("cannot write token file %s: %s" % (path, exc.strerror or exc))
         with os.fdopen(fd, "w") as handle:
-            os.fchmod(handle.fileno(), 0o600)
+            secret = self.create_token("first-start admin", ["admin"])[1]
             handle.write(secret + "\n")
-        return path
+        return path, secret
 
     def authenticate(self, secret):
         """A presented token -> Principal, or None."""
@@ -2686,15 +2788,21 @@ def handle_workers(hall, req):
     return 200, hall.workers()
 
 
+def query_int(req, name, default, low, high):
+    """An integer query parameter, clamped to low..high; not an integer is 400."""
+    text = req.query.get(name)
+    if text is None:
+        return default
+    text = text.strip()
+    if not re.match(r"^[+-]?[0-9]+$", text):
+        raise HallError(400, "%s must be an integer" % name)
+    if len(text.lstrip("+-")) > 12:             # beyond any bound: no need to convert
+        return low if text.startswith("-") else high
+    return max(low, min(high, int(text)))
+
+
 def handle_dispatches(hall, req):
-    text = req.query.get("limit")
-    limit = 50
-    if text is not None:
-        try:
-            limit = int(text.strip())
-        except ValueError:
-            raise HallError(400, "limit must be an integer")
-    return 200, hall.dispatches(limit)
+    return 200, hall.dispatches(query_int(req, "limit", 50, 1, 200))
 
 
 def handle_active_dispatches(hall, req):
@@ -3068,10 +3176,17 @@ def _is_json_type(content_type):
     return media == "application/json" or media.endswith("+json")
 
 
-def dispatch(hall, method, target, headers, body, principal):
-    """One request from an authenticated (or anonymous: None) principal ->
-    (status, payload, extra headers); the payload is sent as JSON, or None."""
-    path = urlsplit(target).path or "/"
+def dispatch(hall, method, target, headers, body, client="-", limiter=None, context=None):
+    """One request -> (status, payload, extra headers); the payload is sent as
+    JSON, or None.  Refusals are raised as HallError.
+
+    The token is looked up only for routes that have a scope (so /health never
+    touches the database); ``context["principal"]`` tells the caller who it was."""
+    try:
+        split = urlsplit(target)
+    except ValueError:
+        raise HallError(400, "the request target is not a valid URL")
+    path = split.path or "/"
     methods, params = find_route(path)
     if method == "OPTIONS":                     # CORS preflight
         allowed = sorted(set(methods or ()) | {"OPTIONS"}) if methods else None
@@ -3086,6 +3201,19 @@ def dispatch(hall, method, target, headers, body, principal):
         allow = sorted(set(methods) | ({"HEAD"} if "GET" in methods else set()) | {"OPTIONS"})
         raise HallError(405, "method %s is not allowed on %s" % (method, path),
                         "METHOD_NOT_ALLOWED", {"Allow": ", ".join(allow)})
+    principal = None
+    if entry.scope:
+        secret = _presented_token(headers)
+        principal = hall.authenticate(secret)
+        if secret and principal is None:
+            hall.failed_login(client)
+        if context is not None:
+            context["principal"] = principal
+    if limiter is not None and path not in UNLIMITED_PATHS:
+        wait = limiter.wait_time(principal.token_id if principal else client)
+        if wait:
+            raise HallError(429, "rate limit exceeded; retry in %.1f s" % wait, "RATE_LIMITED",
+                            {"Retry-After": str(max(1, int(math.ceil(wait))))})
     if entry.scope and not (entry.open_on_loopback and hall.config.loopback):
         if principal is None:
             raise HallError(401, "a valid token is required (Authorization: Bearer <token>)",
@@ -3094,97 +3222,196 @@ def dispatch(hall, method, target, headers, body, principal):
             raise HallError(403, "this token lacks the %s scope" % entry.scope, "FORBIDDEN")
     if entry.request is not None and not _is_json_type(headers.get("Content-Type")):
         raise HallError(415, "request body must be application/json", "UNSUPPORTED_MEDIA_TYPE")
-    query = {k: v[0] for k, v in parse_qs(urlsplit(target).query,
-                                          keep_blank_values=True).items()}
+    query = {k: v[0] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
     req = Request(method, path, query, headers, body, params, principal or ANONYMOUS)
     status, payload = entry.handler(hall, req)
     return status, payload, {}
 
 
+class DeadlineReader(io.RawIOBase):
+    """The socket as a raw stream whose reads are bounded by deadlines, not by
+    a per-recv timeout: a keep-alive connection may stay silent for
+    ``idle_timeout`` between requests, and once a request starts its line,
+    headers and body must arrive within ``request_timeout`` -- so a client
+    that trickles one byte at a time (slow loris) is dropped in seconds."""
+
+    def __init__(self, sock, idle_timeout, request_timeout):
+        io.RawIOBase.__init__(self)
+        self.sock = sock
+        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
+        self.await_request()
+
+    def await_request(self):
+        self.deadline = time.monotonic() + self.idle_timeout
+        self.idle = True
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("the client took too long")
+        self.sock.settimeout(remaining)
+        count = self.sock.recv_into(buffer)
+        if self.idle and count:                 # a request has begun
+            self.idle = False
+            self.deadline = time.monotonic() + self.request_timeout
+        return count
+
+
+class SocketWriter(object):
+    """wfile: every write goes straight to the socket (one sendall per answer)."""
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def write(self, data):
+        self.sock.sendall(data)
+        return len(data)
+
+    def flush(self):
+        pass
+
+
 class HallRequestHandler(BaseHTTPRequestHandler):
     """Socket I/O only: read the request, call ``dispatch``, write the answer
     in a single write (headers and body together, so Nagle's algorithm and
-    delayed ACKs do not add ~40 ms to every keep-alive request)."""
+    delayed ACKs do not add ~40 ms to every keep-alive request).
+
+    http.server itself refuses header lines over 64 KiB and more than 100
+    header lines (431); the DeadlineReader bounds how long any of it takes."""
 
     protocol_version = "HTTP/1.1"
     server_version = "hall.py/" + __version__
-    timeout = 30                                # seconds a client may stay silent
 
     def setup(self):
-        BaseHTTPRequestHandler.setup(self)
+        config = self.server.hall.config
+        self.connection = self.request
+        self.connection.settimeout(config.request_timeout)
         with contextlib.suppress(OSError):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.connection.do_handshake()      # here, in this thread, not in accept()
+        self.reader = DeadlineReader(self.connection, config.idle_timeout,
+                                     config.request_timeout)
+        self.rfile = io.BufferedReader(self.reader, 65536)
+        self.wfile = SocketWriter(self.connection)
+
+    def finish(self):
+        with contextlib.suppress(OSError):
+            self.rfile.close()
+
+    def handle(self):
+        try:
+            BaseHTTPRequestHandler.handle(self)
+        except (OSError, ssl.SSLError):         # the client went away or spoke nonsense TLS
+            pass
+
+    def handle_one_request(self):
+        self.reader.await_request()
+        BaseHTTPRequestHandler.handle_one_request(self)
 
     def do_request(self):
         started = time.perf_counter()
         hall = self.server.hall
-        status, payload, headers, principal = 500, None, {}, None
+        status, payload, headers, context = 500, None, {}, {}
+        self.server.begin_request()
         try:
-            secret = _presented_token(self.headers)
-            principal = hall.authenticate(secret)
-            if secret and principal is None:
-                hall.failed_login(self.client_address[0])
             body = self._read_body(hall.config.max_body)
-            status, payload, headers = dispatch(hall, self.command, self.path, self.headers,
-                                                body, principal)
+            status, payload, headers = dispatch(
+                hall, self.command, self.path, self.headers, body, self.client_address[0],
+                self.server.limiter, context)
         except HallError as exc:
             status, payload, headers = exc.status, exc.body(), exc.headers
+            if isinstance(exc, Unavailable):
+                hall.storage_fault(exc)
         except Exception:
             traceback.print_exc()
             status, payload, headers = 500, {"error": "internal error"}, {}
+        finally:
+            self.server.end_request()
         self._answer(status, payload, headers)
         if hall.config.access_log:
+            principal = context.get("principal")
             sys.stderr.write('%s - "%s %s" %d %.1fms token=%s\n' % (
-                self.client_address[0], self.command, clean_id(self.path)[:300], status,
-                (time.perf_counter() - started) * 1000,
+                self.client_address[0], clean_id(self.command)[:20], clean_id(self.path)[:300],
+                status, (time.perf_counter() - started) * 1000,
                 principal.token_id if principal else "-"))
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_request
+    def __getattr__(self, name):
+        # Every method -- GET, lowercase, unknown -- goes through dispatch, which
+        # answers what the route table knows (405 with Allow for the rest).
+        if name.startswith("do_"):
+            return self.do_request
+        raise AttributeError(name)
+
+    def handle_expect_100(self):
+        """Refuse an oversized body before the client sends it."""
+        length = self.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.server.hall.config.max_body:
+            self.close_connection = True
+            self._answer(413, {"error": "request body is larger than %d bytes"
+                               % self.server.hall.config.max_body,
+                               "code": "PAYLOAD_TOO_LARGE"}, {})
+            return False
+        return BaseHTTPRequestHandler.handle_expect_100(self)
 
     def _read_body(self, limit):
-        """The request body, at most ``limit`` bytes (413 without reading more)."""
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            return self._read_chunked(limit)
-        length = self.headers.get("Content-Length")
-        if length is None:
-            return b""
+        """The request body, at most ``limit`` bytes (413 without reading more).
+
+        Framing is read strictly -- Content-Length digits only and never two
+        different ones, Transfer-Encoding exactly "chunked" -- so no request
+        can hide another inside its body.  Any doubt closes the connection."""
+        encodings = self.headers.get_all("Transfer-Encoding") or []
+        lengths = set(self.headers.get_all("Content-Length") or [])
         try:
+            if encodings:
+                self.close_connection = self.close_connection or bool(lengths)
+                if [e.strip().lower() for e in encodings] != ["chunked"]:
+                    raise HallError(400, "only Transfer-Encoding: chunked is supported")
+                return self._read_chunked(limit)
+            if not lengths:
+                return b""
+            length = lengths.pop().strip()
+            if lengths or not length.isdigit() or not length.isascii():
+                raise HallError(400, "Content-Length must be one non-negative integer")
             size = int(length)
-            if size < 0:
-                raise ValueError
-        except ValueError:
+            if size > limit:
+                raise HallError(413, "request body is larger than %d bytes" % limit,
+                                "PAYLOAD_TOO_LARGE")
+            body = self.rfile.read(size)
+            if len(body) < size:
+                raise HallError(400, "request body is shorter than its Content-Length")
+            return body
+        except HallError:
             self.close_connection = True
-            raise HallError(400, "Content-Length must be a non-negative integer")
-        if size > limit:
+            raise
+        except OSError:                         # timed out or gone mid-body
             self.close_connection = True
-            raise HallError(413, "request body is larger than %d bytes" % limit,
-                            "PAYLOAD_TOO_LARGE")
-        body = self.rfile.read(size)
-        if len(body) < size:
-            self.close_connection = True
-            raise HallError(400, "request body is shorter than its Content-Length")
-        return body
+            raise HallError(400, "the request body did not arrive in time")
 
     def _read_chunked(self, limit):
         parts, total = [], 0
         while True:
-            line = self.rfile.readline(1024)
-            try:
-                size = int(line.split(b";")[0].strip(), 16)
-            except ValueError:
-                self.close_connection = True
+            match = _CHUNK_SIZE.match(self.rfile.readline(4096))
+            if not match:
                 raise HallError(400, "malformed chunked body")
+            size = int(match.group(1), 16)
             if size == 0:
-                while self.rfile.readline(1024).strip():   # trailers
-                    pass
-                return b"".join(parts)
+                for _ in range(100):            # trailers, up to the blank line
+                    if not self.rfile.readline(4096).strip():
+                        return b"".join(parts)
+                raise HallError(400, "malformed chunked body")
             total += size
             if total > limit:
-                self.close_connection = True
                 raise HallError(413, "request body is larger than %d bytes" % limit,
                                 "PAYLOAD_TOO_LARGE")
-            parts.append(self.rfile.read(size))
-            self.rfile.readline(1024)
+            chunk = self.rfile.read(size)
+            if len(chunk) < size or self.rfile.readline(4096) not in (b"\r\n", b"\n"):
+                raise HallError(400, "malformed chunked body")
+            parts.append(chunk)
 
     def _answer(self, status, payload, headers):
         body = b"" if payload is None else json.dumps(payload).encode("utf-8")
@@ -3205,6 +3432,8 @@ class HallRequestHandler(BaseHTTPRequestHandler):
             lines.append("%s: %s" % (name, value))
         if self.close_connection:
             lines.append("Connection: close")
+        elif getattr(self, "request_version", "") == "HTTP/1.0":
+            lines.append("Connection: keep-alive")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         try:
             self.wfile.write(head if self.command == "HEAD" else head + body)
@@ -3212,30 +3441,73 @@ class HallRequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def send_error(self, code, message=None, explain=None):
-        """Errors http.server finds itself (bad request line, huge headers)."""
+        """Errors http.server finds itself (bad request line, huge headers,
+        an HTTP version it does not speak: 400, never a 5xx)."""
         self.close_connection = True
+        if code >= 500:
+            code, message = 400, "unsupported request: %s" % (message or code)
         self._answer(code, {"error": message or self.responses.get(code, ("error",))[0]}, {})
 
     def log_message(self, format, *args):
         pass                                    # do_request writes the access log
 
 
+class RateLimiter(object):
+    """A token bucket per client (token id, or address when no token): ``rate``
+    requests a second on average, bursts up to ``burst``.  Bounded memory."""
+
+    def __init__(self, rate, burst, max_clients=10000):
+        self.rate, self.burst, self.max_clients = float(rate), float(burst), max_clients
+        self._buckets = {}
+        self._lock = threading.Lock()
+
+    def wait_time(self, client):
+        """0 when the request may go ahead, else the seconds until it may."""
+        moment = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(client, (self.burst, moment))
+            tokens = min(self.burst, tokens + (moment - last) * self.rate)
+            if len(self._buckets) >= self.max_clients and client not in self._buckets:
+                self._buckets.clear()
+            if tokens >= 1:
+                self._buckets[client] = (tokens - 1, moment)
+                return 0.0
+            self._buckets[client] = (tokens, moment)
+            return (1 - tokens) / self.rate
+
+
+UNLIMITED_PATHS = ("/health", "/healthz", "/ready", "/readyz")
+_CHUNK_SIZE = re.compile(rb"^([0-9A-Fa-f]{1,8})(?:;[^\r\n]*)?\r?\n$")
+_BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; "
+                b"charset=utf-8\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: 72\r\n"
+                b"\r\n" + json.dumps({"error": "too many connections; retry shortly",
+                                      "code": "BUSY"}).encode().ljust(72))
+
+
 class HallHTTPServer(ThreadingHTTPServer):
-    """A threading HTTP server bound to a Hall; threads are daemons."""
+    """A threading HTTP server bound to a Hall: daemon threads, at most
+    ``max_connections`` at once (more are answered 503 at once), a rate limit
+    per client, and a count of requests in flight for a graceful stop."""
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128
 
     def __init__(self, hall, address):
         self.hall = hall
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.address_family = family
+        config = hall.config
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         ThreadingHTTPServer.__init__(self, address, HallRequestHandler)
         self.scheme = "http"
-        if hall.config.tls_cert:
-            self.socket = tls_context(hall.config).wrap_socket(
+        if config.tls_cert:
+            self.socket = tls_context(config).wrap_socket(
                 self.socket, server_side=True, do_handshake_on_connect=False)
             self.scheme = "https"
+        rate = config.requests_per_second
+        self.limiter = RateLimiter(rate, config.rate_burst or 2 * rate) if rate else None
+        self._lock = threading.Lock()
+        self._connections = 0
+        self._in_flight = 0
         self._thread = None
 
     @property
@@ -3245,6 +3517,48 @@ class HallHTTPServer(ThreadingHTTPServer):
             host = "[%s]" % host
         return "%s://%s:%d" % (self.scheme, host, port)
 
+    def process_request(self, request, client_address):
+        with self._lock:
+            busy = self._connections >= self.hall.config.max_connections
+            if not busy:
+                self._connections += 1
+        if busy:
+            with contextlib.suppress(OSError, ssl.SSLError):
+                request.settimeout(0.2)
+                if not isinstance(request, ssl.SSLSocket):
+                    request.sendall(_BUSY_ANSWER)
+            self.shutdown_request(request)
+            return
+        ThreadingHTTPServer.process_request(self, request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            ThreadingHTTPServer.process_request_thread(self, request, client_address)
+        finally:
+            with self._lock:
+                self._connections -= 1
+
+    def handle_error(self, request, client_address):
+        traceback.print_exc()                   # never to the client
+
+    def begin_request(self):
+        with self._lock:
+            self._in_flight += 1
+
+    def end_request(self):
+        with self._lock:
+            self._in_flight -= 1
+
+    def drain(self, deadline_seconds):
+        """Wait (up to a deadline) for requests in flight to finish."""
+        deadline = time.monotonic() + deadline_seconds
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._in_flight == 0:
+                    return True
+            time.sleep(0.01)
+        return False
+
     def start_background(self):
         self._thread = threading.Thread(target=self.serve_forever, name="hall-http",
                                         kwargs={"poll_interval": 0.2}, daemon=True)
@@ -3253,6 +3567,7 @@ class HallHTTPServer(ThreadingHTTPServer):
     def stop(self):
         self.shutdown()
         self.server_close()
+        self.drain(self.hall.config.drain_seconds)
         if self._thread is not None:
             self._thread.join(5)
 
@@ -3269,6 +3584,11 @@ def tls_context(config):
 
 
 def make_server(hall, host, port):
+    config = hall.config
+    if not is_loopback(host) and not config.tls_cert and not config.allow_plain_http:
+        raise ConfigError("refusing to serve plain HTTP on %s, which is not a loopback address: "
+                          "set HALL_TLS_CERT and HALL_TLS_KEY, or pass --allow-plain-http "
+                          "when a TLS-terminating proxy is in front" % (host or "all addresses"))
     try:
         return HallHTTPServer(hall, (host, port))
     except OSError as exc:
@@ -3279,37 +3599,67 @@ def make_server(hall, host, port):
 # 7. Command line
 ###############################################################################
 
+CLI = Principal("cli", "command line", ALL_SCOPES, None)    # who the audit trail names
+
+
 def build_parser():
+    database = argparse.ArgumentParser(add_help=False)
+    database.add_argument("--db", dest="db_path",
+                          help="SQLite file (HALL_DB_PATH, default hall.db)")
+    serving = argparse.ArgumentParser(add_help=False, parents=[database])
+    serving.add_argument("--host", help="bind address (HALL_API_HOST, default 127.0.0.1)")
+    serving.add_argument("--port", help="TCP port (HALL_API_PORT, default 8765; 0 = any free)")
+    serving.add_argument("--rules", dest="rules_path", help="operator rules JSON (HALL_RULES_PATH)")
+    serving.add_argument("--policy", dest="policy_path",
+                         help="operator policy JSON (HALL_POLICY_PATH)")
+    serving.add_argument("--tls-cert", dest="tls_cert", help="certificate PEM (HALL_TLS_CERT)")
+    serving.add_argument("--tls-key", dest="tls_key", help="private key PEM (HALL_TLS_KEY)")
+    serving.add_argument("--allow-plain-http", dest="allow_plain_http", action="store_const",
+                         const=True, help="serve plain HTTP on a non-loopback address (behind "
+                                          "a TLS-terminating proxy; HALL_ALLOW_PLAIN_HTTP)")
     parser = argparse.ArgumentParser(
-        prog="hall.py", description="The local Hall: worker registry, WCP router and "
-                                    "decision log.  With no command, serves HTTP.")
-    commands = parser.add_subparsers(dest="command", metavar="command")
-    serve = commands.add_parser("serve", help="serve the HTTP API (the default)")
-    for p in (parser, serve):
-        p.add_argument("--host", help="bind address (HALL_API_HOST, default 127.0.0.1)")
-        p.add_argument("--port", help="TCP port (HALL_API_PORT, default 8765; 0 = any free)")
-        p.add_argument("--db", dest="db_path", help="SQLite file (HALL_DB_PATH, default hall.db)")
-        p.add_argument("--rules", dest="rules_path", help="operator rules JSON (HALL_RULES_PATH)")
-        p.add_argument("--policy", dest="policy_path",
-                       help="operator policy JSON (HALL_POLICY_PATH)")
-        p.add_argument("--tls-cert", dest="tls_cert", help="certificate PEM (HALL_TLS_CERT)")
-        p.add_argument("--tls-key", dest="tls_key", help="private key PEM (HALL_TLS_KEY)")
+        prog="hall.py", parents=[serving],      # `python hall.py --port 9000` serves too
+        description="The local Hall: worker registry, router and decision log.  With no "
+                    "command, serves the HTTP API.",
+        epilog="Settings without a flag are environment variables: HALL_TOKEN, "
+               "HALL_TOKEN_FILE, HALL_CORS_ORIGINS, HALL_MAX_BODY, HALL_ACCESS_LOG, "
+               "HALL_APPROVAL_TTL, HALL_TENANTS, HALL_ATTEST_DIRS, HALL_REQUIRE_ATTESTATION, "
+               "HALL_IDLE_TIMEOUT, HALL_REQUEST_TIMEOUT, HALL_MAX_CONNECTIONS, HALL_RATE_LIMIT, "
+               "HALL_RATE_BURST, HALL_BUSY_TIMEOUT_MS, HALL_DRAIN_SECONDS (see the README).")
+    commands = parser.add_subparsers(dest="command", metavar="[command]")
+    commands.add_parser("serve", parents=[serving], help="serve the HTTP API (the default)")
     hash_cmd = commands.add_parser("hash", help="print the artifact_hash of a worker record")
     hash_cmd.add_argument("file", help="worker record JSON ('-' for standard input)")
+    token = commands.add_parser("token", help="create, list or revoke API tokens")
+    token_commands = token.add_subparsers(dest="token_command", metavar="{create,list,revoke}")
+    token_commands.required = True
+    create = token_commands.add_parser("create", parents=[database],
+                                       help="create a token and print its secret (once)")
+    create.add_argument("--name", required=True, help="what the token is for")
+    create.add_argument("--scope", action="append", required=True, choices=SCOPES,
+                        help="a scope (repeat for several)")
+    create.add_argument("--tenant", help="limit the token to this tenant namespace")
+    token_commands.add_parser("list", parents=[database],
+                              help="list tokens (never their secrets)")
+    revoke = token_commands.add_parser("revoke", parents=[database], help="revoke a token")
+    revoke.add_argument("token_id")
     return parser
 
 
 def run_server(config):
     hall = Hall(config)
     try:
-        token_file = hall.ensure_admin_token()
         server = make_server(hall, config.host, config.port)
+        token_file, secret = hall.ensure_admin_token()
     except BaseException:
         hall.close()
         raise
     print("[hall-api] PyHall API v%s starting on %s" % (__version__, server.url), flush=True)
     if token_file:
         print("[hall-api] first start: admin token written to %s (mode 0600)" % token_file,
+              flush=True)
+    elif secret:
+        print("[hall-api] in-memory hall: its admin token (kept nowhere) is %s" % secret,
               flush=True)
     if hall.operator_rules is not None:
         for earlier, later in hall.operator_rules.shadowed:
@@ -3324,35 +3674,80 @@ def run_server(config):
     try:
         server.serve_forever(poll_interval=0.5)
     finally:
-        server.server_close()
-        hall.close()
+        server.server_close()               # no new connections
+        if not server.drain(config.drain_seconds):
+            print("[hall-api] warning: requests still running after %ss were cut off"
+                  % config.drain_seconds, file=sys.stderr)
+        hall.close()                        # checkpoints the WAL into the database
     print("[hall-api] stopped", flush=True)
     return 0
 
 
-def cmd_hash(path):
+def read_json_argument(path):
+    """A JSON document from a file path, or standard input for '-'."""
     try:
-        raw = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
+        if path == "-":
+            raw = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as handle:
+                raw = handle.read()
     except OSError as exc:
         raise ConfigError("cannot read %s: %s" % (path, exc.strerror or exc))
     try:
-        record = parse_json_body(raw)
+        return parse_json_body(raw, "the file")
     except HallError as exc:
         raise ConfigError("%s: %s" % (path, exc.message))
+
+
+def cmd_hash(args):
+    record = read_json_argument(args.file)
     if not isinstance(record, dict):
-        raise ConfigError("%s: a worker record is a JSON object" % path)
+        raise ConfigError("%s: a worker record is a JSON object" % args.file)
     print(compute_artifact_hash(record))
     return 0
+
+
+def cmd_token(args):
+    hall = Hall(Config.load(args))
+    try:
+        if args.token_command == "create":
+            token_id, secret = hall.create_token(args.name, sorted(set(args.scope)),
+                                                 args.tenant, CLI)
+            print("created %s (%s; scopes %s%s); its secret follows, shown only now"
+                  % (token_id, args.name, " ".join(sorted(set(args.scope))),
+                     "; tenant " + args.tenant if args.tenant else ""), file=sys.stderr)
+            print(secret)
+        elif args.token_command == "list":
+            columns = ("token_id", "name", "scopes", "tenant", "created_at", "last_used_at",
+                       "revoked_at")
+            rows = [[" ".join(t["scopes"]) if c == "scopes" else (t[c] or "-")
+                     for c in columns] for t in hall.tokens()["tokens"]]
+            print_table(columns, rows)
+        else:
+            hall.revoke_token(args.token_id, CLI)
+            print("revoked %s" % args.token_id)
+    finally:
+        hall.close()
+    return 0
+
+
+def print_table(columns, rows):
+    widths = [max([len(c)] + [len(str(r[i])) for r in rows]) for i, c in enumerate(columns)]
+    for row in [columns] + rows:
+        print("  ".join(str(value).ljust(width) for value, width in zip(row, widths)).rstrip())
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         if args.command == "hash":
-            return cmd_hash(args.file)
+            return cmd_hash(args)
+        if args.command == "token":
+            return cmd_token(args)
         return run_server(Config.load(args))
-    except ConfigError as exc:
-        print("hall.py: error: %s" % exc, file=sys.stderr)
+    except (ConfigError, HallError) as exc:
+        print("hall.py: error: %s" % (exc.message if isinstance(exc, HallError) else exc),
+              file=sys.stderr)
         return 2
 
 
