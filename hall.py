@@ -1907,6 +1907,7 @@ class Hall(object):
         self._denial_bursts = BurstCounter(*DENIAL_BURST)
         self._login_failures = BurstCounter(*LOGIN_FAILURE_BURST)
         self._token_touched = {}
+        self.storage_fault_since = None         # (when, why) while writes fail
         self.load_governance()
 
     def close(self):
@@ -2242,10 +2243,20 @@ class Hall(object):
         return True
 
     def storage_fault(self, error):
-        """A write failed for the database's sake: say so in an alert if the
-        database takes even that (a full disk may not)."""
+        """The database refused a request (locked, read-only, full): say so in
+        an alert if the database takes even that, and remember it so that the
+        first write that works again raises STORAGE_RECOVERED."""
+        if self.storage_fault_since is None:
+            self.storage_fault_since = (now_iso(), error.message)
         with contextlib.suppress(HallError, sqlite3.Error):
             self.raise_alert("critical", "STORAGE_UNAVAILABLE", error.message)
+
+    def storage_recovered(self):
+        fault, self.storage_fault_since = self.storage_fault_since, None
+        if fault is not None:
+            with contextlib.suppress(HallError, sqlite3.Error):
+                self.raise_alert("info", "STORAGE_RECOVERED", "writes work again; they failed "
+                                 "from %s with: %s" % fault, dedup=fault[0])
 
     def failed_login(self, client):
         """A token was presented and refused; a burst from one address alerts."""
@@ -3225,6 +3236,8 @@ def dispatch(hall, method, target, headers, body, client="-", limiter=None, cont
     query = {k: v[0] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
     req = Request(method, path, query, headers, body, params, principal or ANONYMOUS)
     status, payload = entry.handler(hall, req)
+    if hall.storage_fault_since is not None and method != "GET":
+        hall.storage_recovered()
     return status, payload, {}
 
 
@@ -3539,7 +3552,8 @@ class HallHTTPServer(ThreadingHTTPServer):
                 self._connections -= 1
 
     def handle_error(self, request, client_address):
-        traceback.print_exc()                   # never to the client
+        if not isinstance(sys.exc_info()[1], OSError):  # a client gone or a bad TLS hello
+            traceback.print_exc()               # is not a fault; the rest goes to the log
 
     def begin_request(self):
         with self._lock:

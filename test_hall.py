@@ -4,19 +4,27 @@ SQLite file, driven with http.client, plus direct calls of the pure router.
     python -m unittest -v test_hall
 """
 
+import contextlib
 import hashlib
 import http.client
+import io
 import json
 import os
+import re
 import socket
 import sqlite3
+import ssl
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
+import urllib.parse
 import uuid
+import warnings
 
 import hall
 
@@ -1636,6 +1644,502 @@ class TokenApiTest(ServerCase):
                 conn.execute("DELETE FROM audit")
             finally:
                 conn.close()
+
+
+# -- hardening ----------------------------------------------------------------------
+
+TEST_CERT = """-----BEGIN CERTIFICATE-----
+MIIBmjCCAUGgAwIBAgIUO1vEtPZDF0yK2Xw0ODLiJVN5P8AwCgYIKoZIzj0EAwIw
+FDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTEyMjA2MjUyN1oYDzIxMjYxMDI5
+MDYyNTI3WjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjO
+PQMBBwNCAAS9Ebw/POVBpy29xABF0eJbrB8drj9E5GbWknHwlAf4IBVw5HygrVox
+++o6dagla6X2FvnBpafltwMdoQGMS99Ao28wbTAdBgNVHQ4EFgQUScbZ9clpThwn
+cM/KXRd1lsJUpokwHwYDVR0jBBgwFoAUScbZ9clpThwncM/KXRd1lsJUpokwDwYD
+VR0TAQH/BAUwAwEB/zAaBgNVHREEEzARgglsb2NhbGhvc3SHBH8AAAEwCgYIKoZI
+zj0EAwIDRwAwRAIgGzpqlL2PGfiY1aCHcvbllHSeONVLTr3HouXPQqxNutoCIH2k
+Ckn42R9BiJ8xqwYIN5AqoNkrdbMFQKHga9sXPTtn
+-----END CERTIFICATE-----
+"""
+TEST_KEY = """-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgHv5m+EDiNPVJ2HBq
+nFAflXzWywv2FwpvwU7LyhkvlqqhRANCAAS9Ebw/POVBpy29xABF0eJbrB8drj9E
+5GbWknHwlAf4IBVw5HygrVox++o6dagla6X2FvnBpafltwMdoQGMS99A
+-----END PRIVATE KEY-----
+"""
+
+
+def raw_exchange(server, data, timeout=5.0, pause_after=None):
+    """Send raw bytes; return everything the server sends until it closes
+    or goes quiet for ``timeout`` seconds."""
+    host, port = server.server_address[:2]
+    chunks = []
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(data)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR) if pause_after is None else None
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except (socket.timeout, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def statuses(raw):
+    """The status codes of the responses in a raw stream (bodies end without CRLF)."""
+    return [int(code) for code in re.findall(rb"HTTP/1\.1 ([0-9]{3}) ", raw)]
+
+
+def fill_path(path, value):
+    return re.sub(r"\{\w+\}", value, path)
+
+
+class NetworkDefaultsTest(ServerCase):
+    """A hall configured for a non-loopback address (bound to loopback here)."""
+
+    settings = {"host": "0.0.0.0", "allow_plain_http": True}
+
+    def test_every_endpoint_but_the_probes_needs_a_scoped_token(self):
+        _, revoked = self.hall.create_token("gone", ["admin"])
+        gone_id = [t["token_id"] for t in self.hall.tokens()["tokens"] if t["name"] == "gone"][0]
+        self.hall.revoke_token(gone_id)
+        _, nothing = self.hall.create_token("narrow", ["rules"])
+        for r in hall.ROUTES:
+            path = fill_path(r.path, "x")
+            body = {} if r.method in ("POST", "PUT") else None
+            status, _, answer = self.call(r.method, path, body)
+            if r.scope is None:
+                self.assertLess(status, 400, path)
+                continue
+            self.assertEqual(status, 401, (r.method, path))
+            self.assertEqual(self.call(r.method, path, body, token=revoked)[0], 401, path)
+            if r.scope != "rules":
+                self.assertEqual(self.call(r.method, path, body, token=nothing)[0], 403,
+                                 (r.method, path))
+        self.assertEqual(self.call("GET", "/status", token=self.reader)[0], 200)
+        self.assertEqual(self.call("POST", "/enroll", worker_record(), token=self.reader)[0], 403)
+
+    def test_rate_limit_is_on_by_default_off_loopback(self):
+        self.assertEqual(self.hall.config.requests_per_second, 100)
+        self.assertEqual(hall.Config(host="127.0.0.1").requests_per_second, 0)
+
+    def test_plain_http_on_a_public_address_refuses_to_start(self):
+        result = run_hall(["--host", "0.0.0.0", "--port", "0", "--db",
+                           os.path.join(self.tmp.name, "x.db")])
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("refusing to serve plain HTTP on 0.0.0.0", result.stderr)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1)
+
+
+class TlsTest(unittest.TestCase):
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.cert = os.path.join(self.tmp.name, "cert.pem")
+        self.key = os.path.join(self.tmp.name, "key.pem")
+        with open(self.cert, "w") as handle:
+            handle.write(TEST_CERT)
+        with open(self.key, "w") as handle:
+            handle.write(TEST_KEY)
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def test_https_with_tls_1_2_or_newer(self):
+        h = hall.Hall(hall.Config(db_path=":memory:", tls_cert=self.cert, tls_key=self.key,
+                                  access_log=False))
+        server = h.serve(port=0)
+        try:
+            self.assertTrue(server.url.startswith("https://"))
+            context = ssl.create_default_context(cafile=self.cert)
+            conn = http.client.HTTPSConnection("127.0.0.1", server.server_address[1],
+                                               context=context, timeout=5)
+            conn.request("GET", "/health")
+            response = conn.getresponse()
+            self.assertEqual((response.status, json.loads(response.read())["status"]),
+                             (200, "ok"))
+            conn.close()
+            old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                old.maximum_version = ssl.TLSVersion.TLSv1_1
+                with contextlib.suppress(ValueError):
+                    old.minimum_version = ssl.TLSVersion.TLSv1
+            with self.assertRaises((ssl.SSLError, OSError)):
+                with socket.create_connection(("127.0.0.1", server.server_address[1]), 5) as raw:
+                    with old.wrap_socket(raw, server_hostname="localhost") as tls:
+                        tls.sendall(b"GET /health HTTP/1.1\r\n\r\n")
+                        tls.recv(100)
+            self.assertEqual(raw_exchange(server, b"GET /health HTTP/1.1\r\n\r\n"), b"")
+        finally:
+            server.stop()
+            h.close()
+
+    def test_bad_certificate_stops_start_up(self):
+        result = run_hall(["--port", "0", "--db", ":memory:", "--tls-cert", self.key,
+                           "--tls-key", self.key])
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("cannot load TLS certificate", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+
+
+class LimitsTest(ServerCase):
+
+    settings = {"request_timeout": 1, "idle_timeout": 2}
+
+    def test_slow_loris_is_dropped_and_others_are_served(self):
+        host, port = self.server.server_address[:2]
+        started = time.monotonic()
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\n")
+            closed = False
+            for _ in range(40):
+                try:
+                    sock.sendall(b"X-Drip: 1\r\n")
+                except OSError:
+                    closed = True
+                    break
+                self.assertEqual(self.call("GET", "/health")[0], 200)
+                time.sleep(0.1)
+                sock.settimeout(0.01)
+                try:
+                    if sock.recv(1) == b"":
+                        closed = True
+                        break
+                except socket.timeout:
+                    pass
+            self.assertTrue(closed, "the dripping client was never dropped")
+        self.assertLess(time.monotonic() - started, 3.5)
+
+    def test_a_lying_content_length_times_out_with_a_4xx(self):
+        raw = raw_exchange(self.server, b"POST /decisions/ingest HTTP/1.1\r\n"
+                                        b"Content-Length: 100\r\n\r\n{}", pause_after=True)
+        self.assertEqual(statuses(raw), [400])
+        self.assertEqual(self.db_rows("SELECT count(*) FROM decisions"), [(0,)])
+
+    def test_connection_cap_answers_503_at_once(self):
+        self.restart(max_connections=3)
+        host, port = self.server.server_address[:2]
+        idle = [socket.create_connection((host, port), timeout=5) for _ in range(3)]
+        try:
+            for sock in idle:
+                sock.sendall(b"GET /health HTTP/1.1\r\n\r\n")
+                self.assertIn(b"200 OK", sock.recv(4096))
+            poll(lambda: self.server._connections == 3)
+            started = time.monotonic()
+            raw = raw_exchange(self.server, b"GET /health HTTP/1.1\r\n\r\n")
+            self.assertEqual(statuses(raw), [503])
+            self.assertIn(b'"code": "BUSY"', raw)
+            self.assertLess(time.monotonic() - started, 1.0)
+        finally:
+            for sock in idle:
+                sock.close()
+        self.client.close()
+        self.client = Client(self.server.url)
+        self.assertEqual(poll(lambda: self._health_ok()), True)
+
+    def _health_ok(self):
+        try:
+            client = Client(self.server.url)
+            try:
+                return client.request("GET", "/health")[0] == 200
+            finally:
+                client.close()
+        except (OSError, http.client.HTTPException):
+            return False
+
+    def test_rate_limit_per_client_with_retry_after(self):
+        self.restart(rate_limit=2, rate_burst=3)
+        answers = [self.call("GET", "/status", token=self.reader) for _ in range(6)]
+        codes = [a[0] for a in answers]
+        self.assertEqual(codes[:3], [200, 200, 200])
+        self.assertIn(429, codes[3:])
+        limited = [a for a in answers if a[0] == 429][0]
+        self.assertEqual(limited[2]["code"], "RATE_LIMITED")
+        self.assertGreaterEqual(int(limited[1]["retry-after"]), 1)
+        self.assertEqual(self.call("GET", "/health")[0], 200)          # probes are exempt
+        self.assertEqual(self.call("GET", "/status", token=self.admin)[0], 200)   # per token
+
+    def test_header_limits(self):
+        many = b"".join(b"X-H%d: v\r\n" % i for i in range(150))
+        self.assertEqual(statuses(raw_exchange(self.server, b"GET /health HTTP/1.1\r\n" + many
+                                               + b"\r\n")), [431])
+        huge = b"X-Big: " + b"a" * 70000 + b"\r\n"
+        self.assertEqual(statuses(raw_exchange(self.server, b"GET /health HTTP/1.1\r\n" + huge
+                                               + b"\r\n")), [431])
+
+
+HOSTILE_IDS = ["x", "../../etc/passwd", "%2e%2e%2f", "' OR 1=1 --", "\u2603" * 50, "a" * 5000,
+               "%00", "sha256:" + "g" * 64]
+HOSTILE_BODIES = [
+    b"", b"{", b"[]", b"null", b"1e999", b"123456789012345678901234567890", b'"str"',
+    b"{\"a\": " * 200 + b"1" + b"}" * 200, b"[" * 100000, b'{"a": "\\ud800"}',
+    b'{"a": "\\u0000"}', b"\xff\xfe\xfd", b'{"a": 1, "a": 2}', b'{"x": NaN}',
+    json.dumps({"worker_id": None, "capabilities": None, "env": None, "tenant_id": None,
+                "reason": None, "sha256": None, "tenants": None, "name": None}).encode(),
+    json.dumps({"worker_id": 1, "worker_species_id": [], "capabilities": [None], "env": True,
+                "capability_id": {}, "data_label": 5, "tenant_id": 2 ** 64, "blast_score": 2 ** 70,
+                "limit": -1, "reason": 5, "scopes": [1], "version": {}, "default": [],
+                "rules": "x", "namespace": 1, "capability": None, "context": [],
+                "sha256": 1, "display_name": {}, "status": 1, "tenants": 7}).encode(),
+    json.dumps({"capability_id": "c" * 100000, "env": "dev", "data_label": "PUBLIC",
+                "tenant_id": "t", "blast_score": 10 ** 30, "worker_id": "w" * 100000,
+                "worker_species_id": "s", "capabilities": ["c"] * 1000,
+                "artifact_hash": "sha256:\u00e9", "decided_at": "2026-01-01T00:00:00+01:99",
+                "_rules": {"rules": [{"rule_id": "r%d" % i, "decision": {}}
+                                     for i in range(1001)]}}).encode(),
+    json.dumps({"_rules": {"rules": [{"rule_id": "r", "match": {"env": {"in": [1]}},
+                                      "decision": {"candidate_workers_ranked": [5]}}]},
+                "capability_id": "c", "env": "prod", "data_label": "SECRET",
+                "tenant_id": "t", "request": {"egress": "yes" * 1000}}).encode(),
+    "{\"worker_id\": \"\u202e\u0301\ufeff\", \"tenant_id\": \"\U0001f600\"}".encode(),
+]
+
+
+class HostileInputTest(ServerCase):
+    """Every endpoint in the route table against a corpus of hostile input:
+    never a 5xx, never a traceback, never a half-written row."""
+
+    def test_hostile_corpus_against_every_endpoint(self):
+        self.enroll(worker_record())
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            for r in hall.ROUTES:
+                for ident in HOSTILE_IDS if "{" in r.path else ["x"]:
+                    path = fill_path(r.path, urllib.parse.quote(ident, safe="%"))
+                    bodies = HOSTILE_BODIES if r.method in ("POST", "PUT") else [None]
+                    for raw in bodies:
+                        for token in (self.admin, None):
+                            status, headers, body = self.call(
+                                r.method, path + "?limit=%ff&status=%00", raw=raw, token=token,
+                                headers={"Content-Type": "application/json"})
+                            self.assertLess(status, 500, (r.method, path[:80], (raw or b"")[:60]))
+                            if status >= 400:
+                                self.assertIsInstance(body["error"], str)
+        self.assertNotIn("Traceback", stderr.getvalue())
+        self.assertEqual(self.db_rows("PRAGMA integrity_check"), [("ok",)])
+        days = self.db_rows("SELECT coalesce(sum(total), 0) FROM decision_days")[0][0]
+        self.assertEqual(days, self.db_rows("SELECT count(*) FROM decisions")[0][0])
+        self.assertEqual(self.db_rows("SELECT count(*) FROM decisions WHERE blast_score < 0 "
+                                      "OR blast_score > 100"), [(0,)])
+
+    def test_hostile_framing_on_the_raw_socket(self):
+        hidden = b"\r\nGET /smuggled HTTP/1.1\r\nHost: y\r\n\r\n"
+        cases = [
+            (b"TRACE /health HTTP/1.1\r\n\r\n", [405]),
+            (b"get /health HTTP/1.1\r\n\r\n", [405]),
+            (b"GET /health HTTP/9.9\r\n\r\n", [400]),
+            (b"GET http://[/health HTTP/1.1\r\nHost: x\r\n\r\n", [400]),
+            (b"NONSENSE\r\n\r\n", [400]),
+            (b"POST /decisions/ingest HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+             + b"0" * 1024 + b"%x\r\n" % len(hidden) + hidden + b"\r\n0\r\n\r\n", [400]),
+            (b"POST /decisions/ingest HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n"
+             + b"x" * 100000, [400]),
+            (b"POST /decisions/ingest HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\n{}"
+             b"\r\n0\r\n\r\n", [400]),
+            (b"POST /decisions/ingest HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n"
+             b"{}GET /health HTTP/1.1\r\n\r\n", [400]),
+            (b"POST /decisions/ingest HTTP/1.1\r\nContent-Length: 1_0\r\n\r\n{}", [400]),
+            (b"POST /decisions/ingest HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n"
+             b"\r\n{}", [400]),
+            (b"POST /decisions/ingest HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}"
+             b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n", [201, 200]),
+            (b"POST /enroll HTTP/1.1\r\nContent-Length: 99999999\r\nExpect: 100-continue\r\n\r\n",
+             [413]),
+        ]
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            for data, expected in cases:
+                self.assertEqual(statuses(raw_exchange(self.server, data)), expected, data[:60])
+        self.assertNotIn("Traceback", stderr.getvalue())
+        self.assertEqual(self.db_rows("SELECT count(*) FROM decisions"), [(1,)])
+
+    def test_client_vanishing_mid_body_leaves_no_trace(self):
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            host, port = self.server.server_address[:2]
+            sock = socket.create_connection((host, port), timeout=5)
+            sock.sendall(b"POST /enroll HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"a\":")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            self.assertEqual(poll(lambda: self.server._connections == 0), True)
+        self.assertNotIn("Traceback", stderr.getvalue())
+
+
+class FaultTest(ServerCase):
+
+    settings = {"busy_timeout": 100}
+
+    def test_locked_database_turns_writes_into_503_and_recovers(self):
+        blocker = sqlite3.connect(self.db, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            status, headers, body = self.call("POST", "/decisions/ingest", {"decision_id": "d1"})
+            self.assertEqual((status, body["code"]), (503, "DB_UNAVAILABLE"))
+            self.assertEqual(headers["retry-after"], "1")
+            self.assertEqual(self.call("GET", "/status")[0], 200)       # reads keep working
+            self.assertEqual(self.call("GET", "/health")[0], 200)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        self.assertEqual(self.call("POST", "/decisions/ingest", {"decision_id": "d2"})[0], 201)
+        codes = [a["code"] for a in self.call("GET", "/alerts")[2]["alerts"]]
+        self.assertIn("STORAGE_RECOVERED", codes)
+        self.assertEqual(self.db_rows("SELECT decision_id FROM decisions"), [("d2",)])
+
+
+class CrashSafetyTest(unittest.TestCase):
+    """Acknowledged writes survive kill -9 in the middle of a write load."""
+
+    def test_acknowledged_writes_survive_sigkill(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            db = os.path.join(tmp, "hall.db")
+            environ = {k: v for k, v in os.environ.items() if not k.startswith("HALL_")}
+            environ.update(HALL_API_PORT="0", HALL_TOKEN="crash-test", HALL_ACCESS_LOG="off")
+            process = subprocess.Popen([sys.executable, "-u", HALL_PY, "--db", db], cwd=tmp,
+                                       env=environ, stdout=subprocess.PIPE,
+                                       stderr=subprocess.DEVNULL, text=True)
+            acknowledged, lock, stop = [], threading.Lock(), threading.Event()
+            try:
+                url = process.stdout.readline().split(" on ")[1].strip()
+
+                def writer(n):
+                    client = Client(url)
+                    for i in range(100000):
+                        if stop.is_set():
+                            break
+                        ident = "w%d-%d" % (n, i)
+                        try:
+                            if i % 3 == 0:
+                                status, _, _ = client.request("POST", "/enroll", worker_record(
+                                    ident, capabilities=["cap.%d" % i]))
+                                ok = status in (200, 201)
+                            elif i % 3 == 1:
+                                status, _, body = client.request("POST", "/api/route", route_body(
+                                    correlation_id=ident), "crash-test")
+                                ident = body["decision_id"] if status == 200 else None
+                                ok = status == 200
+                            else:
+                                status, _, _ = client.request("POST", "/decisions/ingest",
+                                                              {"decision_id": ident})
+                                ok = status == 201
+                        except (OSError, http.client.HTTPException, ValueError):
+                            break
+                        if ok:
+                            with lock:
+                                acknowledged.append((i % 3, ident))
+                    client.close()
+                threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+                for thread in threads:
+                    thread.start()
+                poll(lambda: len(acknowledged) >= 150, timeout=30)
+                process.kill()
+                process.wait(10)
+                stop.set()
+                for thread in threads:
+                    thread.join(30)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+                process.stdout.close()
+            self.assertGreaterEqual(len(acknowledged), 150)
+            conn = sqlite3.connect(db)
+            try:
+                self.assertEqual(conn.execute("PRAGMA integrity_check").fetchall(), [("ok",)])
+                workers = {r[0] for r in conn.execute("SELECT worker_id FROM enrollments")}
+                decisions = {r[0] for r in conn.execute("SELECT decision_id FROM decisions")}
+            finally:
+                conn.close()
+            for kind, ident in acknowledged:
+                self.assertIn(ident, workers if kind == 0 else decisions)
+
+
+class GracefulStopTest(unittest.TestCase):
+
+    def test_sigterm_finishes_the_request_in_flight(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            environ = {k: v for k, v in os.environ.items() if not k.startswith("HALL_")}
+            environ.update(HALL_API_PORT="0", HALL_ACCESS_LOG="off")
+            process = subprocess.Popen([sys.executable, "-u", HALL_PY, "--db",
+                                        os.path.join(tmp, "hall.db")], cwd=tmp, env=environ,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                url = process.stdout.readline().split(" on ")[1].strip()
+                port = int(url.rsplit(":", 1)[1])
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                    sock.sendall(b"POST /decisions/ingest HTTP/1.1\r\nContent-Type: "
+                                 b"application/json\r\nContent-Length: 23\r\n\r\n{\"decision_id\"")
+                    time.sleep(0.3)             # let the request be read up to its body
+                    process.terminate()
+                    time.sleep(0.3)
+                    sock.sendall(b": \"late\"}")
+                    answer = sock.recv(65536)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 201"), answer[:60])
+                self.assertEqual(process.wait(timeout=15), 0)
+                self.assertFalse(os.path.exists(os.path.join(tmp, "hall.db-wal")) and
+                                 os.path.getsize(os.path.join(tmp, "hall.db-wal")) > 0)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+                process.stdout.close()
+                process.stderr.close()
+            conn = sqlite3.connect(os.path.join(tmp, "hall.db"))
+            try:
+                self.assertEqual(conn.execute("SELECT decision_id FROM decisions").fetchall(),
+                                 [("late",)])
+            finally:
+                conn.close()
+
+
+class TokenCommandTest(unittest.TestCase):
+
+    def test_create_list_revoke_from_the_command_line(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            db = os.path.join(tmp, "hall.db")
+            created = run_hall(["token", "create", "--name", "ci", "--scope", "route",
+                                "--scope", "read", "--tenant", "org.a", "--db", db])
+            self.assertEqual(created.returncode, 0, created.stderr)
+            secret = created.stdout.strip()
+            self.assertTrue(secret.startswith("hall_"))
+            token_id = created.stderr.split()[1]
+            listing = run_hall(["token", "list", "--db", db])
+            self.assertEqual(listing.returncode, 0)
+            self.assertIn(token_id, listing.stdout)
+            self.assertIn("read route", listing.stdout)
+            self.assertIn("org.a", listing.stdout)
+            self.assertNotIn(secret, listing.stdout)
+            h = hall.Hall(hall.Config(db_path=db, access_log=False))
+            server = h.serve(port=0)
+            client = Client(server.url)
+            try:
+                self.assertEqual(client.request("POST", "/api/route", route_body(
+                    tenant_id="org.a"), secret)[0], 200)
+                revoked = run_hall(["token", "revoke", token_id, "--db", db])
+                self.assertEqual((revoked.returncode, revoked.stdout.strip()),
+                                 (0, "revoked " + token_id))
+                self.assertEqual(client.request("POST", "/api/route", route_body(
+                    tenant_id="org.a"), secret)[0], 401)
+            finally:
+                client.close()
+                server.stop()
+                h.close()
+            again = run_hall(["token", "revoke", token_id, "--db", db])
+            self.assertEqual(again.returncode, 2)
+            self.assertIn("no active token", again.stderr)
+            bad = run_hall(["token", "create", "--name", "x", "--scope", "root", "--db", db])
+            self.assertEqual(bad.returncode, 2)
+            conn = sqlite3.connect(db)
+            try:
+                actions = [r[0] for r in conn.execute("SELECT action FROM audit ORDER BY at")]
+            finally:
+                conn.close()
+            self.assertEqual(actions, ["token.create", "token.revoke"])
 
 
 # -- storage -------------------------------------------------------------------------
