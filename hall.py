@@ -48,11 +48,17 @@ import os
 import queue
 import re
 import secrets
+import selectors
+import shutil
 import signal
 import socket
+import socketserver
 import sqlite3
+import struct
 import ssl
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -126,6 +132,7 @@ class Config(object):
     }
 
     def __init__(self, **settings):
+        self._origins = None                    # (cors_origins, parsed set), made when first asked
         for name, (default, _variable) in self.FIELDS.items():
             setattr(self, name, settings.pop(name, default))
         if settings:
@@ -198,10 +205,13 @@ class Config(object):
 
     def allowed_origin(self, origin):
         """The Access-Control-Allow-Origin value for a request's Origin."""
-        origins = [o.strip() for o in str(self.cors_origins).split(",") if o.strip()]
-        if "*" in origins:
+        if self._origins is None or self._origins[0] != self.cors_origins:
+            listed = frozenset(o.strip() for o in str(self.cors_origins).split(",") if o.strip())
+            self._origins = (self.cors_origins, listed)
+        listed = self._origins[1]
+        if "*" in listed:
             return "*"
-        return origin if origin in origins else None
+        return origin if origin in listed else None
 
 
 def _parse_int_setting(label, value, low, high):
@@ -561,6 +571,14 @@ MIGRATIONS = [
             SELECT RAISE(ABORT, 'the audit trail is append-only');
         END""",
     ],
+    # 4 -- a version of the registry bumped on every enrollment change, so a
+    # running hall notices enrollments written by another process.
+    [
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+        "INSERT INTO meta (key, value) VALUES ('registry_version', 0)",
+    ] + ["""CREATE TRIGGER enrollments_%s AFTER %s ON enrollments BEGIN
+            UPDATE meta SET value = value + 1 WHERE key = 'registry_version';
+        END""" % (event.lower(), event) for event in ("INSERT", "UPDATE", "DELETE")],
 ]
 
 DECISION_COLUMNS = ("decision_id", "decided_at", "capability_id", "tenant_id", "env", "denied",
@@ -586,16 +604,44 @@ class StoreError(Exception):
     """The database file cannot be used at all (start-up stops)."""
 
 
+class WriteJob(object):
+    """One piece of work for the writer thread, and its outcome."""
+
+    __slots__ = ("work", "done", "result", "error")
+
+    def __init__(self, work, wait=True):
+        self.work = work
+        self.done = threading.Event() if wait else None
+        self.result = self.error = None
+
+
 class Store(object):
-    """The SQLite file: one writer connection behind a lock, a pool of
-    read connections (WAL lets readers run beside the writer)."""
+    """The SQLite file.
+
+    Writes: one writer thread owns the write connection and runs the work
+    queued by every request in one transaction per batch (each piece in its
+    own savepoint), so concurrent writers share one commit and one fsync --
+    group commit.  A request is answered only after its batch committed.
+
+    Reads: a small pool of read connections (WAL lets them read beside the
+    writer).  The pool is bounded: each connection has its own page cache.
+
+    ``generation`` counts committed batches, so callers can cache what they
+    read until the next write."""
+
+    MAX_BATCH = 512
+    MAX_READERS = 4
 
     def __init__(self, path, busy_timeout_ms=5000):
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
         self.memory = path == ":memory:"
-        self._write_lock = threading.Lock()
-        self._idle_readers = queue.LifoQueue()
+        self.generation = 0
+        self._write_lock = threading.Lock()     # the write connection's owner
+        self._jobs = queue.Queue()
+        self._writer_thread = None
+        self._readers = queue.LifoQueue()
+        self._reader_slots = threading.BoundedSemaphore(self.MAX_READERS)
         try:
             self._writer = self._connect()
             self._writer.execute("PRAGMA journal_mode=WAL").fetchone()
@@ -619,19 +665,21 @@ class Store(object):
                              "to %d (it was written by a newer hall)"
                              % (self.path, version, len(MIGRATIONS)))
         for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
-            with self._write_lock:
-                conn = self._writer
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    for statement in statements:
-                        conn.execute(statement)
-                    conn.execute("PRAGMA user_version=%d" % number)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute("PRAGMA user_version=%d" % number)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
 
     def close(self):
+        if self._writer_thread is not None:
+            self._jobs.put(None)
+            self._writer_thread.join()
         with self._write_lock:
             if not self.memory:
                 with contextlib.suppress(sqlite3.Error):
@@ -639,9 +687,13 @@ class Store(object):
             self._writer.close()
         while True:
             try:
-                self._idle_readers.get_nowait().close()
+                self._readers.get_nowait().close()
             except queue.Empty:
                 break
+
+    @property
+    def writer_alive(self):
+        return self._writer_thread is None or self._writer_thread.is_alive()
 
     @contextlib.contextmanager
     def reading(self):
@@ -650,39 +702,107 @@ class Store(object):
             with self._write_lock:
                 yield self._writer
             return
+        if not self._reader_slots.acquire(timeout=self.busy_timeout_ms / 1000.0):
+            raise Unavailable("every read connection is busy; retry shortly")
         try:
-            conn = self._idle_readers.get_nowait()
-        except queue.Empty:
             try:
+                conn = self._readers.get_nowait()
+            except queue.Empty:
                 conn = self._connect()
                 conn.execute("PRAGMA query_only=1")
-            except sqlite3.OperationalError as exc:
-                raise Unavailable("the database cannot be read now: %s" % exc)
-        try:
-            yield conn
+            try:
+                yield conn
+            finally:
+                self._readers.put(conn)
         except sqlite3.OperationalError as exc:
             raise Unavailable("the database cannot be read now: %s" % exc)
         finally:
-            self._idle_readers.put(conn)
+            self._reader_slots.release()
 
-    @contextlib.contextmanager
-    def writing(self):
-        """One transaction on the writer; busy/locked/read-only become 503."""
+    def write(self, work):
+        """Run ``work(conn)`` in the writer's next transaction; return what it
+        returned once that transaction committed, or raise what it raised
+        (a locked, read-only or full database: Unavailable, a 503)."""
+        job = WriteJob(work)
+        self._submit(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def defer(self, work):
+        """Queue ``work(conn)`` without waiting for it (bookkeeping only)."""
+        self._submit(WriteJob(work, wait=False))
+
+    def _submit(self, job):
+        if self._writer_thread is None:
+            with self._write_lock:
+                if self._writer_thread is None:
+                    thread = threading.Thread(target=self._write_loop, name="hall-writer",
+                                              daemon=True)
+                    thread.start()
+                    self._writer_thread = thread
+        self._jobs.put(job)
+
+    def _write_loop(self):
+        while True:
+            batch, stopping = [self._jobs.get()], False
+            while batch[-1] is not None and len(batch) < self.MAX_BATCH:
+                try:
+                    batch.append(self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+            if batch[-1] is None:
+                batch.pop()
+                stopping = True
+            if batch:
+                self._commit(batch)
+            if stopping:
+                return
+
+    def _commit(self, batch):
+        """One transaction for the batch; each job in a savepoint, so one
+        failing job rolls back alone."""
         with self._write_lock:
             conn = self._writer
             try:
                 conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise Unavailable("the database cannot take writes now: %s" % exc)
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.OperationalError):
-                    raise Unavailable("the database cannot take writes now: %s" % exc)
-                raise
+            except sqlite3.Error as exc:
+                for job in batch:
+                    job.error = Unavailable("the database cannot take writes now: %s" % exc)
+            else:
+                for job in batch:
+                    conn.execute("SAVEPOINT job")
+                    try:
+                        job.result = job.work(conn)
+                    except BaseException as exc:
+                        job.error = (Unavailable("the database cannot take writes now: %s" % exc)
+                                     if isinstance(exc, sqlite3.OperationalError) else exc)
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK TO job")
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("RELEASE job")
+                try:
+                    conn.execute("COMMIT")
+                    self.generation += 1
+                except sqlite3.Error as exc:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    for job in batch:
+                        if job.error is None:
+                            job.error = Unavailable("the database cannot take writes now: %s"
+                                                    % exc)
+        for job in batch:
+            if job.done is not None:
+                job.done.set()
+            elif job.error is not None and not isinstance(job.error, HallError):
+                print("[hall-api] deferred write failed: %r" % job.error, file=sys.stderr)
+
+    def registry_version(self):
+        """Bumped by a trigger on every enrollment change, by any process."""
+        with self.reading() as conn:
+            return conn.execute("SELECT value FROM meta WHERE key = 'registry_version'"
+                                ).fetchone()[0]
 
     # -- enrollments ---------------------------------------------------------
 
@@ -690,7 +810,7 @@ class Store(object):
                           record_json):
         """Insert or update by worker_id; returns (created, enrollment_id, enrolled_at)."""
         now = now_iso()
-        with self.writing() as conn:
+        def work(conn):
             row = conn.execute("SELECT enrollment_id, enrolled_at FROM enrollments "
                                "WHERE worker_id = ?", (worker_id,)).fetchone()
             if row:
@@ -707,6 +827,7 @@ class Store(object):
                          (enrollment_id, worker_id, species, capabilities, risk_tier, now,
                           artifact_hash, record_json))
             return True, enrollment_id, now
+        return self.write(work)
 
     def enrollments(self):
         """Every enrollment, newest first."""
@@ -718,12 +839,13 @@ class Store(object):
                 for r in rows]
 
     def delete_enrollment(self, worker_id, audit):
-        with self.writing() as conn:
+        def work(conn):
             gone = conn.execute("DELETE FROM enrollments WHERE worker_id = ?",
                                 (worker_id,)).rowcount == 1
             if gone:
                 _append_audit(conn, audit)
             return gone
+        return self.write(work)
 
     def count_workers(self):
         with self.reading() as conn:
@@ -740,7 +862,7 @@ class Store(object):
         columns = list(row)
         sql = "INSERT OR IGNORE INTO decisions (%s) VALUES (%s)" % (
             ", ".join(columns), ", ".join("?" * len(columns)))
-        with self.writing() as conn:
+        def work(conn):
             if consume_approval is not None:
                 approval_id, input_hash, now = consume_approval
                 used = conn.execute(
@@ -751,6 +873,7 @@ class Store(object):
                 if not used:
                     return False
             return conn.execute(sql, [row[c] for c in columns]).rowcount == 1
+        return self.write(work)
 
     def recent_decisions(self, limit):
         with self.reading() as conn:
@@ -769,10 +892,11 @@ class Store(object):
     # -- alerts --------------------------------------------------------------
 
     def insert_alert(self, alert):
-        with self.writing() as conn:
+        def work(conn):
             conn.execute("INSERT INTO alerts (%s) VALUES (%s)" % (
                 ", ".join(ALERT_COLUMNS), ", ".join("?" * len(ALERT_COLUMNS))),
                 [alert[c] for c in ALERT_COLUMNS])
+        return self.write(work)
 
     def recent_alerts(self, limit=50):
         with self.reading() as conn:
@@ -783,11 +907,12 @@ class Store(object):
     # -- tokens --------------------------------------------------------------
 
     def insert_token(self, token_id, name, token_hash, scopes, tenant, audit):
-        with self.writing() as conn:
+        def work(conn):
             conn.execute("INSERT INTO tokens (token_id, name, token_hash, scopes, tenant, "
                          "created_at) VALUES (?, ?, ?, ?, ?, ?)",
                          (token_id, name, token_hash, " ".join(sorted(scopes)), tenant, now_iso()))
             _append_audit(conn, audit)
+        return self.write(work)
 
     def find_token(self, token_hash):
         with self.reading() as conn:
@@ -810,17 +935,17 @@ class Store(object):
         return [dict(zip(TOKEN_COLUMNS, r), scopes=r[2].split()) for r in rows]
 
     def revoke_token(self, token_id, audit):
-        with self.writing() as conn:
+        def work(conn):
             done = conn.execute("UPDATE tokens SET revoked_at = ? WHERE token_id = ? AND "
                                 "revoked_at IS NULL", (now_iso(), token_id)).rowcount == 1
             if done:
                 _append_audit(conn, audit)
             return done
+        return self.write(work)
 
     def touch_token(self, token_id, moment):
-        with self.writing() as conn:
-            conn.execute("UPDATE tokens SET last_used_at = ? WHERE token_id = ?",
-                         (moment, token_id))
+        self.defer(lambda conn: conn.execute("UPDATE tokens SET last_used_at = ? "
+                                             "WHERE token_id = ?", (moment, token_id)))
 
     # -- settings ------------------------------------------------------------
 
@@ -832,7 +957,7 @@ class Store(object):
 
     def put_setting(self, key, value, audit):
         """Store (or with value None, remove) a setting, audited in the same transaction."""
-        with self.writing() as conn:
+        def work(conn):
             if value is None:
                 conn.execute("DELETE FROM settings WHERE key = ?", (key,))
             else:
@@ -840,24 +965,27 @@ class Store(object):
                              "updated_by) VALUES (?, ?, ?, ?)",
                              (key, json.dumps(value), now_iso(), audit[0]))
             _append_audit(conn, audit)
+        return self.write(work)
 
     # -- bans ----------------------------------------------------------------
 
     def add_ban(self, sha256, reason, audit):
-        with self.writing() as conn:
+        def work(conn):
             added = conn.execute("INSERT OR IGNORE INTO bans (sha256, reason, created_at, "
                                  "created_by) VALUES (?, ?, ?, ?)",
                                  (sha256, reason, now_iso(), audit[0])).rowcount == 1
             if added:
                 _append_audit(conn, audit)
             return added
+        return self.write(work)
 
     def remove_ban(self, sha256, audit):
-        with self.writing() as conn:
+        def work(conn):
             removed = conn.execute("DELETE FROM bans WHERE sha256 = ?", (sha256,)).rowcount == 1
             if removed:
                 _append_audit(conn, audit)
             return removed
+        return self.write(work)
 
     def bans(self):
         with self.reading() as conn:
@@ -871,7 +999,7 @@ class Store(object):
         """Open a pending approval, or return the pending one already open
         for the same input (a retrying client does not pile up approvals).
         Returns (approval_id, created)."""
-        with self.writing() as conn:
+        def work(conn):
             existing = conn.execute("SELECT approval_id FROM approvals WHERE input_hash = ? "
                                     "AND status = 'pending' AND expires_at > ?",
                                     (row["input_hash"], row["created_at"])).fetchone()
@@ -880,6 +1008,7 @@ class Store(object):
             conn.execute("INSERT INTO approvals (%s) VALUES (%s)" % (
                 ", ".join(row), ", ".join("?" * len(row))), list(row.values()))
             return row["approval_id"], True
+        return self.write(work)
 
     def approval(self, approval_id, now):
         with self.reading() as conn:
@@ -906,7 +1035,7 @@ class Store(object):
 
     def decide_approval(self, approval_id, status, note, now, audit):
         """pending -> approved/rejected, only while unexpired; True if done."""
-        with self.writing() as conn:
+        def work(conn):
             done = conn.execute("UPDATE approvals SET status = ?, decided_at = ?, decided_by = ?, "
                                 "decision_note = ? WHERE approval_id = ? AND status = 'pending' "
                                 "AND expires_at > ?",
@@ -914,6 +1043,7 @@ class Store(object):
             if done:
                 _append_audit(conn, audit)
             return done
+        return self.write(work)
 
     # -- audit trail -----------------------------------------------------------
 
@@ -1295,7 +1425,9 @@ class Registry(object):
     """An immutable snapshot of the enrolled workers, with what the router
     derives from them: the control set, workers by species, auto rules."""
 
-    def __init__(self, enrollments=()):
+    def __init__(self, enrollments=(), version=None):
+        self.version = version                  # the database's registry_version it reflects
+        self._listing = None
         workers, controls = [], set()
         for e in enrollments:
             record = e.record
@@ -1320,6 +1452,20 @@ class Registry(object):
             self.by_species.setdefault(worker.species, []).append(worker)
             self.by_id[worker.worker_id] = worker
         self.auto_rules = RuleSet(self._auto_rules(), "auto", shadowed=[])
+
+    def listing(self):
+        """The /workers answer: newest enrollment first."""
+        workers = [{"worker_id": w.worker_id, "worker_species_id": w.species,
+                    "capabilities": list(w.capabilities), "risk_tier": w.risk_tier,
+                    "enrolled_at": w.enrolled_at, "status": "active"}
+                   for w in self.newest_first]
+        return {"workers": workers, "count": len(workers)}
+
+    def listing_bytes(self):
+        """The same, serialised once per snapshot."""
+        if self._listing is None:
+            self._listing = json.dumps(self.listing()).encode("utf-8")
+        return self._listing
 
     def _auto_rules(self):
         """Per capability: candidates are the species that serve it, lower
@@ -1900,6 +2046,8 @@ class Hall(object):
         self.started_at = now_iso()
         self._registry = None
         self._registry_generation = 0           # bumped by every enrollment change
+        self._registry_checked = 0.0            # when the database's version was last read
+        self._answers = {}                      # cached answers: key -> (stamp, value)
         self._registry_lock = threading.Lock()
         self._alert_lock = threading.Lock()
         self._recent_alerts = {}                # dedup key -> monotonic time raised
@@ -1944,11 +2092,13 @@ class Hall(object):
                 "hall_hash_banned": self.hall_hash in self.floor.banned}
 
     def status(self):
-        total, today, denied_today = self.store.decision_counts(utc_day())
+        day = utc_day()
+        total, today, denied_today = self.cached(("counts", day),
+                                                 lambda: self.store.decision_counts(day))
         return {
             "hall_version": __version__,
             "hall_name": HALL_NAME,
-            "workers_enrolled": self.store.count_workers(),
+            "workers_enrolled": len(self.registry().workers),
             "decisions_total": total,
             "decisions_today": today,
             "denials_today": denied_today,
@@ -1961,11 +2111,7 @@ class Hall(object):
         }
 
     def workers(self):
-        workers = [{"worker_id": w.worker_id, "worker_species_id": w.species,
-                    "capabilities": list(w.capabilities), "risk_tier": w.risk_tier,
-                    "enrolled_at": w.enrolled_at, "status": "active"}
-                   for w in self.registry().newest_first]
-        return {"workers": workers, "count": len(workers)}
+        return self.registry().listing()
 
     def dispatches(self, limit=50):
         rows = self.store.recent_decisions(max(1, min(200, limit)))
@@ -1975,21 +2121,47 @@ class Hall(object):
         rows = self.store.recent_alerts(50)
         return {"alerts": rows, "count": len(rows)}
 
+    def answer_bytes(self, key, compute):
+        """A read answer serialised once and reused until the next write."""
+        return self.cached(key, lambda: json.dumps(compute()).encode("utf-8"))
+
     def registry(self):
-        """The current registry snapshot, rebuilt only after enrollments change.
+        """The current registry snapshot, rebuilt only after enrollments change:
+        at once for this hall's own enrollments, within a second for those
+        another process wrote into the database.
 
         A snapshot is kept only if no enrollment changed while it was being
         read, so a route racing an enroll can never pin a stale registry."""
         snapshot = self._registry
+        moment = time.monotonic()
+        if snapshot is not None and moment - self._registry_checked >= 1.0:
+            self._registry_checked = moment
+            if self.store.registry_version() != snapshot.version:
+                self.registry_changed()
+                snapshot = None
         if snapshot is None:
             with self._registry_lock:
                 snapshot = self._registry
                 if snapshot is None:
                     generation = self._registry_generation
-                    snapshot = Registry(self.store.enrollments())
+                    version = self.store.registry_version()
+                    snapshot = Registry(self.store.enrollments(), version)
                     if generation == self._registry_generation:
                         self._registry = snapshot
+                        self._registry_checked = moment
         return snapshot
+
+    def cached(self, key, compute):
+        """``compute()``, reused until the next write to the database (or for
+        at most a second, for writes made by other processes)."""
+        stamp = (self.store.generation, int(time.monotonic()))
+        entry = self._answers.get(key)
+        if entry is None or entry[0] != stamp:
+            if len(self._answers) > 256:
+                self._answers.clear()
+            entry = (stamp, compute())
+            self._answers[key] = entry
+        return entry[1]
 
     def registry_changed(self):
         self._registry_generation += 1
@@ -2456,8 +2628,7 @@ class Hall(object):
         if moment - self._token_touched.get(token.token_id, -TOKEN_TOUCH_SECONDS) \
                 >= TOKEN_TOUCH_SECONDS:
             self._token_touched[token.token_id] = moment
-            with contextlib.suppress(HallError):   # a busy database must not refuse a login
-                self.store.touch_token(token.token_id, now_iso())
+            self.store.touch_token(token.token_id, now_iso())     # queued, not awaited
         scopes = ALL_SCOPES if "admin" in token.scopes else token.scopes
         return Principal(token.token_id, token.name, scopes, token.tenant)
 
@@ -2796,7 +2967,7 @@ def handle_status(hall, req):
 
 
 def handle_workers(hall, req):
-    return 200, hall.workers()
+    return 200, hall.registry().listing_bytes()
 
 
 def query_int(req, name, default, low, high):
@@ -2813,7 +2984,8 @@ def query_int(req, name, default, low, high):
 
 
 def handle_dispatches(hall, req):
-    return 200, hall.dispatches(query_int(req, "limit", 50, 1, 200))
+    limit = query_int(req, "limit", 50, 1, 200)
+    return 200, hall.answer_bytes(("dispatches", limit), lambda: hall.dispatches(limit))
 
 
 def handle_active_dispatches(hall, req):
@@ -2821,7 +2993,7 @@ def handle_active_dispatches(hall, req):
 
 
 def handle_alerts(hall, req):
-    return 200, hall.alerts()
+    return 200, hall.answer_bytes("alerts", hall.alerts)
 
 
 def handle_enroll(hall, req):
@@ -3246,13 +3418,23 @@ class DeadlineReader(io.RawIOBase):
     a per-recv timeout: a keep-alive connection may stay silent for
     ``idle_timeout`` between requests, and once a request starts its line,
     headers and body must arrive within ``request_timeout`` -- so a client
-    that trickles one byte at a time (slow loris) is dropped in seconds."""
+    that trickles one byte at a time (slow loris) is dropped in seconds.
+
+    On plain sockets the kernel enforces the wait (SO_RCVTIMEO, re-armed only
+    when the deadline comes nearer), which spares a poll() per read; TLS
+    sockets use Python's socket timeout instead."""
 
     def __init__(self, sock, idle_timeout, request_timeout):
         io.RawIOBase.__init__(self)
         self.sock = sock
         self.idle_timeout = idle_timeout
         self.request_timeout = request_timeout
+        self.armed = None                       # the kernel receive timeout now set
+        self.kernel = not isinstance(sock, ssl.SSLSocket) and _set_receive_timeout(
+            sock, request_timeout)
+        if self.kernel:
+            self.armed = request_timeout
+            sock.settimeout(None)               # blocking: no poll() before each recv
         self.await_request()
 
     def await_request(self):
@@ -3263,40 +3445,93 @@ class DeadlineReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer):
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise socket.timeout("the client took too long")
-        self.sock.settimeout(remaining)
-        count = self.sock.recv_into(buffer)
+        while True:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("the client took too long")
+            try:
+                if not self.kernel:
+                    self.sock.settimeout(remaining)
+                elif remaining < self.armed:
+                    _set_receive_timeout(self.sock, remaining)
+                    self.armed = remaining
+                count = self.sock.recv_into(buffer)
+                break
+            except BlockingIOError:             # the kernel timeout ran out: check again
+                if self.kernel and self.armed < remaining:
+                    _set_receive_timeout(self.sock, remaining)
+                    self.armed = remaining
         if self.idle and count:                 # a request has begun
             self.idle = False
             self.deadline = time.monotonic() + self.request_timeout
         return count
 
 
-class SocketWriter(object):
-    """wfile: every write goes straight to the socket (one sendall per answer)."""
-
-    def __init__(self, sock):
-        self.sock = sock
-
-    def write(self, data):
-        self.sock.sendall(data)
-        return len(data)
-
-    def flush(self):
-        pass
+def _set_receive_timeout(sock, seconds):
+    """SO_RCVTIMEO/SO_SNDTIMEO on a plain socket; False where not supported."""
+    whole = int(seconds)
+    timeval = struct.pack("ll", whole, max(1, int((seconds - whole) * 1e6)))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        return True
+    except (OSError, AttributeError, struct.error):
+        return False
 
 
-class HallRequestHandler(BaseHTTPRequestHandler):
-    """Socket I/O only: read the request, call ``dispatch``, write the answer
-    in a single write (headers and body together, so Nagle's algorithm and
-    delayed ACKs do not add ~40 ms to every keep-alive request).
+class Headers(object):
+    """Request headers: case-insensitive, repeated names kept in order."""
 
-    http.server itself refuses header lines over 64 KiB and more than 100
-    header lines (431); the DeadlineReader bounds how long any of it takes."""
+    __slots__ = ("_fields",)
 
-    protocol_version = "HTTP/1.1"
+    def __init__(self):
+        self._fields = {}
+
+    def add(self, name, value):
+        self._fields.setdefault(name.lower(), []).append(value)
+
+    def get(self, name, default=None):
+        values = self._fields.get(name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name):
+        return self._fields.get(name.lower(), [])
+
+    def __contains__(self, name):
+        return name.lower() in self._fields
+
+
+class BadRequest(Exception):
+    """The request cannot be read: answer with this status and close."""
+
+    def __init__(self, status, message):
+        Exception.__init__(self, message)
+        self.status, self.message = status, message
+
+
+MAX_LINE = 65536                            # request line or header line, bytes
+MAX_HEADERS = 100
+REASONS = {status: phrase for status, (phrase, _) in BaseHTTPRequestHandler.responses.items()}
+_CHUNK_SIZE = re.compile(rb"^([0-9A-Fa-f]{1,8})(?:;[^\r\n]*)?\r?\n$")
+_HTTP_DATE = [0, ""]                        # [second, Date header value]: made once a second
+
+
+def http_date():
+    second = int(time.time())
+    if _HTTP_DATE[0] != second:
+        _HTTP_DATE[:] = [second, formatdate(second, usegmt=True)]
+    return _HTTP_DATE[1]
+
+
+class HallRequestHandler(socketserver.StreamRequestHandler):
+    """Socket I/O only: read each request of a keep-alive connection, call
+    ``dispatch``, and write the answer in a single write (headers and body
+    together, so Nagle's algorithm and delayed ACKs do not add ~40 ms to every
+    keep-alive request).
+
+    It reads HTTP/1.0 and 1.1 itself, strictly: header lines over 64 KiB or
+    more than 100 of them are 431, anything malformed is 400 and closes."""
+
     server_version = "hall.py/" + __version__
 
     def setup(self):
@@ -3310,7 +3545,7 @@ class HallRequestHandler(BaseHTTPRequestHandler):
         self.reader = DeadlineReader(self.connection, config.idle_timeout,
                                      config.request_timeout)
         self.rfile = io.BufferedReader(self.reader, 65536)
-        self.wfile = SocketWriter(self.connection)
+        self.method, self.target, self.version, self.headers = None, "", "HTTP/1.1", None
 
     def finish(self):
         with contextlib.suppress(OSError):
@@ -3318,23 +3553,76 @@ class HallRequestHandler(BaseHTTPRequestHandler):
 
     def handle(self):
         try:
-            BaseHTTPRequestHandler.handle(self)
-        except (OSError, ssl.SSLError):         # the client went away or spoke nonsense TLS
+            while self.handle_one_request():
+                pass
+        except (OSError, ssl.SSLError):         # the client went away, timed out, spoke bad TLS
             pass
 
     def handle_one_request(self):
+        """Serve one request; True when the connection stays open for another."""
         self.reader.await_request()
-        BaseHTTPRequestHandler.handle_one_request(self)
+        self.close_connection = False
+        try:
+            if not self.read_head():
+                return False
+        except BadRequest as exc:
+            self.close_connection = True
+            self.answer(exc.status, {"error": exc.message}, {})
+            return False
+        self.serve_request()
+        return not self.close_connection
 
-    def do_request(self):
+    def read_head(self):
+        """Request line and headers; False at a clean end of the connection."""
+        line = self.rfile.readline(MAX_LINE + 1)
+        if line in (b"\r\n", b"\n"):            # a stray line between requests is allowed
+            line = self.rfile.readline(MAX_LINE + 1)
+        if not line:
+            return False
+        if len(line) > MAX_LINE:
+            raise BadRequest(414, "the request line is too long")
+        parts = line.decode("latin-1").split()
+        if len(parts) != 3:
+            raise BadRequest(400, "malformed request line")
+        self.method, self.target, self.version = parts
+        if self.version not in ("HTTP/1.1", "HTTP/1.0"):
+            self.version = "HTTP/1.1"
+            raise BadRequest(400, "only HTTP/1.0 and HTTP/1.1 are spoken here")
+        headers = Headers()
+        for _ in range(MAX_HEADERS + 1):
+            line = self.rfile.readline(MAX_LINE + 1)
+            if len(line) > MAX_LINE:
+                raise BadRequest(431, "a header line is longer than %d bytes" % MAX_LINE)
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, colon, value = line.decode("latin-1").partition(":")
+            if not colon or not name or name != name.strip():
+                raise BadRequest(400, "malformed header line")
+            headers.add(name, value.strip())
+        else:
+            raise BadRequest(431, "more than %d header lines" % MAX_HEADERS)
+        self.headers = headers
+        connection = (headers.get("Connection") or "").lower()
+        self.close_connection = ("close" in connection if self.version == "HTTP/1.1"
+                                 else "keep-alive" not in connection)
+        if (self.version == "HTTP/1.1" and
+                (headers.get("Expect") or "").lower() == "100-continue"):
+            length = headers.get("Content-Length", "")
+            if length.isdigit() and int(length) > self.server.hall.config.max_body:
+                raise BadRequest(413, "request body is larger than %d bytes"
+                                 % self.server.hall.config.max_body)
+            self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return True
+
+    def serve_request(self):
         started = time.perf_counter()
         hall = self.server.hall
         status, payload, headers, context = 500, None, {}, {}
         self.server.begin_request()
         try:
-            body = self._read_body(hall.config.max_body)
+            body = self.read_body(hall.config.max_body)
             status, payload, headers = dispatch(
-                hall, self.command, self.path, self.headers, body, self.client_address[0],
+                hall, self.method, self.target, self.headers, body, self.client_address[0],
                 self.server.limiter, context)
         except HallError as exc:
             status, payload, headers = exc.status, exc.body(), exc.headers
@@ -3345,46 +3633,28 @@ class HallRequestHandler(BaseHTTPRequestHandler):
             status, payload, headers = 500, {"error": "internal error"}, {}
         finally:
             self.server.end_request()
-        self._answer(status, payload, headers)
+        self.answer(status, payload, headers)
         if hall.config.access_log:
             principal = context.get("principal")
             sys.stderr.write('%s - "%s %s" %d %.1fms token=%s\n' % (
-                self.client_address[0], clean_id(self.command)[:20], clean_id(self.path)[:300],
+                self.client_address[0], clean_id(self.method)[:20], clean_id(self.target)[:300],
                 status, (time.perf_counter() - started) * 1000,
                 principal.token_id if principal else "-"))
 
-    def __getattr__(self, name):
-        # Every method -- GET, lowercase, unknown -- goes through dispatch, which
-        # answers what the route table knows (405 with Allow for the rest).
-        if name.startswith("do_"):
-            return self.do_request
-        raise AttributeError(name)
-
-    def handle_expect_100(self):
-        """Refuse an oversized body before the client sends it."""
-        length = self.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > self.server.hall.config.max_body:
-            self.close_connection = True
-            self._answer(413, {"error": "request body is larger than %d bytes"
-                               % self.server.hall.config.max_body,
-                               "code": "PAYLOAD_TOO_LARGE"}, {})
-            return False
-        return BaseHTTPRequestHandler.handle_expect_100(self)
-
-    def _read_body(self, limit):
+    def read_body(self, limit):
         """The request body, at most ``limit`` bytes (413 without reading more).
 
         Framing is read strictly -- Content-Length digits only and never two
         different ones, Transfer-Encoding exactly "chunked" -- so no request
         can hide another inside its body.  Any doubt closes the connection."""
-        encodings = self.headers.get_all("Transfer-Encoding") or []
-        lengths = set(self.headers.get_all("Content-Length") or [])
+        encodings = self.headers.get_all("Transfer-Encoding")
+        lengths = set(self.headers.get_all("Content-Length"))
         try:
             if encodings:
                 self.close_connection = self.close_connection or bool(lengths)
                 if [e.strip().lower() for e in encodings] != ["chunked"]:
                     raise HallError(400, "only Transfer-Encoding: chunked is supported")
-                return self._read_chunked(limit)
+                return self.read_chunked(limit)
             if not lengths:
                 return b""
             length = lengths.pop().strip()
@@ -3405,7 +3675,7 @@ class HallRequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise HallError(400, "the request body did not arrive in time")
 
-    def _read_chunked(self, limit):
+    def read_chunked(self, limit):
         parts, total = [], 0
         while True:
             match = _CHUNK_SIZE.match(self.rfile.readline(4096))
@@ -3426,17 +3696,21 @@ class HallRequestHandler(BaseHTTPRequestHandler):
                 raise HallError(400, "malformed chunked body")
             parts.append(chunk)
 
-    def _answer(self, status, payload, headers):
-        body = b"" if payload is None else json.dumps(payload).encode("utf-8")
-        lines = ["HTTP/1.1 %d %s" % (status, self.responses.get(status, ("",))[0]),
-                 "Server: " + self.server_version,
-                 "Date: " + formatdate(usegmt=True)]
+    def answer(self, status, payload, headers):
+        """Write the whole response with one sendall."""
+        if payload is None:
+            body = b""
+        elif isinstance(payload, bytes):        # already serialised (cached answers)
+            body = payload
+        else:
+            body = json.dumps(payload).encode("utf-8")
+        lines = ["HTTP/1.1 %d %s" % (status, REASONS.get(status, "")),
+                 "Server: " + self.server_version, "Date: " + http_date()]
         if status != 204:
             lines.append("Content-Type: application/json; charset=utf-8")
             lines.append("Content-Length: %d" % len(body))
-        headers_in = getattr(self, "headers", None)     # absent when the request line was bad
-        origin = self.server.hall.config.allowed_origin(headers_in.get("Origin")
-                                                        if headers_in else None)
+        origin = self.server.hall.config.allowed_origin(
+            self.headers.get("Origin") if self.headers is not None else None)
         if origin:
             lines.append("Access-Control-Allow-Origin: " + origin)
             if origin != "*":
@@ -3445,24 +3719,13 @@ class HallRequestHandler(BaseHTTPRequestHandler):
             lines.append("%s: %s" % (name, value))
         if self.close_connection:
             lines.append("Connection: close")
-        elif getattr(self, "request_version", "") == "HTTP/1.0":
+        elif self.version == "HTTP/1.0":
             lines.append("Connection: keep-alive")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         try:
-            self.wfile.write(head if self.command == "HEAD" else head + body)
+            self.connection.sendall(head if self.method == "HEAD" else head + body)
         except OSError:
             self.close_connection = True
-
-    def send_error(self, code, message=None, explain=None):
-        """Errors http.server finds itself (bad request line, huge headers,
-        an HTTP version it does not speak: 400, never a 5xx)."""
-        self.close_connection = True
-        if code >= 500:
-            code, message = 400, "unsupported request: %s" % (message or code)
-        self._answer(code, {"error": message or self.responses.get(code, ("error",))[0]}, {})
-
-    def log_message(self, format, *args):
-        pass                                    # do_request writes the access log
 
 
 class RateLimiter(object):
@@ -3490,7 +3753,6 @@ class RateLimiter(object):
 
 
 UNLIMITED_PATHS = ("/health", "/healthz", "/ready", "/readyz")
-_CHUNK_SIZE = re.compile(rb"^([0-9A-Fa-f]{1,8})(?:;[^\r\n]*)?\r?\n$")
 _BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; "
                 b"charset=utf-8\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: 72\r\n"
                 b"\r\n" + json.dumps({"error": "too many connections; retry shortly",
@@ -3657,6 +3919,22 @@ def build_parser():
                               help="list tokens (never their secrets)")
     revoke = token_commands.add_parser("revoke", parents=[database], help="revoke a token")
     revoke.add_argument("token_id")
+    bench = commands.add_parser(
+        "bench", help="measure this hall against the ceiling of its architecture",
+        description="Start a hall on a temporary database filled with --decisions and "
+                    "--workers (or measure the running hall at --url), drive each endpoint "
+                    "with keep-alive load from separate processes, drive a constant-answer "
+                    "server the same way in the same run, and print req/s, p50/p99 latency "
+                    "and the ratio to that ceiling, plus the hall's peak RSS.")
+    bench.add_argument("--url", help="a running hall to measure instead (http only; enroll and "
+                                     "ingest write bench rows into it)")
+    bench.add_argument("--token", help="a token with every scope for --url (or HALL_TOKEN)")
+    bench.add_argument("--decisions", type=int, default=200000, help="decisions stored first")
+    bench.add_argument("--workers", type=int, default=1000, help="workers enrolled first")
+    bench.add_argument("--connections", type=int, default=16, help="keep-alive connections")
+    bench.add_argument("--processes", type=int, default=4, help="load processes")
+    bench.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run")
+    bench.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
     return parser
 
 
@@ -3751,6 +4029,270 @@ def print_table(columns, rows):
         print("  ".join(str(value).ljust(width) for value, width in zip(row, widths)).rstrip())
 
 
+# -- bench: the hall against the ceiling of its architecture, side by side ------
+#
+# The ceiling is a bare ThreadingHTTPServer that answers a constant body in one
+# write: what any hall built on http.server could at best do on this machine.
+# Both are driven by the same load (keep-alive connections spread over separate
+# processes) in one run, so the ratios hold on noisy or shared machines.
+
+BENCH_TARGETS = [
+    # (label, method, path, ratio of the ceiling it should reach)
+    ("GET /health", "GET", "/health", 0.7),
+    ("GET /status", "GET", "/status", 0.7),
+    ("GET /dispatches?limit=50", "GET", "/dispatches?limit=50", 0.4),
+    ("GET /workers", "GET", "/workers", 0.4),
+    ("POST /api/route", "POST", "/api/route", 0.4),
+    ("POST /decisions/ingest", "POST", "/decisions/ingest", 0.5),
+    ("POST /enroll", "POST", "/enroll", 0.3),
+]
+
+
+class _CeilingHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\n"
+              b"Content-Length: 16\r\n\r\n{\"status\": \"ok\"}")
+
+    def do_GET(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        self.wfile.write(self.answer)
+
+    do_POST = do_GET
+
+    def log_message(self, format, *args):
+        pass
+
+
+def _serve_ceiling(port_queue):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _CeilingHandler)
+    server.daemon_threads = True
+    port_queue.put(server.server_address[1])
+    server.serve_forever()
+
+
+def _bench_requests(method, path, token, records):
+    """The raw requests a load process cycles through for one endpoint."""
+    def raw(body):
+        data = json.dumps(body).encode() if body is not None else b""
+        head = "%s %s HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer %s\r\n" % (
+            method, path, token)
+        if body is not None:
+            head += "Content-Type: application/json\r\nContent-Length: %d\r\n" % len(data)
+        return head.encode() + b"\r\n" + data
+    if path == "/api/route":
+        return [raw({"capability_id": "cap.bench.0", "env": "dev", "data_label": "PUBLIC",
+                     "tenant_id": "bench"})]
+    if path == "/decisions/ingest":         # no decision_id: every one is a new row
+        return [raw({"capability_id": "cap.bench.0", "tenant_id": "bench", "env": "dev",
+                     "denied": False, "selected_worker": "wrk.bench.0", "blast_score": 10})]
+    if path == "/enroll":                   # re-enrolling existing workers
+        return [raw(record) for record in records[:200]]
+    return [raw(None)]
+
+
+def _bench_load(job):
+    """One load process: ``connections`` keep-alive connections, each sending
+    its next request as soon as the answer to the last one is complete.
+    Returns (latencies of answers completed after warm-up, errors)."""
+    host, port, requests, connections, warmup, seconds = job
+    selector = selectors.DefaultSelector()
+    started = time.monotonic()
+    measure_from, deadline = started + warmup, started + warmup + seconds
+    latencies, errors, turn = [], 0, 0
+
+    class Connection(object):
+        def __init__(self):
+            self.sock = socket.create_connection((host, port))
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.buffer = bytearray()
+            self.needed = None              # bytes of the answer, once its head is read
+
+        def send(self):
+            nonlocal turn
+            self.start = time.monotonic()
+            self.sock.sendall(requests[turn % len(requests)])
+            turn += 1
+
+    connections = [Connection() for _ in range(connections)]
+    for connection in connections:
+        connection.send()
+        selector.register(connection.sock, selectors.EVENT_READ, connection)
+    open_connections = len(connections)
+    while open_connections:
+        for key, _events in selector.select(timeout=5):
+            connection = key.data
+            chunk = connection.sock.recv(1 << 20)
+            if not chunk:
+                errors += 1
+                selector.unregister(connection.sock)
+                connection.sock.close()
+                open_connections -= 1
+                continue
+            connection.buffer += chunk
+            if connection.needed is None:
+                end = connection.buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    continue
+                match = re.search(rb"(?i)content-length: *([0-9]+)", connection.buffer[:end])
+                connection.needed = end + 4 + int(match.group(1))
+            if len(connection.buffer) < connection.needed:
+                continue
+            status = int(connection.buffer[9:12])
+            del connection.buffer[:connection.needed]
+            connection.needed = None
+            moment = time.monotonic()
+            if moment >= measure_from:
+                latencies.append(moment - connection.start)
+                errors += status >= 400
+            if moment >= deadline:
+                selector.unregister(connection.sock)
+                connection.sock.close()
+                open_connections -= 1
+            else:
+                connection.send()
+    return latencies, errors
+
+
+def _run_load(pool, host, port, requests, connections, processes, warmup, seconds):
+    share = [connections // processes + (i < connections % processes) for i in range(processes)]
+    results = pool.map(_bench_load, [(host, port, requests, n, warmup, seconds)
+                                     for n in share if n])
+    latencies = sorted(l for part, _ in results for l in part)
+    errors = sum(e for _, e in results)
+    if not latencies:
+        return 0.0, 0.0, 0.0, errors
+
+    def percentile(p):
+        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000
+    return len(latencies) / seconds, percentile(0.50), percentile(0.99), errors
+
+
+def _preload(db_path, decisions, workers):
+    """Fill a new database directly: ``workers`` enrollments over 50
+    capabilities and ``decisions`` decisions over the last 30 days."""
+    store = Store(db_path)
+    records, now = [], time.time()
+    for i in range(workers):
+        record = {"worker_id": "bench.worker.%d" % i, "worker_species_id": "wrk.bench.%d" % i,
+                  "capabilities": ["cap.bench.%d" % (i % 50)], "risk_tier": "low",
+                  "currently_implements": ["ctrl.obs.audit-log-append-only"]}
+        record["artifact_hash"] = compute_artifact_hash(record)
+        records.append(record)
+    stamp = lambda seconds_ago: datetime.datetime.fromtimestamp(
+        now - seconds_ago, datetime.timezone.utc).isoformat(timespec="microseconds")
+    def work(conn):
+        conn.executemany(
+            "INSERT INTO enrollments (enrollment_id, worker_id, worker_species_id, capabilities,"
+            " risk_tier, enrolled_at, artifact_hash, record_json) VALUES (?,?,?,?,?,?,?,?)",
+            [(str(uuid.uuid4()), r["worker_id"], r["worker_species_id"],
+              json.dumps(r["capabilities"]), "low", stamp(workers - i), r["artifact_hash"],
+              json.dumps(r)) for i, r in enumerate(records)])
+        batch = []
+        for i in range(decisions):
+            batch.append((str(uuid.uuid4()), stamp(30 * 86400.0 * (decisions - i) / decisions),
+                          "cap.bench.%d" % (i % 50), "tenant.%d" % (i % 20), "dev",
+                          int(i % 10 == 0), "DENY_NO_MATCHING_RULE" if i % 10 == 0 else None,
+                          None if i % 10 == 0 else "wrk.bench.%d" % (i % 50), i % 100,
+                          "sha256:" + "0" * 64))
+            if len(batch) == 10000 or i == decisions - 1:
+                conn.executemany("INSERT INTO decisions (decision_id, decided_at, capability_id,"
+                                 " tenant_id, env, denied, deny_reason, selected_worker, "
+                                 "blast_score, artifact_hash) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                                 batch)
+                batch = []
+    store.write(work)
+    store.close()
+    return records
+
+
+def _peak_rss_mb(pid):
+    """Peak resident memory of a process (Linux /proc), or None elsewhere."""
+    try:
+        with open("/proc/%d/status" % pid) as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def cmd_bench(args):
+    import multiprocessing                      # only the benchmark needs it
+    token = args.token or os.environ.get("HALL_TOKEN") or "bench-" + secrets.token_hex(16)
+    tmp, hall_process, records = None, None, []
+    port_queue = multiprocessing.Queue()
+    ceiling = multiprocessing.Process(target=_serve_ceiling, args=(port_queue,), daemon=True)
+    try:
+        if args.url:
+            split = urlsplit(args.url)
+            if split.scheme != "http" or not split.hostname:
+                raise ConfigError("--url must be an http:// URL of a running hall")
+            host, port = split.hostname, split.port or 80
+            print("bench: against %s (its own data)" % args.url)
+        else:
+            tmp = tempfile.mkdtemp(prefix="hall-bench-")
+            db = os.path.join(tmp, "hall.db")
+            print("bench: preloading %d decisions and %d workers ..." % (args.decisions,
+                                                                         args.workers), flush=True)
+            records = _preload(db, args.decisions, args.workers)
+            environ = dict(os.environ, HALL_TOKEN=token, HALL_ACCESS_LOG="off",
+                           HALL_API_PORT="0", HALL_API_HOST="127.0.0.1", HALL_DB_PATH=db,
+                           HALL_TOKEN_FILE=os.path.join(tmp, "hall.token"))
+            for name in ("HALL_RULES_PATH", "HALL_POLICY_PATH", "HALL_TLS_CERT", "HALL_TLS_KEY",
+                         "HALL_RATE_LIMIT"):
+                environ.pop(name, None)
+            hall_process = subprocess.Popen([sys.executable, os.path.abspath(__file__), "serve"],
+                                            env=environ, stdout=subprocess.PIPE,
+                                            stderr=subprocess.DEVNULL, universal_newlines=True)
+            line = hall_process.stdout.readline()
+            if " on http://" not in line:
+                raise ConfigError("the hall did not start: %s" % line.strip())
+            host, port = "127.0.0.1", int(line.rsplit(":", 1)[1])
+        if not records:
+            records = [dict(r, artifact_hash=compute_artifact_hash(r)) for r in (
+                {"worker_id": "bench.worker.%d" % i, "worker_species_id": "wrk.bench.%d" % i,
+                 "capabilities": ["cap.bench.0"], "risk_tier": "low"} for i in range(200))]
+        ceiling.start()
+        ceiling_port = port_queue.get(timeout=10)
+        print("bench: %d connections from %d processes, %.0f s per run after %.1f s warm-up"
+              % (args.connections, args.processes, args.seconds, args.warmup), flush=True)
+        columns = ("endpoint", "req/s", "p50 ms", "p99 ms", "errors", "ceiling req/s", "ratio",
+                   "target")
+        rows = []
+        with multiprocessing.Pool(args.processes) as pool:
+            for label, method, path, target in BENCH_TARGETS:
+                requests = _bench_requests(method, path, token, records)
+                rate, p50, p99, errors = _run_load(pool, host, port, requests, args.connections,
+                                                   args.processes, args.warmup, args.seconds)
+                ceiling_rate = _run_load(pool, "127.0.0.1", ceiling_port, requests,
+                                         args.connections, args.processes, args.warmup,
+                                         args.seconds)[0]
+                ratio = rate / ceiling_rate if ceiling_rate else 0.0
+                rows.append([label, "%.0f" % rate, "%.1f" % p50, "%.1f" % p99, str(errors),
+                             "%.0f" % ceiling_rate, "%.2f" % ratio,
+                             "%.1f %s" % (target, "ok" if ratio >= target else "MISSED")])
+                print("  %-28s %8.0f req/s  p99 %6.1f ms  ratio %.2f" % (label, rate, p99, ratio),
+                      flush=True)
+        print()
+        print_table(columns, rows)
+        if hall_process is not None:
+            rss = _peak_rss_mb(hall_process.pid)
+            print("\npeak RSS of the hall: %s" % ("%.1f MB" % rss if rss else "unknown"))
+    finally:
+        if ceiling.is_alive():
+            ceiling.terminate()
+        if hall_process is not None:
+            hall_process.terminate()
+            hall_process.wait(30)
+            hall_process.stdout.close()
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
@@ -3758,6 +4300,8 @@ def main(argv=None):
             return cmd_hash(args)
         if args.command == "token":
             return cmd_token(args)
+        if args.command == "bench":
+            return cmd_bench(args)
         return run_server(Config.load(args))
     except (ConfigError, HallError) as exc:
         print("hall.py: error: %s" % (exc.message if isinstance(exc, HallError) else exc),

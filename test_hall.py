@@ -231,11 +231,9 @@ class ReadEndpointsTest(ServerCase):
             self.assertEqual((status, body), (400, {"error": "limit must be an integer"}), bad)
 
     def test_dispatches_limit_caps_at_200(self):
-        with self.hall.store.writing() as conn:
-            conn.executemany("INSERT INTO decisions (decision_id, decided_at, capability_id) "
-                             "VALUES (?, ?, 'cap')",
-                             [("id%03d" % i, "2026-01-01T00:00:00.%06d+00:00" % i)
-                              for i in range(250)])
+        self.hall.store.write(lambda conn: conn.executemany(
+            "INSERT INTO decisions (decision_id, decided_at, capability_id) VALUES (?, ?, 'cap')",
+            [("id%03d" % i, "2026-01-01T00:00:00.%06d+00:00" % i) for i in range(250)]))
         status, _, body = self.call("GET", "/dispatches?limit=500")
         self.assertEqual((status, body["count"]), (200, 200))
         self.assertEqual(body["dispatches"][0]["decision_id"], "id249")
