@@ -348,7 +348,8 @@ def clean_id(value):
     """An id fit for telemetry and logs: control characters removed."""
     if value is None:
         return None
-    return _CONTROL_CHARS.sub("", str(value))
+    value = str(value)
+    return value if value.isprintable() else _CONTROL_CHARS.sub("", value)
 
 
 def _reject_constant(name):
@@ -605,13 +606,21 @@ class StoreError(Exception):
 
 
 class WriteJob(object):
-    """One piece of work for the writer thread, and its outcome."""
+    """One piece of work for the writer thread, and its outcome.
 
-    __slots__ = ("work", "done", "result", "error")
+    ``work(conn)`` is any function; a job that is a plain INSERT can say so
+    with ``insert=(sql, params)`` instead, and the writer runs all of a batch's
+    inserts of one statement as a single executemany.  ``done`` is a lock held
+    until the job's transaction has committed (or failed)."""
 
-    def __init__(self, work, wait=True):
-        self.work = work
-        self.done = threading.Event() if wait else None
+    __slots__ = ("work", "insert", "done", "result", "error")
+
+    def __init__(self, work=None, insert=None, wait=True):
+        self.work = work if work is not None else (lambda conn: conn.execute(*insert))
+        self.insert = insert
+        self.done = threading.Lock() if wait else None
+        if wait:
+            self.done.acquire()
         self.result = self.error = None
 
 
@@ -719,13 +728,14 @@ class Store(object):
         finally:
             self._reader_slots.release()
 
-    def write(self, work):
-        """Run ``work(conn)`` in the writer's next transaction; return what it
-        returned once that transaction committed, or raise what it raised
-        (a locked, read-only or full database: Unavailable, a 503)."""
-        job = WriteJob(work)
+    def write(self, work=None, insert=None):
+        """Run ``work(conn)`` (or the INSERT ``insert=(sql, params)``) in the
+        writer's next transaction; return what it returned once that
+        transaction committed, or raise what it raised (a locked, read-only or
+        full database: Unavailable, a 503)."""
+        job = WriteJob(work, insert)
         self._submit(job)
-        job.done.wait()
+        job.done.acquire()
         if job.error is not None:
             raise job.error
         return job.result
@@ -761,8 +771,10 @@ class Store(object):
                 return
 
     def _commit(self, batch):
-        """One transaction for the batch; each job in a savepoint, so one
-        failing job rolls back alone."""
+        """One transaction for the batch.  Plain inserts of one statement go
+        in together as one executemany; everything else, and any insert group
+        that fails as a whole, runs job by job in savepoints, so one failing
+        job rolls back alone."""
         with self._write_lock:
             conn = self._writer
             try:
@@ -771,17 +783,19 @@ class Store(object):
                 for job in batch:
                     job.error = Unavailable("the database cannot take writes now: %s" % exc)
             else:
+                groups, singles = {}, []
                 for job in batch:
-                    conn.execute("SAVEPOINT job")
+                    if job.insert is None:
+                        singles.append(job)
+                    else:
+                        groups.setdefault(job.insert[0], []).append(job)
+                for sql, jobs in groups.items():
                     try:
-                        job.result = job.work(conn)
-                    except BaseException as exc:
-                        job.error = (Unavailable("the database cannot take writes now: %s" % exc)
-                                     if isinstance(exc, sqlite3.OperationalError) else exc)
-                        with contextlib.suppress(sqlite3.Error):
-                            conn.execute("ROLLBACK TO job")
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("RELEASE job")
+                        conn.executemany(sql, [job.insert[1] for job in jobs])
+                    except sqlite3.Error:
+                        singles.extend(jobs)    # find the culprit one at a time
+                for job in singles:
+                    self._run_alone(conn, job)
                 try:
                     conn.execute("COMMIT")
                     self.generation += 1
@@ -794,9 +808,22 @@ class Store(object):
                                                     % exc)
         for job in batch:
             if job.done is not None:
-                job.done.set()
+                job.done.release()
             elif job.error is not None and not isinstance(job.error, HallError):
                 print("[hall-api] deferred write failed: %r" % job.error, file=sys.stderr)
+
+    @staticmethod
+    def _run_alone(conn, job):
+        conn.execute("SAVEPOINT job")
+        try:
+            job.result = job.work(conn)
+        except BaseException as exc:
+            job.error = (Unavailable("the database cannot take writes now: %s" % exc)
+                         if isinstance(exc, sqlite3.OperationalError) else exc)
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK TO job")
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("RELEASE job")
 
     def registry_version(self):
         """Bumped by a trigger on every enrollment change, by any process."""
@@ -854,25 +881,29 @@ class Store(object):
     # -- decisions -----------------------------------------------------------
 
     def insert_decision(self, row, consume_approval=None):
-        """INSERT OR IGNORE one decision row (a dict); True when it was new.
+        """INSERT OR IGNORE one decision row (a dict): a repeated decision_id
+        is ignored.  Returns True once stored.
 
         ``consume_approval`` = (approval_id, input_hash, now): the decision is
         stored only if that approval can be used up in the same transaction,
         so an approval admits exactly one decision.  Returns False if not."""
         columns = list(row)
-        sql = "INSERT OR IGNORE INTO decisions (%s) VALUES (%s)" % (
-            ", ".join(columns), ", ".join("?" * len(columns)))
+        insert = ("INSERT OR IGNORE INTO decisions (%s) VALUES (%s)" % (
+            ", ".join(columns), ", ".join("?" * len(columns))), [row[c] for c in columns])
+        if consume_approval is None:
+            self.write(insert=insert)
+            return True
+        approval_id, input_hash, now = consume_approval
+
         def work(conn):
-            if consume_approval is not None:
-                approval_id, input_hash, now = consume_approval
-                used = conn.execute(
-                    "UPDATE approvals SET status = 'used', used_at = ?, used_decision_id = ? "
-                    "WHERE approval_id = ? AND status = 'approved' AND input_hash = ? "
-                    "AND expires_at > ?",
-                    (now, row["decision_id"], approval_id, input_hash, now)).rowcount
-                if not used:
-                    return False
-            return conn.execute(sql, [row[c] for c in columns]).rowcount == 1
+            used = conn.execute(
+                "UPDATE approvals SET status = 'used', used_at = ?, used_decision_id = ? "
+                "WHERE approval_id = ? AND status = 'approved' AND input_hash = ? "
+                "AND expires_at > ?",
+                (now, row["decision_id"], approval_id, input_hash, now)).rowcount
+            if used:
+                conn.execute(*insert)
+            return bool(used)
         return self.write(work)
 
     def recent_decisions(self, limit):
@@ -892,11 +923,9 @@ class Store(object):
     # -- alerts --------------------------------------------------------------
 
     def insert_alert(self, alert):
-        def work(conn):
-            conn.execute("INSERT INTO alerts (%s) VALUES (%s)" % (
-                ", ".join(ALERT_COLUMNS), ", ".join("?" * len(ALERT_COLUMNS))),
-                [alert[c] for c in ALERT_COLUMNS])
-        return self.write(work)
+        self.write(insert=("INSERT INTO alerts (%s) VALUES (%s)" % (
+            ", ".join(ALERT_COLUMNS), ", ".join("?" * len(ALERT_COLUMNS))),
+            [alert[c] for c in ALERT_COLUMNS]))
 
     def recent_alerts(self, limit=50):
         with self.reading() as conn:
@@ -1608,6 +1637,7 @@ APPROVAL_DENIALS = {"pending": "DENY_APPROVAL_PENDING", "rejected": "DENY_APPROV
                     "expired": "DENY_APPROVAL_EXPIRED", "used": "DENY_APPROVAL_USED"}
 DATA_LABEL_ORDER = {label: rank for rank, label in enumerate(DATA_LABELS)}
 BLAST_HUMAN_THRESHOLD = 85
+MAX_LISTED_CANDIDATES = 16          # candidates shown in a decision (all are considered)
 
 
 class Denied(Exception):
@@ -1697,8 +1727,12 @@ def decide(inp, rules, registry, policy=None, floor=OPEN_FLOOR, now=None, decisi
                        ("evt.os.worker.selected",
                         {"worker_species_id": decision["selected_worker_species_id"],
                          "worker_id": decision["selected_worker_id"]})]
-    decision["telemetry_envelopes"] = [_telemetry(decision, name, extra)
-                                       for name, extra in events]
+    base = {"timestamp": decision["timestamp"], "decision_id": decision["decision_id"],
+            "correlation_id": clean_id(decision["correlation_id"]),
+            "tenant_id": clean_id(decision["tenant_id"]),
+            "capability_id": clean_id(decision["capability_id"]),
+            "matched_rule_id": clean_id(decision["matched_rule_id"])}
+    decision["telemetry_envelopes"] = [_telemetry(base, name, extra) for name, extra in events]
     decision["allowed"] = not decision["denied"]
     decision["worker_id"] = decision["selected_worker_id"]
     reason = decision["deny_reason_if_denied"]
@@ -1706,16 +1740,9 @@ def decide(inp, rules, registry, policy=None, floor=OPEN_FLOOR, now=None, decisi
     return decision
 
 
-def _telemetry(decision, event_id, extra):
-    envelope = {
-        "event_id": event_id,
-        "timestamp": decision["timestamp"],
-        "decision_id": decision["decision_id"],
-        "correlation_id": clean_id(decision["correlation_id"]),
-        "tenant_id": clean_id(decision["tenant_id"]),
-        "capability_id": clean_id(decision["capability_id"]),
-        "matched_rule_id": clean_id(decision["matched_rule_id"]),
-    }
+def _telemetry(base, event_id, extra):
+    """One telemetry envelope: the decision's ids (cleaned once) and the event's own fields."""
+    envelope = dict(base, event_id=event_id)
     for key, value in extra.items():
         envelope[key] = clean_id(value) if isinstance(value, str) else value
     return envelope
@@ -1809,7 +1836,8 @@ def _run_pipeline(inp, decision, events, rules, registry, policy, floor, approva
     # 6. The first candidate species with an eligible worker.
     pinned = inp.get("worker_id")
     chosen = None
-    for entry in decision["candidate_workers_ranked"]:
+    ranked = decision["candidate_workers_ranked"]
+    for index, entry in enumerate(ranked):
         if chosen is not None:
             entry["skip_reason"] = "already_selected"
             continue
@@ -1820,6 +1848,10 @@ def _run_pipeline(inp, decision, events, rules, registry, policy, floor, approva
                 chosen = worker
                 break
         entry["skip_reason"] = None if chosen else "unavailable"
+        if chosen is not None and index >= MAX_LISTED_CANDIDATES:
+            ranked[MAX_LISTED_CANDIDATES - 1] = entry     # keep the chosen one in the list
+    # A capability served by thousands of species must not make every answer huge.
+    del ranked[MAX_LISTED_CANDIDATES:]
     if chosen is None:
         raise Denied("DENY_NO_AVAILABLE_WORKER")
     decision["selected_worker_species_id"] = chosen.species

@@ -978,6 +978,18 @@ class RouterTest(unittest.TestCase):
         self.assertEqual([c["skip_reason"] for c in d["candidate_workers_ranked"]],
                          ["unavailable", None, "already_selected"])
 
+    def test_long_candidate_lists_are_shortened_in_the_answer(self):
+        records = [worker_record("w.%02d" % i, "wrk.%02d" % i, ["cap.doc.summarize"],
+                                 allowed_environments=["dev"] if i < 20 else ["dev", "prod"])
+                   for i in range(30)]
+        d = decide({"env": "prod"}, registry=registry_of(*records))
+        self.assertEqual(d["worker_id"], "w.20")
+        listed = d["candidate_workers_ranked"]
+        self.assertEqual(len(listed), hall.MAX_LISTED_CANDIDATES)
+        self.assertEqual(listed[-1], {"worker_species_id": "wrk.20", "score_hint": None,
+                                      "skip_reason": None})
+        self.assertEqual({c["skip_reason"] for c in listed[:-1]}, {"unavailable"})
+
     def test_banned_artifact_is_skipped(self):
         registry = registry_of(SUMMARIZER)
         floor = hall.Floor(False, None, None, frozenset([SUMMARIZER["artifact_hash"]]))
