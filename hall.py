@@ -36,6 +36,8 @@ Importing this module has no side effects: no socket, file or thread.
 """
 
 import argparse
+import base64
+import collections
 import contextlib
 import datetime
 import hashlib
@@ -129,6 +131,9 @@ class Config(object):
         "rate_burst": (None, "HALL_RATE_BURST"),
         "busy_timeout": (5000, "HALL_BUSY_TIMEOUT_MS"),
         "drain_seconds": (10, "HALL_DRAIN_SECONDS"),
+        "events_retained": (10000, "HALL_EVENTS_RETAINED"),
+        "retention_days": (0, "HALL_RETENTION_DAYS"),
+        "log_format": ("text", "HALL_LOG_FORMAT"),
     }
 
     def __init__(self, **settings):
@@ -162,7 +167,8 @@ class Config(object):
                                                       config.allow_plain_http)
         for name, low, high in (("idle_timeout", 1, 3600), ("request_timeout", 1, 3600),
                                 ("max_connections", 1, 100000), ("busy_timeout", 0, 600000),
-                                ("drain_seconds", 0, 3600)):
+                                ("drain_seconds", 0, 3600), ("events_retained", 1, 10 ** 7),
+                                ("retention_days", 0, 100000)):
             setattr(config, name, _parse_int_setting(name.replace("_", " "),
                                                      getattr(config, name), low, high))
         if config.rate_limit is not None:
@@ -179,6 +185,8 @@ class Config(object):
         if config.require_attestation and not config.attest_dirs:
             raise ConfigError("HALL_REQUIRE_ATTESTATION needs HALL_ATTEST_DIRS: the "
                               "directories worker code may be attested from")
+        if config.log_format not in ("text", "json"):
+            raise ConfigError("log format must be text or json, got %r" % config.log_format)
         if bool(config.tls_cert) != bool(config.tls_key):
             raise ConfigError("TLS needs both HALL_TLS_CERT and HALL_TLS_KEY")
         return config
@@ -580,6 +588,12 @@ MIGRATIONS = [
     ] + ["""CREATE TRIGGER enrollments_%s AFTER %s ON enrollments BEGIN
             UPDATE meta SET value = value + 1 WHERE key = 'registry_version';
         END""" % (event.lower(), event) for event in ("INSERT", "UPDATE", "DELETE")],
+    # 5 -- the decision log as a tool: filtered pages by tenant or capability
+    # stay index reads at any size.
+    [
+        "CREATE INDEX decisions_by_tenant ON decisions(tenant_id, decided_at)",
+        "CREATE INDEX decisions_by_capability ON decisions(capability_id, decided_at)",
+    ],
 ]
 
 DECISION_COLUMNS = ("decision_id", "decided_at", "capability_id", "tenant_id", "env", "denied",
@@ -651,6 +665,8 @@ class Store(object):
         self._writer_thread = None
         self._readers = queue.LifoQueue()
         self._reader_slots = threading.BoundedSemaphore(self.MAX_READERS)
+        self.on_audit = None                    # called with each audit entry once committed
+        self._batch_audit = []                  # audit entries of the batch being committed
         try:
             self._writer = self._connect()
             self._writer.execute("PRAGMA journal_mode=WAL").fetchone()
@@ -728,14 +744,15 @@ class Store(object):
         finally:
             self._reader_slots.release()
 
-    def write(self, work=None, insert=None):
+    def write(self, work=None, insert=None, timeout=-1):
         """Run ``work(conn)`` (or the INSERT ``insert=(sql, params)``) in the
         writer's next transaction; return what it returned once that
         transaction committed, or raise what it raised (a locked, read-only or
         full database: Unavailable, a 503)."""
         job = WriteJob(work, insert)
         self._submit(job)
-        job.done.acquire()
+        if not job.done.acquire(timeout=timeout):
+            raise Unavailable("the writer did not answer within %s s" % timeout)
         if job.error is not None:
             raise job.error
         return job.result
@@ -777,6 +794,7 @@ class Store(object):
         job rolls back alone."""
         with self._write_lock:
             conn = self._writer
+            self._batch_audit = []
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
@@ -799,6 +817,9 @@ class Store(object):
                 try:
                     conn.execute("COMMIT")
                     self.generation += 1
+                    for entry in self._batch_audit:
+                        if self.on_audit is not None:
+                            self.on_audit(entry)
                 except sqlite3.Error as exc:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
@@ -824,6 +845,17 @@ class Store(object):
                 conn.execute("ROLLBACK TO job")
         with contextlib.suppress(sqlite3.Error):
             conn.execute("RELEASE job")
+
+    def _audit(self, conn, audit):
+        """audit = (token_id, action, target, detail dict): one append-only row,
+        announced (on_audit) once its batch has committed."""
+        token_id, action, target, detail = audit
+        entry = {"audit_id": str(uuid.uuid4()), "at": now_iso(), "token_id": token_id,
+                 "action": action, "target": target, "detail": detail or {}}
+        conn.execute("INSERT INTO audit (audit_id, at, token_id, action, target, detail) "
+                     "VALUES (?, ?, ?, ?, ?, ?)", (entry["audit_id"], entry["at"], token_id,
+                                                   action, target, json.dumps(entry["detail"])))
+        self._batch_audit.append(entry)
 
     def registry_version(self):
         """Bumped by a trigger on every enrollment change, by any process."""
@@ -870,7 +902,7 @@ class Store(object):
             gone = conn.execute("DELETE FROM enrollments WHERE worker_id = ?",
                                 (worker_id,)).rowcount == 1
             if gone:
-                _append_audit(conn, audit)
+                self._audit(conn, audit)
             return gone
         return self.write(work)
 
@@ -912,6 +944,54 @@ class Store(object):
                                 "LIMIT ?" % ", ".join(DECISION_COLUMNS), (limit,)).fetchall()
         return [dict(zip(DECISION_COLUMNS, r)) for r in rows]
 
+    def query_decisions(self, filters, after=None, limit=50, ascending=False):
+        """Decisions matching ``filters`` (column -> value; ``since``/``until``
+        bound decided_at), newest first (or oldest first), continuing after the
+        position ``after`` = (decided_at, rowid).  Rows carry their rowid."""
+        clauses, params = [], []
+        for column in ("tenant_id", "capability_id", "env", "denied"):
+            if filters.get(column) is not None:
+                clauses.append("%s = ?" % column)
+                params.append(filters[column])
+        if filters.get("since"):
+            clauses.append("decided_at >= ?")
+            params.append(filters["since"])
+        if filters.get("until"):
+            clauses.append("decided_at < ?")
+            params.append(filters["until"])
+        if after is not None:
+            clauses.append("(decided_at %s ? OR (decided_at = ? AND rowid %s ?))"
+                           % ((">", ">") if ascending else ("<", "<")))
+            params.extend([after[0], after[0], after[1]])
+        order = "ASC" if ascending else "DESC"
+        sql = "SELECT rowid, %s FROM decisions %s ORDER BY decided_at %s, rowid %s LIMIT ?" % (
+            ", ".join(DECISION_COLUMNS), "WHERE " + " AND ".join(clauses) if clauses else "",
+            order, order)
+        with self.reading() as conn:
+            rows = conn.execute(sql, params + [limit]).fetchall()
+        return [(r[0], dict(zip(DECISION_COLUMNS, r[1:]))) for r in rows]
+
+    def prune_decisions(self, before, audit, batch=5000):
+        """Delete decisions decided before ``before``, a batch per transaction so
+        writers are never held up for long; the audit row records the count."""
+        removed = 0
+        while True:
+            count = self.write(lambda conn: conn.execute(
+                "DELETE FROM decisions WHERE rowid IN (SELECT rowid FROM decisions "
+                "WHERE decided_at < ? ORDER BY decided_at LIMIT ?)", (before, batch)).rowcount)
+            removed += count
+            if count < batch:
+                break
+        token_id, action, target, detail = audit
+        self.write(lambda conn: self._audit(conn, (token_id, action, target,
+                                                   dict(detail, removed=removed))))
+        return removed
+
+    def count_by(self, table, column, where=""):
+        with self.reading() as conn:
+            return dict(conn.execute("SELECT %s, count(*) FROM %s %s GROUP BY %s"
+                                     % (column, table, where, column)).fetchall())
+
     def decision_counts(self, day):
         """(total, today, denied today) from the per-day counts."""
         with self.reading() as conn:
@@ -940,7 +1020,7 @@ class Store(object):
             conn.execute("INSERT INTO tokens (token_id, name, token_hash, scopes, tenant, "
                          "created_at) VALUES (?, ?, ?, ?, ?, ?)",
                          (token_id, name, token_hash, " ".join(sorted(scopes)), tenant, now_iso()))
-            _append_audit(conn, audit)
+            self._audit(conn, audit)
         return self.write(work)
 
     def find_token(self, token_hash):
@@ -968,7 +1048,7 @@ class Store(object):
             done = conn.execute("UPDATE tokens SET revoked_at = ? WHERE token_id = ? AND "
                                 "revoked_at IS NULL", (now_iso(), token_id)).rowcount == 1
             if done:
-                _append_audit(conn, audit)
+                self._audit(conn, audit)
             return done
         return self.write(work)
 
@@ -993,7 +1073,7 @@ class Store(object):
                 conn.execute("INSERT OR REPLACE INTO settings (key, value, updated_at, "
                              "updated_by) VALUES (?, ?, ?, ?)",
                              (key, json.dumps(value), now_iso(), audit[0]))
-            _append_audit(conn, audit)
+            self._audit(conn, audit)
         return self.write(work)
 
     # -- bans ----------------------------------------------------------------
@@ -1004,7 +1084,7 @@ class Store(object):
                                  "created_by) VALUES (?, ?, ?, ?)",
                                  (sha256, reason, now_iso(), audit[0])).rowcount == 1
             if added:
-                _append_audit(conn, audit)
+                self._audit(conn, audit)
             return added
         return self.write(work)
 
@@ -1012,7 +1092,7 @@ class Store(object):
         def work(conn):
             removed = conn.execute("DELETE FROM bans WHERE sha256 = ?", (sha256,)).rowcount == 1
             if removed:
-                _append_audit(conn, audit)
+                self._audit(conn, audit)
             return removed
         return self.write(work)
 
@@ -1070,7 +1150,7 @@ class Store(object):
                                 "AND expires_at > ?",
                                 (status, now, audit[0], note, approval_id, now)).rowcount == 1
             if done:
-                _append_audit(conn, audit)
+                self._audit(conn, audit)
             return done
         return self.write(work)
 
@@ -1083,13 +1163,6 @@ class Store(object):
         return [dict(zip(AUDIT_COLUMNS, r[:-1]), detail=_json_object(r[-1])) for r in rows]
 
 
-def _append_audit(conn, audit):
-    """audit = (token_id, action, target, detail dict): one append-only row."""
-    token_id, action, target, detail = audit
-    conn.execute("INSERT INTO audit (audit_id, at, token_id, action, target, detail) "
-                 "VALUES (?, ?, ?, ?, ?, ?)",
-                 (str(uuid.uuid4()), now_iso(), token_id, action, target,
-                  json.dumps(detail or {})))
 
 
 def _json_list(text):
@@ -2049,6 +2122,169 @@ class BurstCounter(object):
             return len(recent) >= self.threshold and moment - recent[0] <= self.window
 
 
+class EventBus(object):
+    """The live feed behind /events: recent events kept in memory with
+    increasing ids (so a client reconnecting with Last-Event-ID misses nothing
+    still retained), and one bounded queue per subscriber -- a reader too slow
+    to keep up is dropped rather than allowed to grow memory."""
+
+    def __init__(self, retain=10000, per_subscriber=1000):
+        self._events = collections.deque(maxlen=retain)
+        self._next_id = int(time.time() * 1000)     # ids keep increasing across restarts
+        self._subscribers = set()
+        self._per_subscriber = per_subscriber
+        self._lock = threading.Lock()
+
+    def publish(self, kind, data):
+        with self._lock:
+            event = (self._next_id, kind, data)
+            self._next_id += 1
+            self._events.append(event)
+            for subscriber in list(self._subscribers):
+                if not subscriber.offer(event):
+                    self._subscribers.discard(subscriber)
+
+    def subscribe(self, last_id, accept):
+        """A Subscription fed with the events that ``accept`` takes: the retained
+        ones after ``last_id`` (none when it is None), then each new one."""
+        subscriber = Subscription(self._per_subscriber, accept)
+        with self._lock:
+            for event in self._events if last_id is not None else ():
+                if event[0] > last_id and not subscriber.offer(event):
+                    return subscriber           # too much to replay: already dropped
+            self._subscribers.add(subscriber)
+        return subscriber
+
+    def unsubscribe(self, subscriber):
+        with self._lock:
+            self._subscribers.discard(subscriber)
+
+    @property
+    def subscribers(self):
+        return len(self._subscribers)
+
+
+class Subscription(object):
+    def __init__(self, size, accept):
+        self.queue = queue.Queue(maxsize=size)
+        self.accept = accept
+        self.dropped = False
+
+    def offer(self, event):
+        if self.dropped or not self.accept(event):
+            return not self.dropped
+        try:
+            self.queue.put_nowait(event)
+            return True
+        except queue.Full:
+            self.dropped = True
+            return False
+
+
+class Metrics(object):
+    """Counters and a latency histogram for /metrics (since this start)."""
+
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+    def __init__(self):
+        self.counters = collections.Counter()   # (name, labels tuple) -> count
+        self.latency = {}                       # labels -> [bucket counts..., sum, count]
+        self._lock = threading.Lock()
+
+    def count(self, name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            self.counters[key] += 1
+
+    def observe_request(self, route, method, status, seconds):
+        labels = (("method", method), ("route", route), ("status", str(status)))
+        with self._lock:
+            self.counters[("hall_http_requests_total", labels)] += 1
+            series = self.latency.get(labels[:2])
+            if series is None:
+                series = self.latency[labels[:2]] = [0] * (len(self.BUCKETS) + 2)
+            for index, bound in enumerate(self.BUCKETS):
+                if seconds <= bound:
+                    series[index] += 1
+            series[-2] += seconds
+            series[-1] += 1
+
+
+HELP = {
+    "hall_route_decisions_total": ("counter", "Route decisions made, by outcome and deny code."),
+    "hall_ingested_decisions_total": ("counter", "Decisions recorded through /decisions/ingest."),
+    "hall_enrollments_total": ("counter", "Enrollment requests, by result."),
+    "hall_http_requests_total": ("counter", "HTTP requests, by route, method and status."),
+    "hall_http_request_duration_seconds": ("histogram", "HTTP request latency, by route."),
+    "hall_workers_enrolled": ("gauge", "Workers in the registry."),
+    "hall_alerts": ("gauge", "Alerts stored, by level."),
+    "hall_approvals_pending": ("gauge", "Human approvals waiting for a decision."),
+    "hall_safe_mode": ("gauge", "1 while safe mode is on."),
+    "hall_database_bytes": ("gauge", "Size of the SQLite database file."),
+    "hall_wal_bytes": ("gauge", "Size of the SQLite write-ahead log."),
+    "hall_uptime_seconds": ("gauge", "Seconds since this hall started."),
+    "hall_event_subscribers": ("gauge", "Clients reading /events."),
+    "hall_build_info": ("gauge", "The running build: version and sha256 of hall.py."),
+}
+
+
+def prometheus_escape(value):
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def prometheus_text(samples):
+    """[(name, labels tuple, value)] -> the text exposition format, grouped by name."""
+    lines, seen = [], set()
+    for name, labels, value in samples:
+        family = name[:-len("_bucket")] if name.endswith("_bucket") else name
+        for suffix in ("_sum", "_count"):
+            if family.endswith(suffix) and family[:-len(suffix)] in HELP:
+                family = family[:-len(suffix)]
+        if family not in seen:
+            seen.add(family)
+            kind, text = HELP[family]
+            lines.append("# HELP %s %s" % (family, text))
+            lines.append("# TYPE %s %s" % (family, kind))
+        rendered = ",".join('%s="%s"' % (k, prometheus_escape(v)) for k, v in labels)
+        lines.append("%s%s %s" % (name, "{%s}" % rendered if rendered else "",
+                                  repr(float(value)) if isinstance(value, float) else value))
+    return "\n".join(lines) + "\n"
+
+
+class Raw(object):
+    """A non-JSON answer: bytes with their content type."""
+
+    def __init__(self, body, content_type):
+        self.body, self.content_type = body, content_type
+
+
+class EventStream(object):
+    """A server-sent-events answer: the handler writes what ``chunks()`` yields."""
+
+    content_type = "text/event-stream; charset=utf-8"
+
+    def __init__(self, hall, subscription, heartbeat):
+        self.hall, self.subscription, self.heartbeat = hall, subscription, heartbeat
+
+    def chunks(self):
+        yield b"retry: 2000\n\n"
+        try:
+            while not self.hall.stopping:
+                try:
+                    event_id, kind, data = self.subscription.queue.get(timeout=self.heartbeat)
+                except queue.Empty:
+                    if self.subscription.dropped:
+                        break
+                    yield b": heartbeat\n\n"
+                    continue
+                yield ("id: %d\nevent: %s\ndata: %s\n\n" % (event_id, kind, json.dumps(data))
+                       ).encode("utf-8")
+            if self.subscription.dropped:
+                yield b"event: dropped\ndata: {\"reason\": \"the client fell too far behind\"}\n\n"
+        finally:
+            self.hall.events.unsubscribe(self.subscription)
+
+
 class Hall(object):
     """The application: registry, router, decision log and governance state
     over one Store.
@@ -2088,6 +2324,11 @@ class Hall(object):
         self._login_failures = BurstCounter(*LOGIN_FAILURE_BURST)
         self._token_touched = {}
         self.storage_fault_since = None         # (when, why) while writes fail
+        self.events = EventBus(config.events_retained)
+        self.metrics = Metrics()
+        self.stopping = False                   # set when the server drains
+        self.started_monotonic = time.monotonic()
+        self.store.on_audit = lambda entry: self.events.publish("admin", entry)
         self.load_governance()
 
     def close(self):
@@ -2251,6 +2492,10 @@ class Hall(object):
             worker_id, record["worker_species_id"], json.dumps(capabilities), risk_tier,
             record["artifact_hash"], record_json)
         self.registry_changed()                 # the next route rebuilds the snapshot
+        self.metrics.count("hall_enrollments_total", result="created" if created else "updated")
+        self.events.publish("enrollment", {
+            "worker_id": worker_id, "worker_species_id": record["worker_species_id"],
+            "capabilities": capabilities, "risk_tier": risk_tier, "created": created})
         if created:
             return {"enrolled": True, "enrollment_id": enrollment_id, "worker_id": worker_id,
                     "enrolled_at": enrolled_at, "artifact_hash_verified": True}
@@ -2300,6 +2545,8 @@ class Hall(object):
         row["blast_score"] = blast
         check_namespace(principal, row["tenant_id"])
         self.store.insert_decision(row)
+        self.metrics.count("hall_ingested_decisions_total")
+        self._announce(row)
         return {"recorded": True, "decision_id": row["decision_id"]}
 
     # -- routing ---------------------------------------------------------------
@@ -2335,8 +2582,17 @@ class Hall(object):
             if decision["deny_reason"] in HUMAN_GATE_CODES and inp["approval_id"] is None:
                 self._open_approval(decision)
             self.store.insert_decision(decision_row(decision))
+        self.metrics.count("hall_route_decisions_total",
+                           outcome="denied" if decision["denied"] else "allowed",
+                           deny_code=decision["deny_reason"] or "")
+        self._announce(decision_row(decision))
         self._watch(decision)
         return decision
+
+    def _announce(self, row):
+        """A logged decision, to /events subscribers."""
+        self.events.publish("decision", dict({c: row[c] for c in DECISION_COLUMNS},
+                                             source=row.get("source")))
 
     def rules_for(self, document, principal):
         """Which rules apply: the request's own, else the operator's, else auto."""
@@ -2439,11 +2695,13 @@ class Hall(object):
                 self._recent_alerts = {k: t for k, t in self._recent_alerts.items()
                                        if moment - t < ALERT_DEDUP_SECONDS}
             self._recent_alerts[key] = moment
-        self.store.insert_alert({
+        alert = {
             "alert_id": str(uuid.uuid4()), "created_at": now_iso(), "level": level,
             "code": code, "message": clean_id(message)[:1000],
             "worker_id": clean_id(worker_id)[:200] if worker_id is not None else None,
-            "capability_id": clean_id(capability_id)[:200] if capability_id is not None else None})
+            "capability_id": clean_id(capability_id)[:200] if capability_id is not None else None}
+        self.store.insert_alert(alert)
+        self.events.publish("alert", alert)
         return True
 
     def storage_fault(self, error):
@@ -2584,6 +2842,142 @@ class Hall(object):
                                                                      current["status"]),
                             "APPROVAL_NOT_PENDING")
         return current
+
+    # -- operations: probes, metrics, the decision log as a tool ---------------------
+
+    def readiness(self):
+        """Can this hall serve?  The database answers a read, the writer
+        commits, and how long each took.  (ready, answer)"""
+        checks = {}
+        for part, probe in (("database", lambda: self.store.decision_counts(utc_day())),
+                            ("writer", lambda: self.store.write(lambda conn: None, timeout=2.0))):
+            started = time.perf_counter()
+            try:
+                probe()
+                checks[part] = {"ok": True}
+            except (HallError, sqlite3.Error) as exc:
+                checks[part] = {"ok": False, "error": getattr(exc, "message", str(exc))}
+            checks[part]["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        if not self.store.writer_alive:
+            checks["writer"] = {"ok": False, "error": "the writer thread has stopped"}
+        ready = all(check["ok"] for check in checks.values()) and not self.stopping
+        failing = sorted(part for part, check in checks.items() if not check["ok"])
+        return ready, {"status": "ready" if ready else "not ready", "timestamp": now_iso(),
+                       "checks": checks, "failing": failing + (["stopping"] if self.stopping
+                                                               else [])}
+
+    def metrics_text(self):
+        """The Prometheus text exposition of this hall."""
+        samples = []
+        with self.metrics._lock:
+            counters = sorted(self.metrics.counters.items())
+            latency = sorted((k, list(v)) for k, v in self.metrics.latency.items())
+        if not any(name == "hall_route_decisions_total" for (name, _), _ in counters):
+            samples.append(("hall_route_decisions_total",
+                            (("deny_code", ""), ("outcome", "allowed")), 0))
+        for (name, labels), value in counters:
+            samples.append((name, labels, value))
+        for labels, series in latency:
+            total = 0
+            for bound, count in zip(Metrics.BUCKETS, series):
+                samples.append(("hall_http_request_duration_seconds_bucket",
+                                labels + (("le", repr(bound)),), count))
+            samples.append(("hall_http_request_duration_seconds_bucket",
+                            labels + (("le", "+Inf"),), series[-1]))
+            samples.append(("hall_http_request_duration_seconds_sum", labels, series[-2]))
+            samples.append(("hall_http_request_duration_seconds_count", labels, series[-1]))
+        alerts = self.cached("alert-levels", lambda: self.store.count_by("alerts", "level"))
+        pending = self.cached("pending-approvals", lambda: len(self.approvals("pending")[
+            "approvals"]))
+        samples.append(("hall_workers_enrolled", (), len(self.registry().workers)))
+        for level in sorted(set(alerts) | {"info", "warning", "critical"}):
+            samples.append(("hall_alerts", (("level", level),), alerts.get(level, 0)))
+        samples.append(("hall_approvals_pending", (), pending))
+        samples.append(("hall_safe_mode", (), int(self.floor.safe_mode)))
+        for name, suffix in (("hall_database_bytes", ""), ("hall_wal_bytes", "-wal")):
+            try:
+                size = os.path.getsize(self.config.db_path + suffix)
+            except OSError:
+                size = 0
+            samples.append((name, (), size))
+        samples.append(("hall_uptime_seconds", (),
+                        round(time.monotonic() - self.started_monotonic, 3)))
+        samples.append(("hall_event_subscribers", (), self.events.subscribers))
+        samples.append(("hall_build_info", (("hall_hash", self.hall_hash),
+                                            ("version", __version__)), 1))
+        return prometheus_text(samples)
+
+    def subscribe(self, last_id=None, types=None, tenant_id=None, capability_id=None):
+        """A subscription to the live feed, with filters (None: everything)."""
+        def accept(event):
+            _id, kind, data = event
+            if types and kind not in types:
+                return False
+            if tenant_id is not None and data.get("tenant_id") != tenant_id:
+                return False
+            return capability_id is None or data.get("capability_id") == capability_id
+        return self.events.subscribe(last_id, accept)
+
+    def decision_page(self, filters, cursor, limit):
+        """A page of the decision log, newest first, and the cursor of the next page."""
+        after = None
+        if cursor:
+            try:
+                decided_at, _, rowid = base64.urlsafe_b64decode(
+                    cursor.encode("ascii") + b"==").decode("utf-8").rpartition("|")
+                after = (decided_at, int(rowid))
+            except (ValueError, UnicodeError):
+                raise HallError(400, "cursor is not one this hall gave out")
+        rows = self.store.query_decisions(filters, after, limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        next_cursor = None
+        if more:
+            rowid, last = rows[-1]
+            next_cursor = base64.urlsafe_b64encode(
+                ("%s|%d" % (last["decided_at"], rowid)).encode("utf-8")).decode("ascii").rstrip("=")
+        return {"dispatches": [row for _rowid, row in rows], "count": len(rows),
+                "next_cursor": next_cursor}
+
+    def export_decisions(self, filters, batch=1000):
+        """Every decision matching ``filters``, oldest first, read page by page."""
+        after = None
+        while True:
+            rows = self.store.query_decisions(filters, after, batch, ascending=True)
+            for _rowid, row in rows:
+                yield row
+            if len(rows) < batch:
+                return
+            after = (rows[-1][1]["decided_at"], rows[-1][0])
+
+    def prune(self, older_than_days, principal=TRUSTED):
+        """Remove decisions older than the given number of days (audited)."""
+        if not (_is_int(older_than_days) and older_than_days >= 1):
+            raise HallError(400, "older than must be at least one day")
+        before = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(
+            days=older_than_days)).isoformat(timespec="microseconds")
+        removed = self.store.prune_decisions(before, (
+            principal.token_id, "decisions.prune", None,
+            {"before": before, "older_than_days": older_than_days}))
+        return {"removed": removed, "before": before}
+
+    def start_retention(self):
+        """With HALL_RETENTION_DAYS set, prune the decision log once an hour."""
+        if not self.config.retention_days:
+            return None
+
+        def loop():
+            while not self.stopping:
+                with contextlib.suppress(HallError, sqlite3.Error):
+                    self.prune(self.config.retention_days,
+                               Principal("retention", "retention", ALL_SCOPES, None))
+                for _ in range(3600):
+                    if self.stopping:
+                        return
+                    time.sleep(1)
+        thread = threading.Thread(target=loop, name="hall-retention", daemon=True)
+        thread.start()
+        return thread
 
     # -- tokens and audit --------------------------------------------------------
 
@@ -3015,9 +3409,54 @@ def query_int(req, name, default, low, high):
     return max(low, min(high, int(text)))
 
 
+DISPATCH_FILTERS = ("tenant_id", "capability_id", "env", "denied", "since", "until")
+
+
 def handle_dispatches(hall, req):
     limit = query_int(req, "limit", 50, 1, 200)
-    return 200, hall.answer_bytes(("dispatches", limit), lambda: hall.dispatches(limit))
+    asked = {name: req.query[name] for name in DISPATCH_FILTERS if name in req.query}
+    if not asked and "cursor" not in req.query:     # the reference's answer, cached
+        return 200, hall.answer_bytes(("dispatches", limit), lambda: hall.dispatches(limit))
+    filters = dict(asked)
+    if "denied" in filters:
+        flag = filters["denied"].strip().lower()
+        if flag not in ("0", "1", "true", "false"):
+            raise HallError(400, "denied must be 0, 1, true or false")
+        filters["denied"] = int(flag in ("1", "true"))
+    for bound in ("since", "until"):
+        if bound in filters:
+            filters[bound] = parse_timestamp(filters[bound])
+            if filters[bound] is None:
+                raise HallError(400, "%s must be an ISO 8601 timestamp" % bound)
+    return 200, hall.decision_page(filters, req.query.get("cursor"), limit)
+
+
+def handle_ready(hall, req):
+    ready, answer = hall.readiness()
+    return (200 if ready else 503), answer
+
+
+def handle_metrics(hall, req):
+    return 200, Raw(hall.metrics_text().encode("utf-8"),
+                    "text/plain; version=0.0.4; charset=utf-8")
+
+
+EVENT_TYPES = ("decision", "alert", "enrollment", "admin")
+HEARTBEAT_SECONDS = 15.0
+
+
+def handle_events(hall, req):
+    last = req.headers.get("Last-Event-ID") or req.query.get("last_event_id")
+    if last is not None and not last.strip().isdigit():
+        raise HallError(400, "Last-Event-ID must be an event id this hall sent")
+    types = None
+    if req.query.get("types"):
+        types = set(t.strip() for t in req.query["types"].split(",") if t.strip())
+        if not types <= set(EVENT_TYPES):
+            raise HallError(400, "types must be a comma list of: " + ", ".join(EVENT_TYPES))
+    subscription = hall.subscribe(int(last) if last is not None else None, types,
+                                  req.query.get("tenant_id"), req.query.get("capability_id"))
+    return 200, EventStream(hall, subscription, HEARTBEAT_SECONDS)
 
 
 def handle_active_dispatches(hall, req):
@@ -3165,6 +3604,14 @@ def route(method, path, handler, scope, summary, open_on_loopback=False, query=(
 
 
 LIMIT_PARAM = ("limit", INTEGER, "How many decisions, 1..200 (default 50; clamped).")
+DISPATCH_QUERY = [LIMIT_PARAM] + [
+    ("tenant_id", STRING, "Only this tenant."), ("capability_id", STRING, "Only this capability."),
+    ("env", STRING, "Only this environment."), ("denied", STRING, "0/1 or true/false."),
+    ("since", STRING, "ISO 8601: decided at or after."), ("until", STRING, "ISO 8601: before."),
+    ("cursor", STRING, "Paging: empty for the first page, then next_cursor.")]
+READY_SCHEMA = object_of(["status", "timestamp", "checks", "failing"], status=STRING,
+                         timestamp=STRING, checks=ANY_OBJECT, failing=array_of(STRING))
+TEXT_RESPONSE = {"type": "string"}
 
 ROUTES = [
     route("GET", "/health", handle_health, None, "Liveness; never touches the database.",
@@ -3175,8 +3622,11 @@ ROUTES = [
           open_on_loopback=True,
           responses={200: object_of(["workers", "count"], workers=array_of(WORKER_SCHEMA),
                                     count=INTEGER)}),
-    route("GET", "/dispatches", handle_dispatches, "read", "Recent decisions, newest first.",
-          open_on_loopback=True, query=[LIMIT_PARAM], responses={200: DISPATCH_LIST}),
+    route("GET", "/dispatches", handle_dispatches, "read",
+          "Recent decisions, newest first; filters and cursor paging on request.",
+          open_on_loopback=True, query=DISPATCH_QUERY,
+          responses={200: dict(DISPATCH_LIST, properties=dict(
+              DISPATCH_LIST["properties"], next_cursor=nullable(STRING)))}),
     route("GET", "/dispatches/active", handle_active_dispatches, "read",
           "In-flight dispatches (none are tracked: always empty).", open_on_loopback=True,
           responses={200: DISPATCH_LIST}),
@@ -3195,6 +3645,25 @@ ROUTES = [
           request=ROUTE_REQUEST, responses={200: ROUTE_RESPONSE}),
     route("GET", "/openapi.json", handle_openapi, None, "This document.",
           responses={200: ANY_OBJECT}),
+    # -- operations --------------------------------------------------------------
+    route("GET", "/healthz", handle_health, None, "Alias of /health.",
+          responses={200: HEALTH_SCHEMA}),
+    route("GET", "/ready", handle_ready, None,
+          "Readiness: the database answers and the writer commits (503 names what fails).",
+          responses={200: READY_SCHEMA, 503: READY_SCHEMA}),
+    route("GET", "/readyz", handle_ready, None, "Alias of /ready.",
+          responses={200: READY_SCHEMA, 503: READY_SCHEMA}),
+    route("GET", "/metrics", handle_metrics, "read",
+          "Prometheus text exposition format (text/plain; version=0.0.4).",
+          open_on_loopback=True, responses={200: TEXT_RESPONSE}),
+    route("GET", "/events", handle_events, "read",
+          "Server-sent events: decisions, alerts, enrollments, admin actions as they happen.",
+          open_on_loopback=True, query=[
+              ("types", STRING, "Comma list of decision, alert, enrollment, admin."),
+              ("tenant_id", STRING, "Only events of this tenant."),
+              ("capability_id", STRING, "Only events of this capability."),
+              ("last_event_id", STRING, "Resume after this id (or the Last-Event-ID header).")],
+          responses={200: TEXT_RESPONSE}),
     # -- governance ------------------------------------------------------------
     route("DELETE", "/workers/{worker_id}", handle_retire_worker, "admin",
           "Retire (remove) an enrolled worker.",
@@ -3334,10 +3803,12 @@ def openapi_document():
         if r.request is not None:
             operation["requestBody"] = {"required": True, "content": {
                 "application/json": {"schema": r.request}}}
+        media = {"/metrics": "text/plain", "/events": "text/event-stream"}.get(
+            r.path, "application/json")
         for status, schema in sorted(r.responses.items()):
             operation["responses"][str(status)] = {
                 "description": "OK" if status < 300 else "See schema",
-                "content": {"application/json": {"schema": schema}}}
+                "content": {media: {"schema": schema}}}
         errors = ["400"] if (r.request is not None or r.query) else []
         if r.scope:
             errors += ["401", "403"]
@@ -3416,6 +3887,8 @@ def dispatch(hall, method, target, headers, body, client="-", limiter=None, cont
         allow = sorted(set(methods) | ({"HEAD"} if "GET" in methods else set()) | {"OPTIONS"})
         raise HallError(405, "method %s is not allowed on %s" % (method, path),
                         "METHOD_NOT_ALLOWED", {"Allow": ", ".join(allow)})
+    if context is not None:
+        context["route"] = entry.path
     principal = None
     if entry.scope:
         secret = _presented_token(headers)
@@ -3542,6 +4015,7 @@ class BadRequest(Exception):
 
 
 MAX_LINE = 65536                            # request line or header line, bytes
+KNOWN_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 MAX_HEADERS = 100
 REASONS = {status: phrase for status, (phrase, _) in BaseHTTPRequestHandler.responses.items()}
 _CHUNK_SIZE = re.compile(rb"^([0-9A-Fa-f]{1,8})(?:;[^\r\n]*)?\r?\n$")
@@ -3665,13 +4139,44 @@ class HallRequestHandler(socketserver.StreamRequestHandler):
             status, payload, headers = 500, {"error": "internal error"}, {}
         finally:
             self.server.end_request()
-        self.answer(status, payload, headers)
+        if isinstance(payload, EventStream):
+            self.stream(payload)
+        else:
+            self.answer(status, payload, headers)
+        seconds = time.perf_counter() - started
+        hall.metrics.observe_request(context.get("route", "unmatched"), self.method
+                                     if self.method in KNOWN_METHODS else "other", status, seconds)
         if hall.config.access_log:
             principal = context.get("principal")
-            sys.stderr.write('%s - "%s %s" %d %.1fms token=%s\n' % (
-                self.client_address[0], clean_id(self.method)[:20], clean_id(self.target)[:300],
-                status, (time.perf_counter() - started) * 1000,
-                principal.token_id if principal else "-"))
+            entry = {"time": now_iso(), "client": self.client_address[0],
+                     "method": clean_id(self.method)[:20], "path": clean_id(self.target)[:300],
+                     "status": status, "ms": round(seconds * 1000, 2),
+                     "token": principal.token_id if principal else None}
+            if hall.config.log_format == "json":
+                line = json.dumps(entry)
+            else:
+                line = '%(client)s - "%(method)s %(path)s" %(status)d %(ms).1fms' % entry + \
+                    " token=%s" % (entry["token"] or "-")
+            sys.stderr.write(line + "\n")
+
+    def stream(self, events):
+        """Write a server-sent-events answer chunk by chunk until it ends or
+        the client goes; the connection closes afterwards."""
+        self.close_connection = True
+        origin = self.server.hall.config.allowed_origin(self.headers.get("Origin"))
+        head = ("HTTP/1.1 200 OK\r\nServer: %s\r\nDate: %s\r\nContent-Type: %s\r\n"
+                "Cache-Control: no-cache\r\nConnection: close\r\nX-Accel-Buffering: no\r\n%s\r\n"
+                % (self.server_version, http_date(), events.content_type,
+                   "Access-Control-Allow-Origin: %s\r\n" % origin if origin else ""))
+        chunks = events.chunks()
+        try:
+            self.connection.sendall(head.encode("latin-1"))
+            for chunk in chunks:
+                self.connection.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            chunks.close()
 
     def read_body(self, limit):
         """The request body, at most ``limit`` bytes (413 without reading more).
@@ -3730,16 +4235,19 @@ class HallRequestHandler(socketserver.StreamRequestHandler):
 
     def answer(self, status, payload, headers):
         """Write the whole response with one sendall."""
+        content_type = "application/json; charset=utf-8"
         if payload is None:
             body = b""
         elif isinstance(payload, bytes):        # already serialised (cached answers)
             body = payload
+        elif isinstance(payload, Raw):
+            body, content_type = payload.body, payload.content_type
         else:
             body = json.dumps(payload).encode("utf-8")
         lines = ["HTTP/1.1 %d %s" % (status, REASONS.get(status, "")),
                  "Server: " + self.server_version, "Date: " + http_date()]
         if status != 204:
-            lines.append("Content-Type: application/json; charset=utf-8")
+            lines.append("Content-Type: " + content_type)
             lines.append("Content-Length: %d" % len(body))
         origin = self.server.hall.config.allowed_origin(
             self.headers.get("Origin") if self.headers is not None else None)
@@ -3925,6 +4433,8 @@ def build_parser():
     serving.add_argument("--allow-plain-http", dest="allow_plain_http", action="store_const",
                          const=True, help="serve plain HTTP on a non-loopback address (behind "
                                           "a TLS-terminating proxy; HALL_ALLOW_PLAIN_HTTP)")
+    serving.add_argument("--log-json", dest="log_format", action="store_const", const="json",
+                         help="access log as JSON lines (HALL_LOG_FORMAT=json)")
     parser = argparse.ArgumentParser(
         prog="hall.py", parents=[serving],      # `python hall.py --port 9000` serves too
         description="The local Hall: worker registry, router and decision log.  With no "
@@ -3951,6 +4461,53 @@ def build_parser():
                               help="list tokens (never their secrets)")
     revoke = token_commands.add_parser("revoke", parents=[database], help="revoke a token")
     revoke.add_argument("token_id")
+    remote = argparse.ArgumentParser(add_help=False, parents=[database])
+    remote.add_argument("--url", help="a running hall to ask instead of the database")
+    remote.add_argument("--token", dest="url_token", help="token for --url (default: HALL_TOKEN)")
+    route_cmd = commands.add_parser(
+        "route", parents=[remote], help="ask for one routing decision (exit 0 allowed, "
+                                        "1 denied, 2 error)")
+    route_cmd.add_argument("--file", help="the request as JSON ('-' for standard input)")
+    route_cmd.add_argument("--capability", dest="capability_id")
+    route_cmd.add_argument("--env")
+    route_cmd.add_argument("--data-label", dest="data_label")
+    route_cmd.add_argument("--tenant", dest="tenant_id")
+    route_cmd.add_argument("--tenant-risk", dest="tenant_risk")
+    route_cmd.add_argument("--qos", dest="qos_class")
+    route_cmd.add_argument("--correlation-id", dest="correlation_id")
+    route_cmd.add_argument("--request", dest="request_json", help="the worker payload as JSON")
+    route_cmd.add_argument("--blast-score", dest="blast_score", type=int)
+    route_cmd.add_argument("--approval-id", dest="approval_id")
+    route_cmd.add_argument("--dry-run", action="store_true", help="decide without logging")
+    route_cmd.add_argument("--json", action="store_true", help="print the whole decision")
+    enroll_cmd = commands.add_parser("enroll", parents=[remote], help="enroll a worker record")
+    enroll_cmd.add_argument("file", help="worker record JSON ('-' for standard input)")
+    enroll_cmd.add_argument("--compute-hash", action="store_true",
+                            help="fill in the artifact_hash instead of checking it")
+    check = commands.add_parser("rules", help="check a rules document")
+    check.add_subparsers(dest="rules_command", metavar="{check}", required=True).add_parser(
+        "check", help="validate it and report shadowed rules (exit 1 when unsafe for prod)"
+    ).add_argument("file")
+    policy_cmd = commands.add_parser("policy", help="check a policy document")
+    policy_cmd.add_subparsers(dest="policy_command", metavar="{check}", required=True).add_parser(
+        "check", help="validate it (exit 2 when invalid)").add_argument("file")
+    commands.add_parser("status", parents=[remote], help="print /status")
+    commands.add_parser("workers", parents=[remote], help="print the enrolled workers")
+    listing = commands.add_parser("dispatches", parents=[remote], help="print recent decisions")
+    export = commands.add_parser("export", parents=[database],
+                                 help="stream decisions to standard output, oldest first")
+    for p in (listing, export):
+        p.add_argument("--since", help="ISO 8601: decided at or after")
+        p.add_argument("--until", help="ISO 8601: decided before")
+        p.add_argument("--tenant", dest="tenant_id")
+        p.add_argument("--capability", dest="capability_id")
+        p.add_argument("--env")
+        p.add_argument("--denied", choices=("0", "1"))
+    listing.add_argument("--limit", type=int, default=50)
+    export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    prune = commands.add_parser("prune", parents=[database],
+                                help="remove decisions older than a number of days (audited)")
+    prune.add_argument("--older-than", required=True, help="days, such as 90d or 90")
     bench = commands.add_parser(
         "bench", help="measure this hall against the ceiling of its architecture",
         description="Start a hall on a temporary database filled with --decisions and "
@@ -3978,6 +4535,11 @@ def run_server(config):
     except BaseException:
         hall.close()
         raise
+    def stop(signum, frame):
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGINT, stop)          # before the start line: a supervisor may
+    signal.signal(signal.SIGTERM, stop)         # signal as soon as it reads it
     print("[hall-api] PyHall API v%s starting on %s" % (__version__, server.url), flush=True)
     if token_file:
         print("[hall-api] first start: admin token written to %s (mode 0600)" % token_file,
@@ -3990,14 +4552,11 @@ def run_server(config):
             print("[hall-api] warning: rule %r is shadowed by earlier rule %r (routes in prod "
                   "and edge are denied until fixed)" % (later, earlier), file=sys.stderr)
 
-    def stop(signum, frame):
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    hall.start_retention()
     try:
         server.serve_forever(poll_interval=0.5)
     finally:
+        hall.stopping = True                # ends event streams and the retention loop
         server.server_close()               # no new connections
         if not server.drain(config.drain_seconds):
             print("[hall-api] warning: requests still running after %ss were cut off"
@@ -4028,6 +4587,191 @@ def cmd_hash(args):
     if not isinstance(record, dict):
         raise ConfigError("%s: a worker record is a JSON object" % args.file)
     print(compute_artifact_hash(record))
+    return 0
+
+
+def existing_hall(args):
+    """A Hall over the configured database, which must already exist."""
+    config = Config.load(args)
+    if config.db_path != ":memory:" and not os.path.exists(config.db_path):
+        raise ConfigError("no database at %s (use --db, or --url for a running hall)"
+                          % config.db_path)
+    return Hall(config)
+
+
+def call_hall(args, method, path, body=None):
+    """An HTTP call to the hall at --url; returns (status, parsed JSON)."""
+    import urllib.error
+    import urllib.request
+    token = args.url_token or os.environ.get("HALL_TOKEN")
+    request = urllib.request.Request(args.url.rstrip("/") + path, method=method,
+                                     data=json.dumps(body).encode() if body is not None else None)
+    request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", "Bearer " + token)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        answer = json.loads(exc.read() or b"{}")
+        raise ConfigError("%s %s: %d %s" % (method, path, exc.code, answer.get("error", "")))
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ConfigError("cannot reach %s: %s" % (args.url, getattr(exc, "reason", exc)))
+
+
+def print_json(value):
+    print(json.dumps(value, indent=2, sort_keys=False))
+
+
+def cmd_route(args):
+    body = read_json_argument(args.file) if args.file else {}
+    if not isinstance(body, dict):
+        raise ConfigError("the request must be a JSON object")
+    for name in ("capability_id", "env", "data_label", "tenant_id", "tenant_risk", "qos_class",
+                 "correlation_id", "blast_score", "approval_id"):
+        if getattr(args, name) is not None:
+            body[name] = getattr(args, name)
+    if args.request_json:
+        try:
+            body["request"] = json.loads(args.request_json)
+        except ValueError as exc:
+            raise ConfigError("--request is not JSON: %s" % exc)
+    if args.dry_run:
+        body["dry_run"] = True
+    if args.url:
+        decision = call_hall(args, "POST", "/api/route", body)[1]
+    else:
+        hall = existing_hall(args)
+        try:
+            decision = hall.route(body, CLI)
+        finally:
+            hall.close()
+    if args.json:
+        print_json(decision)
+    elif decision["allowed"]:
+        print("allowed: %s (%s, rule %s)" % (decision["worker_id"],
+                                             decision["selected_worker_species_id"],
+                                             decision["matched_rule_id"]))
+    else:
+        reason = decision["deny_reason_if_denied"]
+        print("denied: %s: %s%s" % (reason["code"], reason["message"],
+                                    " (approval %s)" % reason["approval_id"]
+                                    if reason.get("approval_id") else ""))
+    return 0 if decision["allowed"] else 1
+
+
+def cmd_enroll(args):
+    record = read_json_argument(args.file)
+    if not isinstance(record, dict):
+        raise ConfigError("%s: a worker record is a JSON object" % args.file)
+    if args.compute_hash:
+        record["artifact_hash"] = compute_artifact_hash(record)
+    if args.url:
+        print_json(call_hall(args, "POST", "/enroll", record)[1])
+        return 0
+    hall = existing_hall(args) if os.path.exists(Config.load(args).db_path) else Hall(
+        Config.load(args))
+    try:
+        print_json(hall.enroll(record, CLI))
+    finally:
+        hall.close()
+    return 0
+
+
+def cmd_rules_check(args):
+    try:
+        rules = compile_rules(read_json_argument(args.file), source="file")
+    except RulesError as exc:
+        raise ConfigError("%s: %s" % (args.file, exc))
+    print("%s: %d rules" % (args.file, len(rules.rules)))
+    for earlier, later in rules.shadowed:
+        print("shadowed: rule %r can never match: rule %r before it matches everything it does"
+              % (later, earlier))
+    if rules.shadowed:
+        print("unsafe for prod and edge: routes there are denied DENY_SHADOW_RULES_DETECTED")
+        return 1
+    print("ok")
+    return 0
+
+
+def cmd_policy_check(args):
+    try:
+        policy = compile_policy(read_json_argument(args.file))
+    except RulesError as exc:
+        raise ConfigError("%s: %s" % (args.file, exc))
+    print("%s: policy %s, default %s, %d rules; ok" % (args.file, policy.version,
+                                                        policy.default, len(policy.rules)))
+    return 0
+
+
+def decision_filters(args):
+    filters = {name: getattr(args, name) for name in ("tenant_id", "capability_id", "env")
+               if getattr(args, name)}
+    if args.denied is not None:
+        filters["denied"] = int(args.denied)
+    for bound in ("since", "until"):
+        if getattr(args, bound):
+            filters[bound] = parse_timestamp(getattr(args, bound))
+            if filters[bound] is None:
+                raise ConfigError("--%s must be an ISO 8601 time" % bound)
+    return filters
+
+
+def cmd_read(args):
+    """status, workers, dispatches: from --url or the database."""
+    if args.command == "dispatches":
+        filters = decision_filters(args)
+        if args.url:
+            from urllib.parse import urlencode
+            query = dict(filters, limit=args.limit)
+            path = "/dispatches?" + urlencode(query) + ("&cursor=" if filters else "")
+            print_json(call_hall(args, "GET", path)[1])
+            return 0
+    elif args.url:
+        print_json(call_hall(args, "GET", "/" + args.command)[1])
+        return 0
+    hall = existing_hall(args)
+    try:
+        if args.command == "status":
+            print_json(hall.status())
+        elif args.command == "workers":
+            print_json(hall.workers())
+        else:
+            print_json(hall.decision_page(decision_filters(args), None,
+                                          max(1, min(200, args.limit))))
+    finally:
+        hall.close()
+    return 0
+
+
+def cmd_export(args):
+    import csv
+    hall = existing_hall(args)
+    try:
+        rows = hall.export_decisions(decision_filters(args))
+        if args.format == "csv":
+            writer = csv.DictWriter(sys.stdout, fieldnames=DECISION_COLUMNS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow(row)
+        else:
+            for row in rows:
+                sys.stdout.write(json.dumps(row) + "\n")
+    finally:
+        hall.close()
+    return 0
+
+
+def cmd_prune(args):
+    match = re.match(r"^([0-9]+)d?$", args.older_than.strip())
+    if not match:
+        raise ConfigError("--older-than takes a number of days, such as 90d")
+    hall = existing_hall(args)
+    try:
+        result = hall.prune(int(match.group(1)), CLI)
+    finally:
+        hall.close()
+    print("removed %d decisions decided before %s" % (result["removed"], result["before"]))
     return 0
 
 
@@ -4334,6 +5078,15 @@ def main(argv=None):
             return cmd_token(args)
         if args.command == "bench":
             return cmd_bench(args)
+        commands = {"route": cmd_route, "enroll": cmd_enroll, "status": cmd_read,
+                    "workers": cmd_read, "dispatches": cmd_read, "export": cmd_export,
+                    "prune": cmd_prune}
+        if args.command in commands:
+            return commands[args.command](args)
+        if args.command == "rules":
+            return cmd_rules_check(args)
+        if args.command == "policy":
+            return cmd_policy_check(args)
         return run_server(Config.load(args))
     except (ConfigError, HallError) as exc:
         print("hall.py: error: %s" % (exc.message if isinstance(exc, HallError) else exc),

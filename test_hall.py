@@ -95,7 +95,8 @@ class Client(object):
         self.conn.request(method, path, body=data, headers=headers)
         response = self.conn.getresponse()
         payload = response.read()
-        parsed = json.loads(payload) if payload else None
+        is_json = "json" in (response.getheader("Content-Type") or "")
+        parsed = json.loads(payload) if payload and is_json else (payload or None)
         return response.status, {k.lower(): v for k, v in response.getheaders()}, parsed
 
     def close(self):
@@ -1919,6 +1920,8 @@ class HostileInputTest(ServerCase):
         stderr = io.StringIO()
         with contextlib.redirect_stderr(stderr):
             for r in hall.ROUTES:
+                if r.path == "/events":          # a stream: tested on its own
+                    continue
                 for ident in HOSTILE_IDS if "{" in r.path else ["x"]:
                     path = fill_path(r.path, urllib.parse.quote(ident, safe="%"))
                     bodies = HOSTILE_BODIES if r.method in ("POST", "PUT") else [None]
@@ -2150,6 +2153,391 @@ class TokenCommandTest(unittest.TestCase):
             finally:
                 conn.close()
             self.assertEqual(actions, ["token.create", "token.revoke"])
+
+
+# -- operations -----------------------------------------------------------------------
+
+def parse_prometheus(text):
+    """A strict reader of the text exposition format: {(name, labels): value}, types."""
+    samples, types, helps = {}, {}, set()
+    line_re = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$')
+    label_re = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(,|$)')
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            helps.add(line.split()[2])
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            types[name] = kind
+            continue
+        match = line_re.match(line)
+        assert match, "not a sample line: %r" % line
+        labels, rest = [], match.group(3) or ""
+        while rest:
+            label = label_re.match(rest)
+            assert label, "bad labels in %r" % line
+            labels.append((label.group(1), label.group(2).replace('\\"', '"')
+                           .replace("\\n", "\n").replace("\\\\", "\\")))
+            rest = rest[label.end():]
+        samples[(match.group(1), tuple(sorted(labels)))] = float(match.group(4))
+    assert set(types) == helps, "every family needs HELP and TYPE"
+    return samples, types
+
+
+class ProbeAndMetricsTest(ServerCase):
+
+    def test_ready_and_aliases(self):
+        for path in ("/ready", "/readyz"):
+            status, _, body = self.call("GET", path)
+            self.assertEqual((status, body["status"], body["failing"]), (200, "ready", []))
+            self.assertIs(body["checks"]["database"]["ok"], True)
+            self.assertIs(body["checks"]["writer"]["ok"], True)
+            self.assertGreaterEqual(body["checks"]["writer"]["latency_ms"], 0)
+        self.assertEqual(self.call("GET", "/healthz")[2]["status"], "ok")
+
+    def test_ready_names_the_failing_part(self):
+        self.restart(busy_timeout=100)
+        blocker = sqlite3.connect(self.db, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            status, _, body = self.call("GET", "/ready")
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        self.assertEqual((status, body["status"], body["failing"]), (503, "not ready", ["writer"]))
+        self.assertIs(body["checks"]["database"]["ok"], True)
+        self.assertEqual(self.call("GET", "/ready")[0], 200)
+
+    def test_metrics_count_what_was_sent(self):
+        self.enroll(worker_record())
+        self.enroll(worker_record())
+        for _ in range(3):
+            self.route()
+        for _ in range(2):
+            self.route(capability_id="cap.none")
+        self.call("POST", "/decisions/ingest", {})
+        self.call("GET", "/nope")
+        status, headers, text = self.call("GET", "/metrics")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["content-type"], "text/plain; version=0.0.4; charset=utf-8")
+        samples, types = parse_prometheus(text.decode())
+        self.assertEqual(samples[("hall_route_decisions_total",
+                                  (("deny_code", ""), ("outcome", "allowed")))], 3)
+        self.assertEqual(samples[("hall_route_decisions_total",
+                                  (("deny_code", "DENY_NO_MATCHING_RULE"),
+                                   ("outcome", "denied")))], 2)
+        self.assertEqual(samples[("hall_enrollments_total", (("result", "created"),))], 1)
+        self.assertEqual(samples[("hall_enrollments_total", (("result", "updated"),))], 1)
+        self.assertEqual(samples[("hall_ingested_decisions_total", ())], 1)
+        self.assertEqual(samples[("hall_http_requests_total", (
+            ("method", "POST"), ("route", "/api/route"), ("status", "200")))], 5)
+        self.assertEqual(samples[("hall_http_requests_total", (
+            ("method", "GET"), ("route", "unmatched"), ("status", "404")))], 1)
+        route_labels = (("method", "POST"), ("route", "/api/route"))
+        buckets = sorted((float(dict(labels)["le"]), value) for (name, labels), value
+                         in samples.items() if name == "hall_http_request_duration_seconds_bucket"
+                         and tuple(l for l in labels if l[0] != "le") == route_labels)
+        self.assertEqual(buckets[-1], (float("inf"), 5))
+        self.assertEqual([v for _, v in buckets], sorted(v for _, v in buckets))
+        self.assertEqual(samples[("hall_http_request_duration_seconds_count", route_labels)], 5)
+        self.assertEqual(types["hall_http_request_duration_seconds"], "histogram")
+        self.assertEqual(samples[("hall_workers_enrolled", ())], 1)
+        self.assertEqual(samples[("hall_safe_mode", ())], 0)
+        self.assertEqual(samples[("hall_approvals_pending", ())], 0)
+        self.assertGreater(samples[("hall_database_bytes", ())], 0)
+        self.assertEqual(samples[("hall_build_info", (("hall_hash", self.hall.hall_hash),
+                                                      ("version", "0.3.0")))], 1)
+
+    def test_label_escaping(self):
+        text = hall.prometheus_text([("hall_alerts", (("level", 'a"b\\c\nd'),), 1)])
+        samples, _ = parse_prometheus(text)
+        self.assertEqual(samples[("hall_alerts", (("level", 'a"b\\c\nd'),))], 1)
+
+
+class EventStreamTest(ServerCase):
+
+    def open_stream(self, query="", last_id=None):
+        host, port = self.server.server_address[:2]
+        sock = socket.create_connection((host, port), timeout=5)
+        head = "GET /events%s HTTP/1.1\r\nHost: x\r\n" % query
+        if last_id is not None:
+            head += "Last-Event-ID: %s\r\n" % last_id
+        sock.sendall((head + "\r\n").encode())
+        return sock, sock.makefile("rb")
+
+    def read_events(self, reader, count):
+        """The next ``count`` events: [(id, type, data)], skipping comments."""
+        events, fields = [], {}
+        while len(events) < count:
+            line = reader.readline()
+            self.assertTrue(line, "the stream ended early")
+            line = line.decode().rstrip("\n")
+            if line.startswith("HTTP/1.1 "):
+                self.assertTrue(line.startswith("HTTP/1.1 200"), line)
+            elif not line:
+                if "data" in fields and "event" in fields:
+                    events.append((int(fields.get("id", 0)), fields["event"],
+                                   json.loads(fields["data"])))
+                fields = {}
+            elif ":" in line and not line.startswith(":"):
+                name, _, value = line.partition(":")
+                fields[name] = value.strip()
+        return events
+
+    def test_live_decisions_and_resume_with_last_event_id(self):
+        sock, reader = self.open_stream("?types=decision")
+        try:
+            self.call("POST", "/decisions/ingest", {"decision_id": "first"})
+            [(first_id, kind, data)] = self.read_events(reader, 1)
+            self.assertEqual((kind, data["decision_id"]), ("decision", "first"))
+        finally:
+            reader.close()
+            sock.close()
+        for i in range(5):                      # while disconnected
+            self.call("POST", "/decisions/ingest", {"decision_id": "missed-%d" % i})
+        self.hall.raise_alert("info", "NOT_A_DECISION", "filtered out")
+        sock, reader = self.open_stream("?types=decision", last_id=first_id)
+        try:
+            self.call("POST", "/decisions/ingest", {"decision_id": "live"})
+            events = self.read_events(reader, 6)
+        finally:
+            reader.close()
+            sock.close()
+        self.assertEqual([e[2]["decision_id"] for e in events],
+                         ["missed-%d" % i for i in range(5)] + ["live"])
+        ids = [e[0] for e in events]
+        self.assertEqual(ids, sorted(set(ids)))
+        self.assertGreater(ids[0], first_id)
+
+    def test_filters_heartbeat_and_kinds(self):
+        original = hall.HEARTBEAT_SECONDS
+        hall.HEARTBEAT_SECONDS = 0.1
+        try:
+            sock, reader = self.open_stream("?tenant_id=org.b")
+            self.call("POST", "/decisions/ingest", {"decision_id": "a1", "tenant_id": "org.a"})
+            self.call("POST", "/decisions/ingest", {"decision_id": "b1", "tenant_id": "org.b"})
+            [(_, kind, data)] = self.read_events(reader, 1)
+            self.assertEqual((kind, data["decision_id"]), ("decision", "b1"))
+            self.assertEqual(poll(lambda: reader.readline().startswith(b": heartbeat")), True)
+            reader.close()
+            sock.close()
+            sock, reader = self.open_stream("?types=alert,enrollment,admin")
+            self.enroll(worker_record())
+            self.call("POST", "/api/safe-mode/enter", {"reason": "drill"}, token=self.admin)
+            kinds = [e[1] for e in self.read_events(reader, 3)]
+            self.assertEqual(sorted(kinds), ["admin", "alert", "enrollment"])
+            reader.close()
+            sock.close()
+        finally:
+            hall.HEARTBEAT_SECONDS = original
+        self.assertEqual(self.call("GET", "/events?types=gossip")[0], 400)
+        self.assertEqual(self.call("GET", "/events", headers={"Last-Event-ID": "x"})[0], 400)
+
+    def test_a_slow_reader_is_dropped(self):
+        self.hall.events = hall.EventBus(retain=100, per_subscriber=5)
+        subscription = self.hall.subscribe()
+        for i in range(10):
+            self.hall.events.publish("decision", {"n": i})
+        self.assertTrue(subscription.dropped)
+        self.assertEqual(subscription.queue.qsize(), 5)
+        self.assertEqual(self.hall.events.subscribers, 0)
+
+
+class DecisionLogTest(ServerCase):
+
+    def setUp(self):
+        ServerCase.setUp(self)
+        rows = [("d%03d" % i, "2026-01-%02dT00:00:00.%06d+00:00" % (1 + i % 28, i),
+                 "cap.%d" % (i % 3), "org.a" if i % 2 else "org.b", "dev", int(i % 5 == 0))
+                for i in range(250)]
+        self.hall.store.write(lambda conn: conn.executemany(
+            "INSERT INTO decisions (decision_id, decided_at, capability_id, tenant_id, env, "
+            "denied) VALUES (?, ?, ?, ?, ?, ?)", rows))
+        self.rows = rows
+
+    def test_default_answer_is_unchanged(self):
+        body = self.call("GET", "/dispatches")[2]
+        self.assertEqual(set(body), {"dispatches", "count"})
+        self.assertEqual(body["count"], 50)
+
+    def test_cursor_pages_through_everything_once(self):
+        seen, cursor, pages = [], "", 0
+        while cursor is not None:
+            status, _, body = self.call("GET", "/dispatches?limit=70&cursor=" + cursor)
+            self.assertEqual(status, 200)
+            seen += [d["decision_id"] for d in body["dispatches"]]
+            cursor = body["next_cursor"]
+            pages += 1
+        self.assertEqual(pages, 4)
+        self.assertEqual(sorted(seen), sorted(r[0] for r in self.rows))
+        expected = [r[0] for r in sorted(self.rows, key=lambda r: r[1], reverse=True)]
+        self.assertEqual(seen, expected)
+
+    def test_filters(self):
+        def ids(query):
+            status, _, body = self.call("GET", "/dispatches?limit=200&" + query)
+            self.assertEqual(status, 200, body)
+            return {d["decision_id"] for d in body["dispatches"]}
+        self.assertEqual(ids("tenant_id=org.a"), {r[0] for r in self.rows if r[3] == "org.a"})
+        self.assertEqual(ids("denied=1&capability_id=cap.0"),
+                         {r[0] for r in self.rows if r[5] and r[2] == "cap.0"})
+        self.assertEqual(ids("since=2026-01-27&until=2026-01-28T00:00:00Z"),
+                         {r[0] for r in self.rows if r[1].startswith("2026-01-27")})
+        for bad in ("denied=maybe", "since=soon", "cursor=%%%"):
+            self.assertEqual(self.call("GET", "/dispatches?" + bad)[0], 400, bad)
+
+
+class OperationsCommandLineTest(unittest.TestCase):
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.db = os.path.join(self.tmp.name, "hall.db")
+        self.record = os.path.join(self.tmp.name, "worker.json")
+        with open(self.record, "w") as handle:
+            json.dump({"worker_id": "w.cli", "worker_species_id": "wrk.cli",
+                       "capabilities": ["cap.cli"]}, handle)
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def hall_cli(self, *args, **kwargs):
+        return run_hall(list(args), **kwargs)
+
+    def test_enroll_route_status_export_prune(self):
+        result = self.hall_cli("enroll", self.record, "--db", self.db)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("artifact_hash is required", result.stderr)
+        result = self.hall_cli("enroll", self.record, "--compute-hash", "--db", self.db)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(json.loads(result.stdout)["worker_id"], "w.cli")
+        allowed = self.hall_cli("route", "--capability", "cap.cli", "--env", "dev",
+                                "--data-label", "PUBLIC", "--tenant", "org.a", "--db", self.db)
+        self.assertEqual(allowed.returncode, 0, allowed.stderr)
+        self.assertTrue(allowed.stdout.startswith("allowed: w.cli"))
+        denied = self.hall_cli("route", "--capability", "cap.other", "--env", "dev",
+                               "--data-label", "PUBLIC", "--tenant", "org.a", "--json",
+                               "--db", self.db)
+        self.assertEqual(denied.returncode, 1)
+        self.assertEqual(json.loads(denied.stdout)["deny_reason"], "DENY_NO_MATCHING_RULE")
+        broken = self.hall_cli("route", "--capability", "cap.cli", "--env", "moon",
+                               "--data-label", "PUBLIC", "--tenant", "org.a", "--db", self.db)
+        self.assertEqual(broken.returncode, 2)
+        self.assertEqual(len(broken.stderr.strip().splitlines()), 1)
+        status = json.loads(self.hall_cli("status", "--db", self.db).stdout)
+        self.assertEqual((status["workers_enrolled"], status["decisions_total"]), (1, 2))
+        workers = json.loads(self.hall_cli("workers", "--db", self.db).stdout)
+        self.assertEqual(workers["count"], 1)
+        listing = json.loads(self.hall_cli("dispatches", "--denied", "1", "--db", self.db).stdout)
+        self.assertEqual([d["capability_id"] for d in listing["dispatches"]], ["cap.other"])
+        lines = self.hall_cli("export", "--db", self.db).stdout.splitlines()
+        self.assertEqual([json.loads(l)["capability_id"] for l in lines], ["cap.cli", "cap.other"])
+        csv_out = self.hall_cli("export", "--format", "csv", "--denied", "0", "--db", self.db)
+        self.assertEqual(csv_out.stdout.splitlines()[0], ",".join(hall.DECISION_COLUMNS))
+        self.assertEqual(len(csv_out.stdout.splitlines()), 2)
+        conn = sqlite3.connect(self.db)
+        conn.execute("UPDATE decisions SET decided_at = '2020-01-01T00:00:00.000000+00:00' "
+                     "WHERE capability_id = 'cap.other'")
+        conn.commit()
+        conn.close()
+        pruned = self.hall_cli("prune", "--older-than", "90d", "--db", self.db)
+        self.assertEqual(pruned.returncode, 0, pruned.stderr)
+        self.assertTrue(pruned.stdout.startswith("removed 1 decisions"))
+        conn = sqlite3.connect(self.db)
+        try:
+            self.assertEqual(conn.execute("SELECT count(*) FROM decisions").fetchone(), (1,))
+            action, detail = conn.execute("SELECT action, detail FROM audit").fetchone()
+        finally:
+            conn.close()
+        self.assertEqual((action, json.loads(detail)["removed"]), ("decisions.prune", 1))
+        self.assertEqual(self.hall_cli("status", "--db", os.path.join(self.tmp.name, "no.db"))
+                         .returncode, 2)
+
+    def test_route_and_status_against_a_running_hall(self):
+        h = hall.Hall(hall.Config(db_path=self.db, access_log=False, token="cli-token"))
+        server = h.serve(port=0)
+        try:
+            h.enroll(worker_record("w.url", "wrk.url", ["cap.url"]))
+            result = self.hall_cli("route", "--url", server.url, "--token", "cli-token",
+                                   "--capability", "cap.url", "--env", "dev", "--data-label",
+                                   "PUBLIC", "--tenant", "t")
+            self.assertEqual((result.returncode, result.stdout.split()[1]), (0, "w.url"))
+            result = self.hall_cli("route", "--url", server.url, "--capability", "cap.url",
+                                   "--env", "dev", "--data-label", "PUBLIC", "--tenant", "t")
+            self.assertEqual(result.returncode, 2)
+            self.assertIn("401", result.stderr)
+            status = json.loads(self.hall_cli("status", "--url", server.url).stdout)
+            self.assertEqual(status["decisions_total"], 1)
+        finally:
+            server.stop()
+            h.close()
+
+    def test_rules_and_policy_checks(self):
+        path = os.path.join(self.tmp.name, "rules.json")
+        with open(path, "w") as handle:
+            json.dump({"rules": [rule("broad", {"env": "prod"}),
+                                 rule("narrow", {"env": "prod", "tenant_id": "t"})]}, handle)
+        result = self.hall_cli("rules", "check", path)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("'narrow' can never match", result.stdout)
+        with open(path, "w") as handle:
+            json.dump({"rules": [rule("only", {"env": "prod"})]}, handle)
+        self.assertEqual(self.hall_cli("rules", "check", path).returncode, 0)
+        with open(path, "w") as handle:
+            handle.write('{"rules": [{"rule_id": 1}]}')
+        result = self.hall_cli("rules", "check", path)
+        self.assertEqual((result.returncode, len(result.stderr.strip().splitlines())), (2, 1))
+        with open(path, "w") as handle:
+            json.dump(PROD_WRITES_POLICY, handle)
+        result = self.hall_cli("policy", "check", path)
+        self.assertEqual(result.returncode, 0)
+        self.assertIn("policy 2026-11-a", result.stdout)
+        with open(path, "w") as handle:
+            json.dump({"version": "x", "default": "NOPE"}, handle)
+        self.assertEqual(self.hall_cli("policy", "check", path).returncode, 2)
+
+    def test_help_and_wrong_arguments(self):
+        result = self.hall_cli("--help")
+        self.assertEqual(result.returncode, 0)
+        for command in ("serve", "route", "enroll", "hash", "rules", "policy", "status",
+                        "workers", "dispatches", "token", "export", "prune", "bench"):
+            self.assertIn(command, result.stdout)
+        for args in (["route", "--blast-score", "x"], ["frobnicate"], ["prune"],
+                     ["prune", "--older-than", "soon", "--db", self.db]):
+            result = self.hall_cli(*args)
+            self.assertEqual(result.returncode, 2, args)
+            self.assertNotIn("Traceback", result.stderr)
+
+
+class AccessLogTest(unittest.TestCase):
+
+    def test_json_access_log_has_no_secrets_or_bodies(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            environ = {k: v for k, v in os.environ.items() if not k.startswith("HALL_")}
+            environ.update(HALL_API_PORT="0", HALL_TOKEN="super-secret-token")
+            process = subprocess.Popen([sys.executable, "-u", HALL_PY, "--log-json", "--db",
+                                        os.path.join(tmp, "hall.db")], cwd=tmp, env=environ,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                url = process.stdout.readline().split(" on ")[1].strip()
+                client = Client(url)
+                client.request("POST", "/api/route", route_body(tenant_id="body-marker"),
+                               "super-secret-token")
+                client.request("GET", "/status")
+                client.close()
+                process.terminate()
+                process.wait(15)
+                log = process.stderr.read()
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+                process.stdout.close()
+                process.stderr.close()
+        entries = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+        self.assertEqual([(e["method"], e["path"], e["status"], e["token"]) for e in entries],
+                         [("POST", "/api/route", 200, "env"), ("GET", "/status", 200, None)])
+        self.assertNotIn("super-secret-token", log)
+        self.assertNotIn("body-marker", log)
 
 
 # -- storage -------------------------------------------------------------------------
