@@ -131,6 +131,8 @@ class Config(object):
         "rate_burst": (None, "HALL_RATE_BURST"),
         "busy_timeout": (5000, "HALL_BUSY_TIMEOUT_MS"),
         "drain_seconds": (10, "HALL_DRAIN_SECONDS"),
+        "max_header_line": (65536, "HALL_MAX_HEADER_LINE"),
+        "max_headers": (100, "HALL_MAX_HEADERS"),
         "events_retained": (10000, "HALL_EVENTS_RETAINED"),
         "retention_days": (0, "HALL_RETENTION_DAYS"),
         "log_format": ("text", "HALL_LOG_FORMAT"),
@@ -168,6 +170,7 @@ class Config(object):
         for name, low, high in (("idle_timeout", 1, 3600), ("request_timeout", 1, 3600),
                                 ("max_connections", 1, 100000), ("busy_timeout", 0, 600000),
                                 ("drain_seconds", 0, 3600), ("events_retained", 1, 10 ** 7),
+                                ("max_header_line", 256, 1 << 20), ("max_headers", 8, 10000),
                                 ("retention_days", 0, 100000)):
             setattr(config, name, _parse_int_setting(name.replace("_", " "),
                                                      getattr(config, name), low, high))
@@ -4014,9 +4017,7 @@ class BadRequest(Exception):
         self.status, self.message = status, message
 
 
-MAX_LINE = 65536                            # request line or header line, bytes
 KNOWN_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
-MAX_HEADERS = 100
 REASONS = {status: phrase for status, (phrase, _) in BaseHTTPRequestHandler.responses.items()}
 _CHUNK_SIZE = re.compile(rb"^([0-9A-Fa-f]{1,8})(?:;[^\r\n]*)?\r?\n$")
 _HTTP_DATE = [0, ""]                        # [second, Date header value]: made once a second
@@ -4035,8 +4036,9 @@ class HallRequestHandler(socketserver.StreamRequestHandler):
     together, so Nagle's algorithm and delayed ACKs do not add ~40 ms to every
     keep-alive request).
 
-    It reads HTTP/1.0 and 1.1 itself, strictly: header lines over 64 KiB or
-    more than 100 of them are 431, anything malformed is 400 and closes."""
+    It reads HTTP/1.0 and 1.1 itself, strictly: header lines longer than
+    HALL_MAX_HEADER_LINE or more than HALL_MAX_HEADERS of them are 431,
+    anything malformed is 400 and closes."""
 
     server_version = "hall.py/" + __version__
 
@@ -4080,12 +4082,14 @@ class HallRequestHandler(socketserver.StreamRequestHandler):
 
     def read_head(self):
         """Request line and headers; False at a clean end of the connection."""
-        line = self.rfile.readline(MAX_LINE + 1)
+        config = self.server.hall.config
+        max_line = config.max_header_line
+        line = self.rfile.readline(max_line + 1)
         if line in (b"\r\n", b"\n"):            # a stray line between requests is allowed
-            line = self.rfile.readline(MAX_LINE + 1)
+            line = self.rfile.readline(max_line + 1)
         if not line:
             return False
-        if len(line) > MAX_LINE:
+        if len(line) > max_line:
             raise BadRequest(414, "the request line is too long")
         parts = line.decode("latin-1").split()
         if len(parts) != 3:
@@ -4095,10 +4099,10 @@ class HallRequestHandler(socketserver.StreamRequestHandler):
             self.version = "HTTP/1.1"
             raise BadRequest(400, "only HTTP/1.0 and HTTP/1.1 are spoken here")
         headers = Headers()
-        for _ in range(MAX_HEADERS + 1):
-            line = self.rfile.readline(MAX_LINE + 1)
-            if len(line) > MAX_LINE:
-                raise BadRequest(431, "a header line is longer than %d bytes" % MAX_LINE)
+        for _ in range(config.max_headers + 1):
+            line = self.rfile.readline(max_line + 1)
+            if len(line) > max_line:
+                raise BadRequest(431, "a header line is longer than %d bytes" % max_line)
             if line in (b"\r\n", b"\n", b""):
                 break
             name, colon, value = line.decode("latin-1").partition(":")
@@ -4106,7 +4110,7 @@ class HallRequestHandler(socketserver.StreamRequestHandler):
                 raise BadRequest(400, "malformed header line")
             headers.add(name, value.strip())
         else:
-            raise BadRequest(431, "more than %d header lines" % MAX_HEADERS)
+            raise BadRequest(431, "more than %d header lines" % config.max_headers)
         self.headers = headers
         connection = (headers.get("Connection") or "").lower()
         self.close_connection = ("close" in connection if self.version == "HTTP/1.1"
@@ -4114,9 +4118,8 @@ class HallRequestHandler(socketserver.StreamRequestHandler):
         if (self.version == "HTTP/1.1" and
                 (headers.get("Expect") or "").lower() == "100-continue"):
             length = headers.get("Content-Length", "")
-            if length.isdigit() and int(length) > self.server.hall.config.max_body:
-                raise BadRequest(413, "request body is larger than %d bytes"
-                                 % self.server.hall.config.max_body)
+            if length.isdigit() and int(length) > config.max_body:
+                raise BadRequest(413, "request body is larger than %d bytes" % config.max_body)
             self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         return True
 
@@ -4443,7 +4446,8 @@ def build_parser():
                "HALL_TOKEN_FILE, HALL_CORS_ORIGINS, HALL_MAX_BODY, HALL_ACCESS_LOG, "
                "HALL_APPROVAL_TTL, HALL_TENANTS, HALL_ATTEST_DIRS, HALL_REQUIRE_ATTESTATION, "
                "HALL_IDLE_TIMEOUT, HALL_REQUEST_TIMEOUT, HALL_MAX_CONNECTIONS, HALL_RATE_LIMIT, "
-               "HALL_RATE_BURST, HALL_BUSY_TIMEOUT_MS, HALL_DRAIN_SECONDS (see the README).")
+               "HALL_RATE_BURST, HALL_BUSY_TIMEOUT_MS, HALL_DRAIN_SECONDS, HALL_MAX_HEADER_LINE, "
+               "HALL_MAX_HEADERS, HALL_EVENTS_RETAINED, HALL_RETENTION_DAYS (see the README).")
     commands = parser.add_subparsers(dest="command", metavar="[command]")
     commands.add_parser("serve", parents=[serving], help="serve the HTTP API (the default)")
     hash_cmd = commands.add_parser("hash", help="print the artifact_hash of a worker record")

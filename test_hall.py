@@ -1882,6 +1882,15 @@ class LimitsTest(ServerCase):
         huge = b"X-Big: " + b"a" * 70000 + b"\r\n"
         self.assertEqual(statuses(raw_exchange(self.server, b"GET /health HTTP/1.1\r\n" + huge
                                                + b"\r\n")), [431])
+        self.restart(max_header_line=1024, max_headers=10)
+        line = b"X-Mid: " + b"a" * 2000 + b"\r\n"
+        self.assertEqual(statuses(raw_exchange(self.server, b"GET /health HTTP/1.1\r\n" + line
+                                               + b"\r\n")), [431])
+        eleven = b"".join(b"X-H%d: v\r\n" % i for i in range(11))
+        self.assertEqual(statuses(raw_exchange(self.server, b"GET /health HTTP/1.1\r\n" + eleven
+                                               + b"\r\n")), [431])
+        self.assertEqual(statuses(raw_exchange(self.server, b"GET /health HTTP/1.1\r\n"
+                                               b"Host: x\r\n\r\n")), [200])
 
 
 HOSTILE_IDS = ["x", "../../etc/passwd", "%2e%2e%2f", "' OR 1=1 --", "\u2603" * 50, "a" * 5000,
