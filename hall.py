@@ -4532,6 +4532,11 @@ def build_parser():
 
 
 def run_server(config):
+    if (not config.token and config.db_path != ":memory:" and not os.path.exists(config.db_path)
+            and os.path.exists(config.token_path)):
+        raise ConfigError("token file %s exists but database %s does not: it belongs to another "
+                          "hall or an earlier database; move it away (or set HALL_TOKEN_FILE) "
+                          "and start again" % (config.token_path, config.db_path))
     hall = Hall(config)
     try:
         server = make_server(hall, config.host, config.port)

@@ -2020,8 +2020,7 @@ class CrashSafetyTest(unittest.TestCase):
     def test_acknowledged_writes_survive_sigkill(self):
         with tempfile.TemporaryDirectory() as tmp:
             db = os.path.join(tmp, "hall.db")
-            environ = {k: v for k, v in os.environ.items() if not k.startswith("HALL_")}
-            environ.update(HALL_API_PORT="0", HALL_TOKEN="crash-test", HALL_ACCESS_LOG="off")
+            environ = hall_environ(HALL_API_PORT="0", HALL_TOKEN="crash-test", HALL_ACCESS_LOG="off")
             process = subprocess.Popen([sys.executable, "-u", HALL_PY, "--db", db], cwd=tmp,
                                        env=environ, stdout=subprocess.PIPE,
                                        stderr=subprocess.DEVNULL, text=True)
@@ -2085,8 +2084,7 @@ class GracefulStopTest(unittest.TestCase):
 
     def test_sigterm_finishes_the_request_in_flight(self):
         with tempfile.TemporaryDirectory() as tmp:
-            environ = {k: v for k, v in os.environ.items() if not k.startswith("HALL_")}
-            environ.update(HALL_API_PORT="0", HALL_ACCESS_LOG="off")
+            environ = hall_environ(HALL_API_PORT="0", HALL_ACCESS_LOG="off")
             process = subprocess.Popen([sys.executable, "-u", HALL_PY, "--db",
                                         os.path.join(tmp, "hall.db")], cwd=tmp, env=environ,
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -2521,8 +2519,7 @@ class AccessLogTest(unittest.TestCase):
 
     def test_json_access_log_has_no_secrets_or_bodies(self):
         with tempfile.TemporaryDirectory() as tmp:
-            environ = {k: v for k, v in os.environ.items() if not k.startswith("HALL_")}
-            environ.update(HALL_API_PORT="0", HALL_TOKEN="super-secret-token")
+            environ = hall_environ(HALL_API_PORT="0", HALL_TOKEN="super-secret-token")
             process = subprocess.Popen([sys.executable, "-u", HALL_PY, "--log-json", "--db",
                                         os.path.join(tmp, "hall.db")], cwd=tmp, env=environ,
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -2720,11 +2717,16 @@ class EmbeddingTest(unittest.TestCase):
             self.assertEqual(result.stdout.strip(), "clean", result.stderr)
 
 
-def run_hall(args, env=None, cwd=None, timeout=30):
+def hall_environ(**settings):
+    """This process's environment without any HALL_ setting, plus ``settings``."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("HALL_")}
-    environ.update(env or {})
-    return subprocess.run([sys.executable, HALL_PY] + args, env=environ, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+    environ.update(settings)
+    return environ
+
+
+def run_hall(args, env=None, cwd=None, timeout=30):
+    return subprocess.run([sys.executable, HALL_PY] + args, env=hall_environ(**(env or {})),
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 class CommandLineTest(unittest.TestCase):
@@ -2761,8 +2763,7 @@ class CommandLineTest(unittest.TestCase):
 
     def test_serve_prints_start_line_writes_token_and_stops_on_sigterm(self):
         with tempfile.TemporaryDirectory() as tmp:
-            environ = {k: v for k, v in os.environ.items() if not k.startswith("HALL_")}
-            environ["HALL_API_PORT"] = "0"
+            environ = hall_environ(HALL_API_PORT="0")
             process = subprocess.Popen([sys.executable, "-u", HALL_PY, "--db",
                                         os.path.join(tmp, "hall.db")], cwd=tmp, env=environ,
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
