@@ -1856,7 +1856,7 @@ def _run_pipeline(inp, decision, events, rules, registry, policy, floor, approva
         decision["matched_rule_id"] = "%s.%s" % (rule.rule_id, rule.candidates[0].worker_species_id)
     decision["candidate_workers_ranked"] = [
         {"worker_species_id": c.worker_species_id, "score_hint": c.score_hint}
-        for c in rule.candidates]
+        for c in rule.candidates[:MAX_LISTED_CANDIDATES]]
     decision["required_controls_effective"] = list(rule.controls)
     escalation = decision["escalation_effective"]
     escalation.update(rule.escalation)
@@ -1910,14 +1910,24 @@ def _run_pipeline(inp, decision, events, rules, registry, policy, floor, approva
             raise Denied("DENY_POLICY_GATE_INVALID_RESPONSE", **detail)
 
     # 6. The first candidate species with an eligible worker.
+    # A capability served by thousands of species must not make every answer
+    # huge: all candidates are considered, the first MAX_LISTED_CANDIDATES
+    # (and the chosen one) are listed.
     pinned = inp.get("worker_id")
     chosen = None
     ranked = decision["candidate_workers_ranked"]
-    for index, entry in enumerate(ranked):
+    for index, candidate in enumerate(rule.candidates):
+        if index < len(ranked):
+            entry = ranked[index]
+        elif chosen is not None:
+            break
+        else:
+            entry = {"worker_species_id": candidate.worker_species_id,
+                     "score_hint": candidate.score_hint}
         if chosen is not None:
             entry["skip_reason"] = "already_selected"
             continue
-        for worker in registry.by_species.get(entry["worker_species_id"], ()):
+        for worker in registry.by_species.get(candidate.worker_species_id, ()):
             if (worker.allows(env_key) and not floor.banned.intersection(worker.hashes())
                     and (rule.capability is None or rule.capability in worker.capabilities)
                     and (pinned is None or worker.worker_id == pinned)):
@@ -1925,9 +1935,7 @@ def _run_pipeline(inp, decision, events, rules, registry, policy, floor, approva
                 break
         entry["skip_reason"] = None if chosen else "unavailable"
         if chosen is not None and index >= MAX_LISTED_CANDIDATES:
-            ranked[MAX_LISTED_CANDIDATES - 1] = entry     # keep the chosen one in the list
-    # A capability served by thousands of species must not make every answer huge.
-    del ranked[MAX_LISTED_CANDIDATES:]
+            ranked[-1] = entry                  # keep the chosen one in the list
     if chosen is None:
         raise Denied("DENY_NO_AVAILABLE_WORKER")
     decision["selected_worker_species_id"] = chosen.species
