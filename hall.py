@@ -909,10 +909,6 @@ class Store(object):
             return gone
         return self.write(work)
 
-    def count_workers(self):
-        with self.reading() as conn:
-            return conn.execute("SELECT count(*) FROM enrollments").fetchone()[0]
-
     # -- decisions -----------------------------------------------------------
 
     def insert_decision(self, row, consume_approval=None):
