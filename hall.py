@@ -441,6 +441,20 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def require_object(value):
+    """A request body must be a JSON object."""
+    if not isinstance(value, dict):
+        raise HallError(400, "request body must be a JSON object")
+    return value
+
+
+def _required_string(body, field):
+    """A field that must be a non-blank string."""
+    if not isinstance(body.get(field), str) or not body[field].strip():
+        raise HallError(400, "%s is required" % field)
+    return body[field]
+
+
 def _optional_string(body, field, default=None):
     value = body.get(field)
     if value is None:
@@ -1627,8 +1641,7 @@ HASHED_FIELDS = ("capability_id", "env", "data_label", "tenant_id", "tenant_risk
 
 def parse_route_input(body):
     """A /api/route body -> the normalised route input, or HallError(400)."""
-    if not isinstance(body, dict):
-        raise HallError(400, "request body must be a JSON object")
+    require_object(body)
     inp = {}
     for field in ROUTE_REQUIRED:
         if body.get(field) is None:
@@ -2451,8 +2464,7 @@ class Hall(object):
 
     def enroll(self, record, principal=TRUSTED):
         """Validate and store a worker record (checks in the documented order)."""
-        if not isinstance(record, dict):
-            raise HallError(400, "request body must be a JSON object")
+        require_object(record)
         for field in ("worker_id", "worker_species_id"):
             value = record.get(field)
             if value is not None and not isinstance(value, str):
@@ -2521,8 +2533,7 @@ class Hall(object):
 
     def ingest(self, decision, principal=TRUSTED):
         """Record a decision made elsewhere (a router or SDK); idempotent by decision_id."""
-        if not isinstance(decision, dict):
-            raise HallError(400, "request body must be a JSON object")
+        require_object(decision)
         row = {
             "decision_id": _optional_string(decision, "decision_id") or str(uuid.uuid4()),
             "capability_id": _optional_string(decision, "capability_id", ""),
@@ -3069,11 +3080,9 @@ class Hall(object):
 
     def dispatch_v1(self, body, principal=TRUSTED):
         """POST /api/v1/dispatch: a route in the hosted registry's shape."""
-        if not isinstance(body, dict):
-            raise HallError(400, "request body must be a JSON object")
+        require_object(body)
         for field in ("namespace", "capability"):
-            if not isinstance(body.get(field), str) or not body[field].strip():
-                raise HallError(400, "%s is required" % field)
+            _required_string(body, field)
         worker_id = _optional_string(body, "worker_id")
         context = body.get("context")
         if context is None:
@@ -3081,8 +3090,8 @@ class Hall(object):
         if not isinstance(context, dict):
             raise HallError(400, "context must be an object")
         check_namespace(principal, body["namespace"])
-        if worker_id is not None and worker_id not in self.registry().by_id:
-            raise HallError(404, "no enrolled worker %s" % clean_id(worker_id)[:200], "NOT_FOUND")
+        if worker_id is not None:
+            self.enrolled_worker(worker_id)
         route_request = {"capability_id": body["capability"], "tenant_id": body["namespace"],
                          "env": context.get("env", "dev"),
                          "data_label": context.get("data_label", "PUBLIC")}
@@ -3106,11 +3115,16 @@ class Hall(object):
                 "correlation_id": decision["correlation_id"],
                 "decision_id": decision["decision_id"]}
 
-    def verify_worker(self, worker_id, principal=TRUSTED):
-        """GET /api/v1/verify/{worker_id}: registered, attested, not banned?"""
+    def enrolled_worker(self, worker_id):
+        """The registry's Worker of that id, or 404."""
         worker = self.registry().by_id.get(worker_id)
         if worker is None:
             raise HallError(404, "no enrolled worker %s" % clean_id(worker_id)[:200], "NOT_FOUND")
+        return worker
+
+    def verify_worker(self, worker_id, principal=TRUSTED):
+        """GET /api/v1/verify/{worker_id}: registered, attested, not banned?"""
+        worker = self.enrolled_worker(worker_id)
         if principal.tenant and not in_namespace(worker.namespace or "", principal.tenant):
             raise HallError(403, "this token is limited to namespace %s" % principal.tenant,
                             "FORBIDDEN_NAMESPACE")
@@ -3126,11 +3140,9 @@ class Hall(object):
 
     def enroll_v1(self, body, principal=TRUSTED):
         """POST /api/v1/hall/enroll: enroll by package hash, for an authenticated caller."""
-        if not isinstance(body, dict):
-            raise HallError(400, "request body must be a JSON object")
+        require_object(body)
         for field in ("namespace", "display_name"):
-            if not isinstance(body.get(field), str) or not body[field].strip():
-                raise HallError(400, "%s is required" % field)
+            _required_string(body, field)
         package = normalise_sha256(body.get("sha256"))
         check_namespace(principal, body["namespace"])
         record = {key: value for key, value in body.items() if key != "sha256"}
@@ -3383,10 +3395,7 @@ class Request(object):
         """The body as a JSON object, or {} when there is none."""
         if not self.raw_body.strip():
             return {}
-        body = self.json()
-        if not isinstance(body, dict):
-            raise HallError(400, "request body must be a JSON object")
-        return body
+        return require_object(self.json())
 
 
 # -- handlers: thin calls into the Hall ----------------------------------------
@@ -3534,9 +3543,7 @@ def handle_exit_safe_mode(hall, req):
 
 
 def handle_add_ban(hall, req):
-    body = req.json()
-    if not isinstance(body, dict):
-        raise HallError(400, "request body must be a JSON object")
+    body = require_object(req.json())
     created, result = hall.ban(body.get("sha256"), body.get("reason"), req.principal)
     return (201 if created else 200), result
 
@@ -3561,9 +3568,7 @@ def handle_put_tenants(hall, req):
 
 
 def handle_create_token(hall, req):
-    body = req.json()
-    if not isinstance(body, dict):
-        raise HallError(400, "request body must be a JSON object")
+    body = require_object(req.json())
     token_id, secret = hall.create_token(body.get("name"), body.get("scopes"),
                                          body.get("tenant"), req.principal)
     listed = [t for t in hall.tokens()["tokens"] if t["token_id"] == token_id][0]

@@ -103,20 +103,35 @@ class Client(object):
         self.conn.close()
 
 
-class ServerCase(unittest.TestCase):
+class TempDirCase(unittest.TestCase):
+    """Each test gets a temporary directory (``self.tmp``), removed afterwards,
+    with ``self.db`` a database path inside it."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.db = os.path.join(self.tmp.name, "hall.db")
+
+    def write_file(self, name, content):
+        """A file in the temporary directory: text as is, anything else as JSON."""
+        path = os.path.join(self.tmp.name, name)
+        with open(path, "w") as handle:
+            handle.write(content if isinstance(content, str) else json.dumps(content))
+        return path
+
+
+class ServerCase(TempDirCase):
     """Each test gets a fresh hall on a temporary database and an ephemeral port."""
 
     settings = {}
 
     def setUp(self):
-        self.tmp = tempfile.TemporaryDirectory()
-        self.db = os.path.join(self.tmp.name, "hall.db")
+        TempDirCase.setUp(self)
         self.hall = None
         self.start()
 
     def tearDown(self):
         self.stop()
-        self.tmp.cleanup()
 
     def start(self, **settings):
         config = hall.Config(db_path=self.db, access_log=False,
@@ -1745,19 +1760,12 @@ class NetworkDefaultsTest(ServerCase):
         self.assertEqual(len(result.stderr.strip().splitlines()), 1)
 
 
-class TlsTest(unittest.TestCase):
+class TlsTest(TempDirCase):
 
     def setUp(self):
-        self.tmp = tempfile.TemporaryDirectory()
-        self.cert = os.path.join(self.tmp.name, "cert.pem")
-        self.key = os.path.join(self.tmp.name, "key.pem")
-        with open(self.cert, "w") as handle:
-            handle.write(TEST_CERT)
-        with open(self.key, "w") as handle:
-            handle.write(TEST_KEY)
-
-    def tearDown(self):
-        self.tmp.cleanup()
+        TempDirCase.setUp(self)
+        self.cert = self.write_file("cert.pem", TEST_CERT)
+        self.key = self.write_file("key.pem", TEST_KEY)
 
     def test_https_with_tls_1_2_or_newer(self):
         h = hall.Hall(hall.Config(db_path=":memory:", tls_cert=self.cert, tls_key=self.key,
@@ -2064,10 +2072,7 @@ class CrashSafetyTest(unittest.TestCase):
                 for thread in threads:
                     thread.join(30)
             finally:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
-                process.stdout.close()
+                reap(process)
             self.assertGreaterEqual(len(acknowledged), 150)
             conn = sqlite3.connect(db)
             try:
@@ -2104,11 +2109,7 @@ class GracefulStopTest(unittest.TestCase):
                 self.assertFalse(os.path.exists(os.path.join(tmp, "hall.db-wal")) and
                                  os.path.getsize(os.path.join(tmp, "hall.db-wal")) > 0)
             finally:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
-                process.stdout.close()
-                process.stderr.close()
+                reap(process)
             conn = sqlite3.connect(os.path.join(tmp, "hall.db"))
             try:
                 self.assertEqual(conn.execute("SELECT decision_id FROM decisions").fetchall(),
@@ -2394,18 +2395,12 @@ class DecisionLogTest(ServerCase):
             self.assertEqual(self.call("GET", "/dispatches?" + bad)[0], 400, bad)
 
 
-class OperationsCommandLineTest(unittest.TestCase):
+class OperationsCommandLineTest(TempDirCase):
 
     def setUp(self):
-        self.tmp = tempfile.TemporaryDirectory()
-        self.db = os.path.join(self.tmp.name, "hall.db")
-        self.record = os.path.join(self.tmp.name, "worker.json")
-        with open(self.record, "w") as handle:
-            json.dump({"worker_id": "w.cli", "worker_species_id": "wrk.cli",
-                       "capabilities": ["cap.cli"]}, handle)
-
-    def tearDown(self):
-        self.tmp.cleanup()
+        TempDirCase.setUp(self)
+        self.record = self.write_file("worker.json", {
+            "worker_id": "w.cli", "worker_species_id": "wrk.cli", "capabilities": ["cap.cli"]})
 
     def hall_cli(self, *args, **kwargs):
         return run_hall(list(args), **kwargs)
@@ -2534,11 +2529,7 @@ class AccessLogTest(unittest.TestCase):
                 process.wait(15)
                 log = process.stderr.read()
             finally:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
-                process.stdout.close()
-                process.stderr.close()
+                reap(process)
         entries = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
         self.assertEqual([(e["method"], e["path"], e["status"], e["token"]) for e in entries],
                          [("POST", "/api/route", 200, "env"), ("GET", "/status", 200, None)])
@@ -2597,12 +2588,11 @@ class StorageTest(ServerCase):
         self.assertIn((hashlib.sha256(self.admin.encode()).hexdigest(), "admin"), rows)
 
 
-class ReferenceDatabaseTest(unittest.TestCase):
+class ReferenceDatabaseTest(TempDirCase):
     """A hall.db written by the reference server opens and is served without loss."""
 
     def setUp(self):
-        self.tmp = tempfile.TemporaryDirectory()
-        self.db = os.path.join(self.tmp.name, "hall.db")
+        TempDirCase.setUp(self)
         conn = sqlite3.connect(self.db)
         conn.executescript(REFERENCE_SCHEMA)
         self.record = worker_record("org.legacy.worker", "wrk.legacy", ["cap.legacy"])
@@ -2622,9 +2612,6 @@ class ReferenceDatabaseTest(unittest.TestCase):
                       "cap.legacy"))
         conn.commit()
         conn.close()
-
-    def tearDown(self):
-        self.tmp.cleanup()
 
     def test_reference_database_is_served_without_loss(self):
         h = hall.Hall(hall.Config(db_path=self.db, access_log=False))
@@ -2724,6 +2711,16 @@ def hall_environ(**settings):
     return environ
 
 
+def reap(process):
+    """Make sure a hall process started by a test is gone and its pipes closed."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    for pipe in (process.stdout, process.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
 def run_hall(args, env=None, cwd=None, timeout=30):
     return subprocess.run([sys.executable, HALL_PY] + args, env=hall_environ(**(env or {})),
                           cwd=cwd, capture_output=True, text=True, timeout=timeout)
@@ -2786,11 +2783,7 @@ class CommandLineTest(unittest.TestCase):
                 process.terminate()
                 self.assertEqual(process.wait(timeout=15), 0)
             finally:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
-                process.stdout.close()
-                process.stderr.close()
+                reap(process)
             # a second start keeps the first token and writes no new one
             process = subprocess.Popen([sys.executable, "-u", HALL_PY, "--db",
                                         os.path.join(tmp, "hall.db")], cwd=tmp, env=environ,
@@ -2802,10 +2795,7 @@ class CommandLineTest(unittest.TestCase):
                 self.assertEqual(process.wait(timeout=15), 0)
                 self.assertEqual(process.stdout.read().strip(), "[hall-api] stopped")
             finally:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
-                process.stdout.close()
+                reap(process)
             with open(token_path) as handle:
                 self.assertEqual(handle.read().strip(), token)
 
