@@ -41,6 +41,7 @@ import collections
 import contextlib
 import datetime
 import hashlib
+import heapq
 import hmac
 import io
 import ipaddress
@@ -112,6 +113,7 @@ class Config(object):
         "db_path":      ("hall.db", "HALL_DB_PATH"),
         "token":        (None, "HALL_TOKEN"),
         "token_file":   (None, "HALL_TOKEN_FILE"),
+        "receipt_keys": (None, "HALL_RECEIPT_KEYS"),
         "rules_path":   (None, "HALL_RULES_PATH"),
         "policy_path":  (None, "HALL_POLICY_PATH"),
         "cors_origins": ("*", "HALL_CORS_ORIGINS"),
@@ -202,6 +204,15 @@ class Config(object):
         if self.db_path == ":memory:":
             return "hall.token"
         return os.path.join(os.path.dirname(os.path.abspath(self.db_path)), "hall.token")
+
+    @property
+    def receipt_keys_path(self):
+        """The receipt keys file: beside the database (None: kept in memory)."""
+        if self.receipt_keys:
+            return self.receipt_keys
+        if self.db_path == ":memory:":
+            return None
+        return os.path.abspath(self.db_path) + ".keys"
 
     @property
     def loopback(self):
@@ -473,6 +484,10 @@ def _optional_string(body, field, default=None):
 # Everything newer arrives by forward migrations keyed on PRAGMA user_version,
 # each applied in one transaction.
 
+AUDIT_NO_UPDATE = """CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN
+            SELECT RAISE(ABORT, 'the audit trail is append-only');
+        END"""
+
 MIGRATIONS = [
     # 1 -- the reference schema (a no-op on a database the reference made).
     [
@@ -590,9 +605,7 @@ MIGRATIONS = [
             target TEXT,
             detail TEXT)""",
         "CREATE INDEX audit_by_time ON audit(at)",
-        """CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN
-            SELECT RAISE(ABORT, 'the audit trail is append-only');
-        END""",
+        AUDIT_NO_UPDATE,
         """CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN
             SELECT RAISE(ABORT, 'the audit trail is append-only');
         END""",
@@ -611,6 +624,21 @@ MIGRATIONS = [
         "CREATE INDEX decisions_by_tenant ON decisions(tenant_id, decided_at)",
         "CREATE INDEX decisions_by_capability ON decisions(capability_id, decided_at)",
     ],
+    # 6 -- the evidence chain: every decision, alert and audit entry carries
+    # its place in one hash chain; rows written before it are sealed now.
+    ["ALTER TABLE %s ADD COLUMN %s" % (table, column)
+     for table in ("decisions", "alerts", "audit")
+     for column in ("chain_seq INTEGER", "chain_hash TEXT")] +
+    ["CREATE INDEX %s_by_chain ON %s(chain_seq)" % (table, table)
+     for table in ("decisions", "alerts", "audit")] + [
+        """CREATE TABLE chain (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            seq INTEGER NOT NULL,
+            head TEXT NOT NULL,
+            sealed_seq INTEGER NOT NULL,
+            sealed_at TEXT)""",
+        lambda conn: seal_existing_rows(conn),
+    ],
 ]
 
 DECISION_COLUMNS = ("decision_id", "decided_at", "capability_id", "tenant_id", "env", "denied",
@@ -624,9 +652,18 @@ Token = namedtuple("Token", "token_id name scopes tenant")
 APPROVAL_COLUMNS = ("approval_id", "created_at", "expires_at", "status", "input_hash",
                     "deny_code", "reason", "capability_id", "tenant_id", "env", "data_label",
                     "decided_at", "decided_by", "decision_note", "used_at", "used_decision_id")
+# The tables of the evidence chain and the columns each entry is hashed over
+# (their first column names the entry).
+CHAINED_COLUMNS = {
+    "decisions": DECISION_COLUMNS + ("source", "correlation_id", "matched_rule_id", "worker_id"),
+    "alerts": ALERT_COLUMNS,
+    "audit": ("audit_id", "at", "token_id", "action", "target", "detail"),
+}
+CHAIN_TIME = {"decisions": "decided_at", "alerts": "created_at", "audit": "at"}
+CHAIN_GENESIS = "0" * 64
 TOKEN_COLUMNS = ("token_id", "name", "scopes", "tenant", "created_at", "last_used_at",
                  "revoked_at")
-AUDIT_COLUMNS = ("audit_id", "at", "token_id", "action", "target", "detail")
+AUDIT_COLUMNS = CHAINED_COLUMNS["audit"]
 # An approval past its expiry reads as "expired" whatever its stored status.
 APPROVAL_STATUS_SQL = ("CASE WHEN status IN ('pending', 'approved') AND expires_at <= ? "
                        "THEN 'expired' ELSE status END")
@@ -639,16 +676,16 @@ class StoreError(Exception):
 class WriteJob(object):
     """One piece of work for the writer thread, and its outcome.
 
-    ``work(conn)`` is any function; a job that is a plain INSERT can say so
-    with ``insert=(sql, params)`` instead, and the writer runs all of a batch's
-    inserts of one statement as a single executemany.  ``done`` is a lock held
-    until the job's transaction has committed (or failed)."""
+    ``work(conn)`` is any function; a job that only appends one entry to the
+    evidence chain says so with ``append=(table, values)`` instead, and the
+    writer appends all of a batch's entries in one savepoint.  ``done`` is a
+    lock held until the job's transaction has committed (or failed)."""
 
-    __slots__ = ("work", "insert", "done", "result", "error")
+    __slots__ = ("work", "append", "done", "result", "error")
 
-    def __init__(self, work=None, insert=None, wait=True):
-        self.work = work if work is not None else (lambda conn: conn.execute(*insert))
-        self.insert = insert
+    def __init__(self, work=None, append=None, wait=True):
+        self.work = work
+        self.append = append
         self.done = threading.Lock() if wait else None
         if wait:
             self.done.acquire()
@@ -684,6 +721,7 @@ class Store(object):
         self._reader_slots = threading.BoundedSemaphore(self.MAX_READERS)
         self.on_audit = None                    # called with each audit entry once committed
         self._batch_audit = []                  # audit entries of the batch being committed
+        self._chain = None                      # (seq, head) of the chain while writing
         try:
             self._writer = self._connect()
             self._writer.execute("PRAGMA journal_mode=WAL").fetchone()
@@ -711,7 +749,10 @@ class Store(object):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for statement in statements:
-                    conn.execute(statement)
+                    if callable(statement):     # a step that needs Python (hashing)
+                        statement(conn)
+                    else:
+                        conn.execute(statement)
                 conn.execute("PRAGMA user_version=%d" % number)
                 conn.execute("COMMIT")
             except BaseException:
@@ -761,12 +802,12 @@ class Store(object):
         finally:
             self._reader_slots.release()
 
-    def write(self, work=None, insert=None, timeout=-1):
-        """Run ``work(conn)`` (or the INSERT ``insert=(sql, params)``) in the
-        writer's next transaction; return what it returned once that
-        transaction committed, or raise what it raised (a locked, read-only or
-        full database: Unavailable, a 503)."""
-        job = WriteJob(work, insert)
+    def write(self, work=None, append=None, timeout=-1):
+        """Run ``work(conn)`` (or append the chain entry ``append=(table,
+        values)``) in the writer's next transaction; return what it returned
+        once that transaction committed, or raise what it raised (a locked,
+        read-only or full database: Unavailable, a 503)."""
+        job = WriteJob(work, append)
         self._submit(job)
         if not job.done.acquire(timeout=timeout):
             raise Unavailable("the writer did not answer within %s s" % timeout)
@@ -805,33 +846,42 @@ class Store(object):
                 return
 
     def _commit(self, batch):
-        """One transaction for the batch.  Plain inserts of one statement go
-        in together as one executemany; everything else, and any insert group
-        that fails as a whole, runs job by job in savepoints, so one failing
-        job rolls back alone."""
+        """One transaction for the batch.  The chain entries are appended
+        together in one savepoint; everything else, and those entries again
+        if that savepoint fails, runs job by job in savepoints, so one
+        failing job rolls back alone.  The chain's head is read once the
+        write lock is held and stored with the batch, so another process
+        writing the same file continues the same chain."""
         with self._write_lock:
             conn = self._writer
             self._batch_audit = []
             try:
                 conn.execute("BEGIN IMMEDIATE")
+                self._chain = start = tuple(conn.execute("SELECT seq, head FROM chain").fetchone())
             except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
                 for job in batch:
                     job.error = Unavailable("the database cannot take writes now: %s" % exc)
             else:
-                groups, singles = {}, []
-                for job in batch:
-                    if job.insert is None:
-                        singles.append(job)
-                    else:
-                        groups.setdefault(job.insert[0], []).append(job)
-                for sql, jobs in groups.items():
+                appends = [job for job in batch if job.append is not None]
+                singles = [job for job in batch if job.append is None]
+                if appends:
+                    conn.execute("SAVEPOINT appends")
                     try:
-                        conn.executemany(sql, [job.insert[1] for job in jobs])
+                        for job in appends:
+                            job.result = self._append(conn, *job.append)
                     except sqlite3.Error:
-                        singles.extend(jobs)    # find the culprit one at a time
+                        conn.execute("ROLLBACK TO appends")
+                        self._chain = start
+                        singles.extend(appends)     # find the culprit one at a time
+                    conn.execute("RELEASE appends")
                 for job in singles:
                     self._run_alone(conn, job)
                 try:
+                    if self._chain != start:
+                        conn.execute("UPDATE chain SET seq = ?, head = ? WHERE id = 1",
+                                     self._chain)
                     conn.execute("COMMIT")
                     self.generation += 1
                     for entry in self._batch_audit:
@@ -850,18 +900,31 @@ class Store(object):
             elif job.error is not None and not isinstance(job.error, HallError):
                 print("[hall-api] deferred write failed: %r" % job.error, file=sys.stderr)
 
-    @staticmethod
-    def _run_alone(conn, job):
+    def _run_alone(self, conn, job):
         conn.execute("SAVEPOINT job")
+        chain = self._chain
         try:
-            job.result = job.work(conn)
+            job.result = (job.work(conn) if job.append is None
+                          else self._append(conn, *job.append))
         except BaseException as exc:
             job.error = (Unavailable("the database cannot take writes now: %s" % exc)
                          if isinstance(exc, sqlite3.OperationalError) else exc)
+            self._chain = chain
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK TO job")
         with contextlib.suppress(sqlite3.Error):
             conn.execute("RELEASE job")
+
+    def _append(self, conn, table, values):
+        """Write one entry (the values of CHAINED_COLUMNS[table]) at the head
+        of the evidence chain; True if written.  A repeated decision_id is
+        ignored and takes no place in the chain."""
+        seq, head = self._chain
+        link = chain_link(head, seq + 1, table, values)
+        if conn.execute(APPEND_SQL[table], list(values) + [seq + 1, link]).rowcount != 1:
+            return False
+        self._chain = (seq + 1, link)
+        return True
 
     def _audit(self, conn, audit):
         """audit = (token_id, action, target, detail dict): one append-only row,
@@ -869,9 +932,8 @@ class Store(object):
         token_id, action, target, detail = audit
         entry = {"audit_id": str(uuid.uuid4()), "at": now_iso(), "token_id": token_id,
                  "action": action, "target": target, "detail": detail or {}}
-        conn.execute("INSERT INTO audit (audit_id, at, token_id, action, target, detail) "
-                     "VALUES (?, ?, ?, ?, ?, ?)", (entry["audit_id"], entry["at"], token_id,
-                                                   action, target, json.dumps(entry["detail"])))
+        self._append(conn, "audit", [entry["audit_id"], entry["at"], token_id, action, target,
+                                     json.dumps(entry["detail"])])
         self._batch_audit.append(entry)
 
     def registry_version(self):
@@ -932,11 +994,9 @@ class Store(object):
         ``consume_approval`` = (approval_id, input_hash, now): the decision is
         stored only if that approval can be used up in the same transaction,
         so an approval admits exactly one decision.  Returns False if not."""
-        columns = list(row)
-        insert = ("INSERT OR IGNORE INTO decisions (%s) VALUES (%s)" % (
-            ", ".join(columns), ", ".join("?" * len(columns))), [row[c] for c in columns])
+        values = [row.get(c) for c in CHAINED_COLUMNS["decisions"]]
         if consume_approval is None:
-            self.write(insert=insert)
+            self.write(append=("decisions", values))
             return True
         approval_id, input_hash, now = consume_approval
 
@@ -947,9 +1007,17 @@ class Store(object):
                 "AND expires_at > ?",
                 (now, row["decision_id"], approval_id, input_hash, now)).rowcount
             if used:
-                conn.execute(*insert)
+                self._append(conn, "decisions", values)
             return bool(used)
         return self.write(work)
+
+    def decision(self, decision_id):
+        """One decision-log row (the columns decision_row fills), or None."""
+        columns = CHAINED_COLUMNS["decisions"]
+        with self.reading() as conn:
+            row = conn.execute("SELECT %s FROM decisions WHERE decision_id = ?"
+                               % ", ".join(columns), (decision_id,)).fetchone()
+        return dict(zip(columns, row)) if row else None
 
     def recent_decisions(self, limit):
         with self.reading() as conn:
@@ -986,19 +1054,28 @@ class Store(object):
 
     def prune_decisions(self, before, audit, batch=5000):
         """Delete decisions decided before ``before``, a batch per transaction so
-        writers are never held up for long; the audit row records the count."""
+        writers are never held up for long.  Each batch writes, in the same
+        transaction, an audit entry that counts the rows and vouches for the
+        places they leave empty in the chain (so verify_chain can tell a
+        pruned entry from a deleted one)."""
+        token_id, action, target, detail = audit
+
+        def work(conn):
+            rows = conn.execute("SELECT rowid, chain_seq, chain_hash FROM decisions "
+                                "WHERE decided_at < ? ORDER BY decided_at LIMIT ?",
+                                (before, batch)).fetchall()
+            conn.executemany("DELETE FROM decisions WHERE rowid = ?", [(r[0],) for r in rows])
+            if rows or not removed:             # an empty prune is audited too
+                gaps = chain_runs((seq, link) for _rowid, seq, link in rows if seq is not None)
+                self._audit(conn, (token_id, action, target,
+                                   dict(detail, removed=len(rows), gaps=gaps)))
+            return len(rows)
         removed = 0
         while True:
-            count = self.write(lambda conn: conn.execute(
-                "DELETE FROM decisions WHERE rowid IN (SELECT rowid FROM decisions "
-                "WHERE decided_at < ? ORDER BY decided_at LIMIT ?)", (before, batch)).rowcount)
+            count = self.write(work)
             removed += count
             if count < batch:
-                break
-        token_id, action, target, detail = audit
-        self.write(lambda conn: self._audit(conn, (token_id, action, target,
-                                                   dict(detail, removed=removed))))
-        return removed
+                return removed
 
     def count_by(self, table, column, where=""):
         with self.reading() as conn:
@@ -1013,12 +1090,21 @@ class Store(object):
                                  (day,)).fetchone() or (0, 0)
         return total, today[0], today[1]
 
+    # -- the evidence chain --------------------------------------------------
+
+    def verify_chain(self, max_problems=100):
+        """Walk the chain in one read snapshot: see walk_chain."""
+        with self.reading() as conn:
+            conn.execute("BEGIN")
+            try:
+                return walk_chain(conn, max_problems)
+            finally:
+                conn.execute("ROLLBACK")
+
     # -- alerts --------------------------------------------------------------
 
     def insert_alert(self, alert):
-        self.write(insert=("INSERT INTO alerts (%s) VALUES (%s)" % (
-            ", ".join(ALERT_COLUMNS), ", ".join("?" * len(ALERT_COLUMNS))),
-            [alert[c] for c in ALERT_COLUMNS]))
+        self.write(append=("alerts", [alert[c] for c in ALERT_COLUMNS]))
 
     def recent_alerts(self, limit=50):
         with self.reading() as conn:
@@ -1176,6 +1262,255 @@ class Store(object):
         return [dict(zip(AUDIT_COLUMNS, r[:-1]), detail=_json_object(r[-1])) for r in rows]
 
 
+
+
+# -- the evidence chain -------------------------------------------------------
+#
+# Every decision, alert and audit entry is one link of a single hash chain in
+# the order the hall wrote them: its chain_hash is SHA-256 over the previous
+# link, its place (chain_seq), its table and its content.  Editing, deleting,
+# inserting or reordering rows in the file breaks the chain where it was done;
+# walk_chain names the place.  The head (seq, hash) is kept in the chain
+# table -- note it somewhere else now and then, and even a rewrite of every
+# later row and of the head shows.
+
+APPEND_SQL = {table: "INSERT %sINTO %s (%s, chain_seq, chain_hash) VALUES (%s)" % (
+    "OR IGNORE " if table == "decisions" else "", table, ", ".join(columns),
+    ", ".join("?" * (len(columns) + 2))) for table, columns in CHAINED_COLUMNS.items()}
+ENTRY_NAMES = {"decisions": "decision", "alerts": "alert", "audit": "audit entry"}
+PRUNE_ACTION = "decisions.prune"
+
+
+def chain_link(previous, seq, table, values):
+    """The chain hash of one entry: its content is the JSON array of its
+    CHAINED_COLUMNS values as stored.  No secret: anyone with the file can
+    check it."""
+    text = "%s\n%d\n%s\n%s" % (previous, seq, table, json.dumps(list(values),
+                                                             separators=(",", ":")))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def chain_runs(links):
+    """[(seq, chain_hash)] -> [[first, last, hash of last]] for each run of
+    consecutive places: what a prune leaves empty, and the link to go on from."""
+    runs = []
+    for seq, link in sorted(links):
+        if runs and runs[-1][1] == seq - 1:
+            runs[-1][1:] = [seq, link]
+        else:
+            runs.append([seq, seq, link])
+    return runs
+
+
+def _chained_rows(conn, table, order, chunk=2000):
+    """(key, table, rowid, values, chain_hash) of a table's rows in ``order``
+    ("time" or "chain"), read a chunk at a time so memory stays flat."""
+    key = CHAIN_TIME[table] if order == "time" else "chain_seq"
+    sql = "SELECT %s, rowid, %s, chain_hash FROM %s %%s ORDER BY %s, rowid LIMIT %d" % (
+        key, ", ".join(CHAINED_COLUMNS[table]), table, key, chunk)
+    rows = conn.execute(sql % ("WHERE %s IS NOT NULL" % key)).fetchall()
+    while rows:
+        for row in rows:
+            yield row[0], table, row[1], list(row[2:-1]), row[-1]
+        if len(rows) < chunk:
+            return
+        rows = conn.execute(sql % ("WHERE (%s, rowid) > (?, ?)" % key), rows[-1][:2]).fetchall()
+
+
+def seal_existing_rows(conn):
+    """Migration 6: chain the rows written before the chain existed, oldest
+    first across the three tables.  walk_chain reports them as sealed: the
+    chain vouches for them only from this moment on."""
+    conn.execute("DROP TRIGGER audit_no_update")  # the audit rows get their place once
+    seq, head = 0, CHAIN_GENESIS
+    for _time, table, rowid, values, _link in heapq.merge(
+            *[_chained_rows(conn, table, "time") for table in CHAINED_COLUMNS]):
+        seq += 1
+        head = chain_link(head, seq, table, values)
+        conn.execute("UPDATE %s SET chain_seq = ?, chain_hash = ? WHERE rowid = ?" % table,
+                     (seq, head, rowid))
+    conn.execute(AUDIT_NO_UPDATE)
+    conn.execute("INSERT INTO chain (id, seq, head, sealed_seq, sealed_at) VALUES (1, ?, ?, ?, ?)",
+                 (seq, head, seq, now_iso() if seq else None))
+
+
+def walk_chain(conn, max_problems=100):
+    """Check every link of the chain; a report with ``intact``, the number of
+    entries, the head, what was pruned and sealed, and the problems found in
+    chain order (at most ``max_problems``): an entry *altered* (its content
+    or its place changed), entries *deleted*, an entry *inserted* outside the
+    chain, or a *head* that does not match the last entry."""
+    recorded_seq, recorded_head, sealed_seq, sealed_at = conn.execute(
+        "SELECT seq, head, sealed_seq, sealed_at FROM chain").fetchone()
+    vouched = {}                                # first pruned place -> (last, link before the next)
+    for (detail,) in conn.execute("SELECT detail FROM audit WHERE action = ?", (PRUNE_ACTION,)):
+        for run in _json_object(detail).get("gaps") or ():
+            if isinstance(run, list) and len(run) == 3:
+                vouched[run[0]] = (run[1], run[2])
+    problems = []
+
+    def problem(kind, seq, message):
+        if len(problems) < max_problems:
+            problems.append({"problem": kind, "seq": seq, "message": message})
+
+    for table in CHAINED_COLUMNS:
+        for (entry_id,) in conn.execute("SELECT %s FROM %s WHERE chain_seq IS NULL LIMIT ?" % (
+                CHAINED_COLUMNS[table][0], table), (max_problems,)):
+            problem("inserted", None, "%s %s is not in the chain: it was written into the file "
+                                      "directly" % (ENTRY_NAMES[table], entry_id))
+    expected, previous, entries, pruned, last_name = 1, CHAIN_GENESIS, 0, 0, "the start"
+    for seq, table, _rowid, values, stored in heapq.merge(
+            *[_chained_rows(conn, table, "chain") for table in CHAINED_COLUMNS]):
+        name = "%s %s" % (ENTRY_NAMES[table], values[0])
+        if seq < expected:
+            problem("inserted", seq, "%s claims place %d, which %s already holds"
+                    % (name, seq, last_name))
+            continue
+        if seq > expected:
+            reached, previous = _vouched_link(vouched, expected, seq)
+            pruned += reached - expected
+            if reached < seq:                   # previous is None: the next link is unknown
+                problem("deleted", reached, "%s missing (between %s and %s)" % (
+                    "entry %d is" % reached if reached == seq - 1 else
+                    "entries %d..%d are" % (reached, seq - 1), last_name, name))
+        if previous is not None and chain_link(previous, seq, table, values) != stored:
+            problem("altered", seq, "%s at place %d was altered: its content or its place is "
+                                    "not what was chained%s" % (
+                                        name, seq, " (an entry sealed at migration, %s)"
+                                        % sealed_at if seq <= sealed_seq else ""))
+        previous, expected, last_name = stored, seq + 1, name
+        entries += 1
+    if recorded_seq >= expected:
+        problem("deleted", expected, "the newest entries %d..%d are missing (after %s)"
+                % (expected, recorded_seq, last_name))
+    elif recorded_seq != expected - 1 or (expected > 1 and recorded_head != previous):
+        problem("head", expected - 1, "the recorded head (place %d, %s) does not match the "
+                "last entry (%s at place %d)" % (recorded_seq, recorded_head[:16], last_name,
+                                                 expected - 1))
+    problems.sort(key=lambda p: (p["seq"] is None, p["seq"] or 0))
+    return {"intact": not problems, "entries": entries, "length": expected - 1,
+            "head": previous if expected > 1 else CHAIN_GENESIS, "pruned": pruned,
+            "sealed": {"entries": sealed_seq, "at": sealed_at} if sealed_seq else None,
+            "problems": problems, "first_problem": problems[0] if problems else None}
+
+
+def _vouched_link(vouched, first, end):
+    """How far the prune records account for the empty places first..end-1:
+    (the first place not accounted for, or ``end``; the link to go on from,
+    or None if the chain cannot be followed past the gap)."""
+    link = None
+    while first < end:
+        run = vouched.get(first)
+        if run is None or run[0] >= end:
+            return first, None
+        first, link = run[0] + 1, run[1]
+    return first, link
+
+
+# -- receipt keys ---------------------------------------------------------------
+
+class Keyring(object):
+    """The secrets that sign decision receipts (HMAC-SHA256).  The newest
+    key signs; every older one is kept so that receipts given out before a
+    rotation still verify.  Stored as JSON beside the database, mode 0600,
+    and re-read (at most once a second) when another process rotated it."""
+
+    def __init__(self, path):
+        self.path = path
+        self.keys, self.current = {}, None      # key_id -> {"secret": bytes, "created_at"}
+        self._lock = threading.Lock()
+        self._stamp, self._checked = None, 0.0
+        if path is None:
+            self._add_key()
+        elif not self._refresh():
+            self._add_key()
+            self._save(create=True)
+
+    def signing_key(self):
+        """(key_id, secret) of the key that signs now."""
+        if self.path is not None and time.monotonic() - self._checked > 1.0:
+            with self._lock:
+                self._refresh()
+        return self.current, self.keys[self.current]["secret"]
+
+    def secrets(self):
+        """{key_id: secret} of every key, to verify with."""
+        self.signing_key()
+        return {key_id: key["secret"] for key_id, key in self.keys.items()}
+
+    def listing(self):
+        return [{"key_id": key_id, "created_at": key["created_at"],
+                 "current": key_id == self.current} for key_id, key in self.keys.items()]
+
+    def rotate(self):
+        """Make a new signing key (the old ones still verify); its key_id."""
+        with self._lock:
+            self._refresh()
+            key_id = self._add_key()
+            if self.path is not None:
+                self._save()
+            return key_id
+
+    def _add_key(self):
+        secret = secrets.token_bytes(32)
+        self.current = receipt_key_id(secret)
+        self.keys[self.current] = {"secret": secret, "created_at": now_iso()}
+        return self.current
+
+    def _refresh(self):
+        """Read the file if it changed since last read; False if there is none."""
+        self._checked = time.monotonic()
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        if (stat.st_mtime_ns, stat.st_size) == self._stamp:
+            return True
+        if os.name == "posix" and stat.st_mode & 0o077:
+            raise ConfigError("receipt key file %s may be read by others (mode %o); "
+                              "chmod 600 it" % (self.path, stat.st_mode & 0o777))
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                document = json.load(handle)
+            keys = {entry["key_id"]: {"secret": bytes.fromhex(entry["secret"]),
+                                      "created_at": entry["created_at"]}
+                    for entry in document["keys"]}
+            if document["current"] not in keys:
+                raise KeyError("current")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError("receipt key file %s cannot be used (%s: %s)"
+                              % (self.path, type(exc).__name__, exc))
+        self.keys, self.current, self._stamp = keys, document["current"], (
+            stat.st_mtime_ns, stat.st_size)
+        return True
+
+    def _save(self, create=False):
+        """Write the file whole, 0600 from its first byte; a new file is
+        linked into place only if none exists (two halls starting at once
+        keep one key file)."""
+        document = {"current": self.current, "keys": [
+            {"key_id": key_id, "secret": key["secret"].hex(), "created_at": key["created_at"]}
+            for key_id, key in self.keys.items()]}
+        directory = os.path.dirname(self.path) or "."
+        temporary = os.path.join(directory, ".%s.%s" % (os.path.basename(self.path),
+                                                        secrets.token_hex(4)))
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                json.dump(document, handle, indent=1)
+                handle.flush()
+                os.fsync(handle.fileno())
+            if create:
+                try:
+                    os.link(temporary, self.path)
+                except FileExistsError:
+                    self._refresh()             # another process made it first: use that
+            else:
+                os.replace(temporary, self.path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+        self._refresh()
 
 
 def _json_list(text):
@@ -1664,7 +1999,7 @@ def parse_route_input(body):
     if blast is not None and not _is_int(blast):
         raise HallError(400, "blast_score must be an integer from 0 to 100, or null")
     inp["blast_score"] = blast
-    for flag in ("dry_run",):
+    for flag in ("dry_run", "explain"):
         value = body.get(flag, False)
         if value is None:
             value = False
@@ -1758,13 +2093,15 @@ def blast_score(inp):
 
 
 def decide(inp, rules, registry, policy=None, floor=OPEN_FLOOR, now=None, decision_id=None,
-           approval=None, attestor=None):
+           approval=None, attestor=None, explain=False):
     """The router: a function of the route input (from ``parse_route_input``),
     a RuleSet, a Registry snapshot, a policy and the hall floor -- plus, when
     the caller presents one, the approval it names (a dict with approval_id,
     status, input_hash) and the attestor that checks worker code.  Returns the
     RouteDecision, with the short form of the /api/route client contract
-    (allowed, worker_id, deny_reason) on top.
+    (allowed, worker_id, deny_reason) on top.  With ``explain`` it also
+    carries a ``trace``: every step of the pipeline in order, with what it
+    looked at and its outcome (pass, deny, skipped or not_reached).
 
     Every failure is a denial: nothing raises for any input."""
     decision = {
@@ -1792,11 +2129,13 @@ def decide(inp, rules, registry, policy=None, floor=OPEN_FLOOR, now=None, decisi
         "dry_run": bool(inp.get("dry_run")),
         "telemetry_envelopes": [],
     }
-    events = []
+    events, trace = [], [] if explain else None
     try:
         _run_pipeline(inp, decision, events, rules, registry, policy, floor, approval,
-                      attestor)
+                      attestor, trace)
     except Denied as denial:
+        if trace:
+            trace[-1].update(outcome="deny", deny_code=denial.code)
         detail = dict(denial.detail)
         message = detail.pop("message", None) or DENY_MESSAGES.get(denial.code, denial.code)
         decision["denied"] = True
@@ -1822,7 +2161,76 @@ def decide(inp, rules, registry, policy=None, floor=OPEN_FLOOR, now=None, decisi
     decision["worker_id"] = decision["selected_worker_id"]
     reason = decision["deny_reason_if_denied"]
     decision["deny_reason"] = reason["code"] if reason else None
+    if trace is not None:
+        decision["trace"] = trace + [{"step": number, "name": name, "outcome": "not_reached"}
+                                     for number, name in enumerate(PIPELINE_STEPS)
+                                     if number >= len(trace)]
     return decision
+
+
+# The steps of the pipeline, in order (the ``trace`` of an explained decision).
+PIPELINE_STEPS = ("floor", "rule", "correlation_id", "required_controls", "blast_radius",
+                  "policy_gate", "worker", "attestation", "privilege_envelope")
+
+
+def _step(trace, name, **seen):
+    """Open the trace entry of a pipeline step (outcome "pass" until a denial
+    marks it); without a trace, a throwaway dict."""
+    entry = {"step": PIPELINE_STEPS.index(name), "name": name, "outcome": "pass"}
+    entry.update(seen)
+    if trace is not None:
+        trace.append(entry)
+    return entry
+
+
+def _explain_rules(rules, values):
+    """Why each rule up to the first match did or did not match."""
+    if rules.source == "auto":                  # one rule per capability: only it is tried
+        tried = [r for r in rules.rules if r.capability == values["capability_id"]]
+        if not tried:
+            return {"rules": "auto", "tried": [], "note": "no enrolled worker declares "
+                    "capability %s, so there is no auto rule for it" % values["capability_id"]}
+    else:
+        tried = []
+        for rule in rules.rules:
+            tried.append(rule)
+            if conditions_match(rule.conditions, values):
+                break
+    shown = []
+    for rule in tried[:50]:
+        mismatches = [{"key": key, "value": values[key],
+                       "expected": sorted(condition.values) + [p + "*" for p in
+                                                               condition.prefixes]}
+                      for key, condition in rule.conditions.items()
+                      if not condition.matches(values[key])]
+        shown.append({"rule_id": rule.rule_id, "matched": not mismatches,
+                      "mismatches": mismatches})
+    result = {"rules": rules.source, "tried": shown}
+    if len(tried) > len(shown):
+        result["more_tried"] = len(tried) - len(shown)
+    return result
+
+
+def _explain_workers(rule, registry, env_key, floor, pinned):
+    """Per candidate species, each enrolled worker and why it could not serve."""
+    explained = []
+    for candidate in rule.candidates[:MAX_LISTED_CANDIDATES]:
+        workers = []
+        for worker in registry.by_species.get(candidate.worker_species_id, ())[:10]:
+            reasons = []
+            if not worker.allows(env_key):
+                reasons.append("env %s is not among its allowed_environments" % env_key)
+            if floor.banned.intersection(worker.hashes()):
+                reasons.append("its artifact is banned")
+            if rule.capability is not None and rule.capability not in worker.capabilities:
+                reasons.append("it does not declare capability %s" % rule.capability)
+            if pinned is not None and worker.worker_id != pinned:
+                reasons.append("the request is pinned to worker %s" % pinned)
+            workers.append({"worker_id": worker.worker_id, "eligible": not reasons,
+                            "reasons": reasons})
+        explained.append({"worker_species_id": candidate.worker_species_id,
+                          "workers": workers or "none enrolled"})
+    return explained
 
 
 def _telemetry(base, event_id, extra):
@@ -1833,13 +2241,21 @@ def _telemetry(base, event_id, extra):
     return envelope
 
 
-def _run_pipeline(inp, decision, events, rules, registry, policy, floor, approval, attestor):
+def _run_pipeline(inp, decision, events, rules, registry, policy, floor, approval, attestor,
+                  trace):
     values = {key: match_value(key, inp[key]) for key in MATCH_KEYS}
     env_key = values["env"]
     high_stakes = inp["env"] in HIGH_STAKES_ENVS
     checked = decision["preconditions_checked"]
+    explain = trace is not None
 
     # 0. The hall floor: checked before any rule is read.
+    if explain:
+        _step(trace, "floor", safe_mode=floor.safe_mode,
+              signatory_tenants=sorted(floor.tenants) if floor.tenants is not None else "any",
+              tenant_id=inp["tenant_id"], caller_blast_score=inp.get("blast_score"),
+              high_stakes_env=high_stakes,
+              shadowed_rules=rules.shadowed if high_stakes else "checked in prod and edge only")
     if floor.safe_mode:
         raise Denied("DENY_SAFE_MODE", safe_mode_reason=floor.safe_mode_reason)
     if floor.tenants is not None and inp["tenant_id"] not in floor.tenants:
@@ -1856,6 +2272,8 @@ def _run_pipeline(inp, decision, events, rules, registry, policy, floor, approva
                      shadowed_by={later: earlier for earlier, later in rules.shadowed})
 
     # 1. First matching rule; none fails closed.
+    if explain:
+        _step(trace, "rule", match_values=values, **_explain_rules(rules, values))
     rule = rules.first_match(values)
     if rule is None:
         raise Denied("DENY_NO_MATCHING_RULE")
@@ -1871,19 +2289,36 @@ def _run_pipeline(inp, decision, events, rules, registry, policy, floor, approva
     escalation.update(rule.escalation)
 
     # 2. A correlation id to trace the work by.
+    if explain:
+        trace[-1].update(matched_rule_id=decision["matched_rule_id"],
+                         candidates=[c.worker_species_id for c in
+                                     rule.candidates[:MAX_LISTED_CANDIDATES]])
+        _step(trace, "correlation_id", correlation_id=inp["correlation_id"])
     checked["correlation_id"] = bool(inp["correlation_id"].strip())
     if not checked["correlation_id"]:
         raise Denied("DENY_MISSING_CORRELATION_ID")
 
     # 3. Every required control is implemented somewhere in the registry.
     missing = [c for c in rule.controls if c not in registry.controls]
+    if explain:
+        _step(trace, "required_controls", required=list(rule.controls), missing=missing)
     checked["required_controls"] = not missing
     if missing:
         raise Denied("DENY_MISSING_REQUIRED_CONTROLS", missing_controls=missing)
 
     # 4. Blast radius.
-    if CTRL_BLAST in rule.controls or high_stakes:
+    if explain:
+        traced = _step(trace, "blast_radius", high_stakes_env=high_stakes,
+                       rule_requires_scoring=CTRL_BLAST in rule.controls)
+    if not (CTRL_BLAST in rule.controls or high_stakes):
+        if explain:
+            traced.update(outcome="skipped",
+                          why="neither a prod/edge env nor a rule requiring " + CTRL_BLAST)
+    else:
         score, terms = blast_score(inp)
+        if explain:
+            traced.update(score=score, terms=dict(terms), human_threshold=BLAST_HUMAN_THRESHOLD,
+                          approval_presented=approval.get("approval_id") if approval else None)
         decision["blast_score"] = score
         events.append(("evt.gov.blast_scored", {"blast_score": score,
                                                 "terms": dict(terms)}))
@@ -1894,6 +2329,9 @@ def _run_pipeline(inp, decision, events, rules, registry, policy, floor, approva
                         threshold=BLAST_HUMAN_THRESHOLD)
 
     # 5. The policy gate.
+    if explain:
+        traced = _step(trace, "policy_gate", configured=policy is not None,
+                       rule_requires_gate=bool(rule.escalation.get("policy_gate")))
     verdict = None
     if policy is not None:
         verdict = ask_policy(policy, dict(values, env=inp["env"],
@@ -1906,7 +2344,12 @@ def _run_pipeline(inp, decision, events, rules, registry, policy, floor, approva
         "outcome": verdict.outcome if verdict else "ALLOW",
         "policy_version": verdict.version if verdict else None,
         "policy_rule_id": verdict.rule_id if verdict else None}))
+    if explain and verdict is None:
+        traced.update(outcome="skipped", why="no policy gate is configured")
     if verdict is not None:
+        if explain:
+            traced.update(verdict=verdict.outcome, policy_rule_id=verdict.rule_id,
+                         policy_version=verdict.version, reason=verdict.reason or None)
         checked["policy_gate"] = verdict.outcome
         detail = {"policy_rule_id": verdict.rule_id, "policy_version": verdict.version}
         if verdict.outcome == "DENY":
@@ -1923,6 +2366,9 @@ def _run_pipeline(inp, decision, events, rules, registry, policy, floor, approva
     # huge: all candidates are considered, the first MAX_LISTED_CANDIDATES
     # (and the chosen one) are listed.
     pinned = inp.get("worker_id")
+    if explain:
+        traced = _step(trace, "worker", pinned_worker_id=pinned,
+                       candidates=_explain_workers(rule, registry, env_key, floor, pinned))
     chosen = None
     ranked = decision["candidate_workers_ranked"]
     for index, candidate in enumerate(rule.candidates):
@@ -1949,17 +2395,30 @@ def _run_pipeline(inp, decision, events, rules, registry, policy, floor, approva
         raise Denied("DENY_NO_AVAILABLE_WORKER")
     decision["selected_worker_species_id"] = chosen.species
     decision["selected_worker_id"] = chosen.worker_id
+    if explain:
+        traced.update(selected_worker_id=chosen.worker_id, selected_species=chosen.species)
     if rule.capability is not None:
         decision["matched_rule_id"] = "%s.%s" % (rule.rule_id, chosen.species)
 
     # 7. Worker attestation: the code on disk is the code that enrolled.
-    if attestor is not None and attestor.required:
+    required = attestor is not None and attestor.required
+    if explain:
+        _step(trace, "attestation", required=required, worker_id=chosen.worker_id,
+              **({} if required else {"outcome": "skipped",
+                                      "why": "the hall does not require attestation"}))
+    if required:
         problem = attestor.check(chosen)
         checked["worker_attestation"] = problem is None
         if problem is not None:
             raise Denied(problem[0], message=problem[1], worker_id=chosen.worker_id)
 
     # 8. Privilege envelope: the request stays within what the worker may do.
+    if explain:
+        applies = CTRL_ENVELOPE in rule.controls
+        _step(trace, "privilege_envelope", envelope=chosen.envelope,
+              violations=envelope_violations(chosen.envelope, inp) if applies else [],
+              **({} if applies else {"outcome": "skipped",
+                                     "why": "the rule does not require %s" % CTRL_ENVELOPE}))
     if CTRL_ENVELOPE in rule.controls:
         violations = envelope_violations(chosen.envelope, inp)
         checked["privilege_envelope"] = not violations
@@ -2117,6 +2576,87 @@ def normalise_sha256(value, field="sha256"):
 
 def _slug(text):
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "worker"
+
+
+# -- receipts ----------------------------------------------------------------
+#
+# A receipt lets a worker (or an auditor) check that a RouteDecision came from
+# this hall unaltered: an HMAC-SHA256, under a key of the hall's Keyring, over
+# the canonical JSON (keys sorted, no spaces, ASCII) of the fields below plus
+# the key_id.  A worker holding the key checks it offline with verify_receipt;
+# one without asks POST /api/receipts/verify.
+
+RECEIPT_FIELDS = ("decision_id", "timestamp", "correlation_id", "tenant_id", "capability_id",
+                  "selected_worker_species_id", "selected_worker_id", "denied", "allowed",
+                  "worker_id", "deny_reason", "artifact_hash")
+RECEIPT_ALGORITHM = "HMAC-SHA256"
+# The signed fields the decision log keeps too: field -> column.
+LOGGED_FIELDS = {"timestamp": "decided_at", "correlation_id": "correlation_id",
+                 "tenant_id": "tenant_id", "capability_id": "capability_id",
+                 "selected_worker_species_id": "selected_worker", "worker_id": "worker_id",
+                 "denied": "denied", "deny_reason": "deny_reason", "artifact_hash": "artifact_hash"}
+
+
+def receipt_key_id(secret):
+    """A key's public name: derived from the secret, revealing nothing of it."""
+    return "rk_" + hashlib.sha256(b"pyhall receipt key\n" + secret).hexdigest()[:16]
+
+
+def _receipt_mac(decision, key_id, secret):
+    signed = {field: decision.get(field) for field in RECEIPT_FIELDS}
+    signed["key_id"] = key_id
+    return hmac.new(secret, canonical_json(signed).encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def sign_receipt(decision, key_id, secret):
+    """The ``receipt`` a RouteDecision carries."""
+    return {"alg": RECEIPT_ALGORITHM, "key_id": key_id,
+            "signed_fields": list(RECEIPT_FIELDS) + ["key_id"],
+            "mac": _receipt_mac(decision, key_id, secret)}
+
+
+def check_receipt(decision, keys):
+    """(valid, why) for a decision (parsed JSON, as the hall answered it)
+    against ``keys`` = {key_id: secret}."""
+    if not isinstance(decision, dict):
+        return False, "a decision is a JSON object"
+    receipt = decision.get("receipt")
+    if not isinstance(receipt, dict):
+        return False, "the decision carries no receipt"
+    key_id, mac = receipt.get("key_id"), receipt.get("mac")
+    if receipt.get("alg") != RECEIPT_ALGORITHM or not isinstance(key_id, str) \
+            or not isinstance(mac, str):
+        return False, "the receipt is not an %s receipt of this hall" % RECEIPT_ALGORITHM
+    secret = keys.get(key_id)
+    if secret is None:
+        return False, "the receipt names key %s, which is not among the keys given" % (
+            clean_id(key_id)[:40])
+    if not hmac.compare_digest(_receipt_mac(decision, key_id, secret), mac):
+        return False, ("the receipt does not match: a signed field of the decision was "
+                       "changed, or the receipt was not made with this key")
+    return True, "signed by key %s" % key_id
+
+
+def verify_receipt(decision, key):
+    """True when ``decision`` -- a RouteDecision as the hall answered it,
+    parsed from JSON -- carries a receipt made with ``key`` and none of its
+    signed fields has changed.  ``key`` is a secret as bytes or as the hex
+    that ``python hall.py receipt-key show`` prints, or {key_id: secret}
+    for several keys."""
+    if isinstance(key, dict):
+        keys = {key_id: _secret_bytes(secret) for key_id, secret in key.items()}
+    else:
+        secret = _secret_bytes(key)
+        keys = {receipt_key_id(secret): secret}
+    return check_receipt(decision, keys)[0]
+
+
+def _secret_bytes(secret):
+    if isinstance(secret, str):
+        return bytes.fromhex(secret)            # ValueError: not a key
+    if isinstance(secret, (bytes, bytearray)):
+        return bytes(secret)
+    raise TypeError("a receipt key is bytes or a hex string")
 
 
 class BurstCounter(object):
@@ -2330,6 +2870,7 @@ class Hall(object):
             self.store = Store(config.db_path, config.busy_timeout)
         except StoreError as exc:
             raise ConfigError(str(exc))
+        self.keyring = Keyring(config.receipt_keys_path)
         self.hall_hash = file_sha256(os.path.abspath(__file__))
         self.started_at = now_iso()
         self._registry = None
@@ -2583,9 +3124,9 @@ class Hall(object):
         registry, now = self.registry(), now_iso()
         approval = self._presented_approval(inp["approval_id"], now)
         decision = decide(inp, rules, registry, self.policy, self.floor, now=now,
-                          approval=approval, attestor=self.attestor)
+                          approval=approval, attestor=self.attestor, explain=inp["explain"])
         if decision["dry_run"]:
-            return decision
+            return self._sign(decision)
         used = decision["preconditions_checked"].get("human_approval")
         if used and not self.store.insert_decision(
                 decision_row(decision), (used, decision["artifact_hash"], now)):
@@ -2594,7 +3135,7 @@ class Hall(object):
             if approval.get("status") == "approved":
                 approval["status"] = "used"
             decision = decide(inp, rules, registry, self.policy, self.floor, now=now,
-                              approval=approval, attestor=self.attestor)
+                              approval=approval, attestor=self.attestor, explain=inp["explain"])
             used = None
         if not used:
             if decision["deny_reason"] in HUMAN_GATE_CODES and inp["approval_id"] is None:
@@ -2605,6 +3146,10 @@ class Hall(object):
                            deny_code=decision["deny_reason"] or "")
         self._announce(decision_row(decision))
         self._watch(decision)
+        return self._sign(decision)
+
+    def _sign(self, decision):
+        decision["receipt"] = sign_receipt(decision, *self.keyring.signing_key())
         return decision
 
     def _announce(self, row):
@@ -2975,7 +3520,7 @@ class Hall(object):
         before = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(
             days=older_than_days)).isoformat(timespec="microseconds")
         removed = self.store.prune_decisions(before, (
-            principal.token_id, "decisions.prune", None,
+            principal.token_id, PRUNE_ACTION, None,
             {"before": before, "older_than_days": older_than_days}))
         return {"removed": removed, "before": before}
 
@@ -3031,6 +3576,45 @@ class Hall(object):
     def audit(self, limit=200):
         rows = self.store.audit_entries(limit)
         return {"entries": rows, "count": len(rows)}
+
+    # -- evidence ----------------------------------------------------------------
+
+    def verify_log(self):
+        """Walk the evidence chain (see walk_chain); a broken chain is also
+        raised as a critical alert."""
+        report = self.store.verify_chain()
+        if not report["intact"]:
+            self.raise_alert("critical", "LOG_CHAIN_BROKEN", "the decision log was tampered "
+                             "with: " + report["first_problem"]["message"])
+        return report
+
+    def verify_receipt(self, decision):
+        """Check a decision's receipt with every key of this hall, and whether
+        the decision log holds it with the same signed fields."""
+        require_object(decision)
+        valid, why = check_receipt(decision, self.keyring.secrets())
+        receipt, decision_id = decision.get("receipt"), decision.get("decision_id")
+        key_id = receipt.get("key_id") if isinstance(receipt, dict) else None
+        answer = {"valid": valid, "reason": why,
+                  "key_id": clean_id(key_id)[:40] if isinstance(key_id, str) else None,
+                  "decision_id": clean_id(decision_id) if isinstance(decision_id, str) else None,
+                  "in_log": False}
+        if valid and isinstance(decision_id, str):
+            row = self.store.decision(decision_id)
+            answer["in_log"] = row is not None and all(
+                row[column] == decision.get(field) for field, column in LOGGED_FIELDS.items())
+        return answer
+
+    def receipt_keys(self):
+        keys = self.keyring.listing()
+        return {"keys": keys, "count": len(keys), "path": self.keyring.path}
+
+    def rotate_receipt_key(self, principal=TRUSTED):
+        """A new signing key; receipts made with the old ones still verify."""
+        key_id = self.keyring.rotate()
+        self.store.write(lambda conn: self.store._audit(
+            conn, (principal.token_id, "receipts.rotate", key_id, {})))
+        return self.receipt_keys()
 
     def ensure_admin_token(self):
         """On first start (no token stored, none in HALL_TOKEN) create an admin
@@ -3296,7 +3880,14 @@ ROUTE_REQUEST = object_of(
     tenant_risk={"type": "string", "enum": list(TENANT_RISKS)},
     qos_class={"type": "string", "enum": list(QOS_CLASSES)},
     correlation_id=STRING, request=ANY_OBJECT, blast_score=nullable(INTEGER),
-    dry_run=BOOLEAN, approval_id=nullable(STRING), _rules=ANY_OBJECT)
+    dry_run=BOOLEAN, explain=BOOLEAN, approval_id=nullable(STRING), _rules=ANY_OBJECT)
+RECEIPT_SCHEMA = object_of(["alg", "key_id", "signed_fields", "mac"], alg=STRING, key_id=STRING,
+                           signed_fields=array_of(STRING), mac=STRING)
+TRACE_STEP = dict(object_of(["step", "name", "outcome"], step=INTEGER,
+                            name={"type": "string", "enum": list(PIPELINE_STEPS)},
+                            outcome={"type": "string", "enum": ["pass", "deny", "skipped",
+                                                                "not_reached"]},
+                            deny_code=STRING), additionalProperties=True)
 ROUTE_RESPONSE = object_of(
     ["decision_id", "timestamp", "correlation_id", "tenant_id", "capability_id",
      "matched_rule_id", "env", "data_label", "tenant_risk", "qos_class", "denied",
@@ -3316,7 +3907,8 @@ ROUTE_RESPONSE = object_of(
     required_controls_effective=array_of(STRING), escalation_effective=ANY_OBJECT,
     preconditions_checked=ANY_OBJECT, blast_score=nullable(INTEGER),
     artifact_hash=STRING, dry_run=BOOLEAN, telemetry_envelopes=array_of(ANY_OBJECT),
-    allowed=BOOLEAN, worker_id=nullable(STRING), deny_reason=nullable(STRING))
+    allowed=BOOLEAN, worker_id=nullable(STRING), deny_reason=nullable(STRING),
+    receipt=RECEIPT_SCHEMA, trace=array_of(TRACE_STEP))
 DISPATCH_LIST = object_of(["dispatches", "count"], dispatches=array_of(DISPATCH_SCHEMA),
                           count=INTEGER)
 OUTCOME = {"type": "string", "enum": list(POLICY_OUTCOMES)}
@@ -3367,6 +3959,23 @@ V1_ENROLL_REQUEST = dict(object_of(
     worker_species_id=STRING, risk_tier=STRING), additionalProperties=True)
 V1_ENROLL_RESPONSE = dict(ENROLL_RESPONSE, properties=dict(
     ENROLL_RESPONSE["properties"], namespace=STRING, worker_species_id=STRING, sha256=STRING))
+
+
+CHAIN_PROBLEM = object_of(["problem", "seq", "message"],
+                          problem={"type": "string",
+                                   "enum": ["altered", "deleted", "inserted", "head"]},
+                          seq=nullable(INTEGER), message=STRING)
+CHAIN_REPORT = object_of(
+    ["intact", "entries", "length", "head", "pruned", "sealed", "problems", "first_problem"],
+    intact=BOOLEAN, entries=INTEGER, length=INTEGER, head=STRING, pruned=INTEGER,
+    sealed=nullable(object_of(["entries", "at"], entries=INTEGER, at=STRING)),
+    problems=array_of(CHAIN_PROBLEM), first_problem=nullable(CHAIN_PROBLEM))
+RECEIPT_CHECK = object_of(["valid", "reason", "key_id", "decision_id", "in_log"],
+                          valid=BOOLEAN, reason=STRING, key_id=nullable(STRING),
+                          decision_id=nullable(STRING), in_log=BOOLEAN)
+RECEIPT_KEYS = object_of(["keys", "count", "path"], keys=array_of(object_of(
+    ["key_id", "created_at", "current"], key_id=STRING, created_at=STRING, current=BOOLEAN)),
+    count=INTEGER, path=nullable(STRING))
 
 
 def list_of(name, schema):
@@ -3587,6 +4196,22 @@ def handle_audit(hall, req):
     return 200, hall.audit()
 
 
+def handle_verify_log(hall, req):
+    return 200, hall.verify_log()
+
+
+def handle_verify_receipt(hall, req):
+    return 200, hall.verify_receipt(req.json())
+
+
+def handle_receipt_keys(hall, req):
+    return 200, hall.receipt_keys()
+
+
+def handle_rotate_receipt_key(hall, req):
+    return 200, hall.rotate_receipt_key(req.principal)
+
+
 def handle_dispatch_v1(hall, req):
     return 200, hall.dispatch_v1(req.json(), req.principal)
 
@@ -3738,6 +4363,21 @@ ROUTES = [
     route("GET", "/api/audit", handle_audit, "admin",
           "The append-only audit trail of admin actions, newest first.",
           responses={200: list_of("entries", AUDIT_SCHEMA)}),
+    # -- evidence ----------------------------------------------------------------
+    route("GET", "/api/log/verify", handle_verify_log, "admin",
+          "Walk the hash chain of decisions, alerts and audit entries; name what was "
+          "altered, deleted or inserted.", responses={200: CHAIN_REPORT}),
+    route("POST", "/api/receipts/verify", handle_verify_receipt, "read",
+          "Check a RouteDecision's receipt (send the decision as the hall answered it).",
+          open_on_loopback=True, request=dict(object_of(["receipt"], receipt=RECEIPT_SCHEMA),
+                                              additionalProperties=True),
+          responses={200: RECEIPT_CHECK}),
+    route("GET", "/api/receipts/keys", handle_receipt_keys, "admin",
+          "The receipt keys (never their secrets); the current one signs.",
+          responses={200: RECEIPT_KEYS}),
+    route("POST", "/api/receipts/keys/rotate", handle_rotate_receipt_key, "admin",
+          "Make a new signing key; receipts made with older keys still verify.",
+          responses={200: RECEIPT_KEYS}),
     # -- the registry API (seed 002), served from the local registry -----------
     route("POST", "/api/v1/dispatch", handle_dispatch_v1, "route",
           "Route a capability in the hosted registry's request and answer shape.",
@@ -4493,6 +5133,8 @@ def build_parser():
     route_cmd.add_argument("--approval-id", dest="approval_id")
     route_cmd.add_argument("--dry-run", action="store_true", help="decide without logging")
     route_cmd.add_argument("--json", action="store_true", help="print the whole decision")
+    route_cmd.add_argument("--explain", action="store_true",
+                           help="print every pipeline step: what it saw and its outcome")
     enroll_cmd = commands.add_parser("enroll", parents=[remote], help="enroll a worker record")
     enroll_cmd.add_argument("file", help="worker record JSON ('-' for standard input)")
     enroll_cmd.add_argument("--compute-hash", action="store_true",
@@ -4521,6 +5163,19 @@ def build_parser():
     prune = commands.add_parser("prune", parents=[database],
                                 help="remove decisions older than a number of days (audited)")
     prune.add_argument("--older-than", required=True, help="days, such as 90d or 90")
+    commands.add_parser("verify-log", parents=[remote],
+                        help="walk the decision log's hash chain (exit 0 intact, 1 not)")
+    receipt = commands.add_parser("verify-receipt", parents=[remote],
+                                  help="check a RouteDecision's receipt (exit 0 valid, 1 not)")
+    receipt.add_argument("file", help="the decision as JSON ('-' for standard input)")
+    keys = commands.add_parser("receipt-key", help="show or rotate the receipt keys")
+    key_commands = keys.add_subparsers(dest="key_command", metavar="{show,rotate}")
+    key_commands.required = True
+    show = key_commands.add_parser("show", parents=[database],
+                                   help="print the signing key's id and secret (hex) for workers")
+    show.add_argument("--all", action="store_true", help="every key, not only the current one")
+    key_commands.add_parser("rotate", parents=[database],
+                            help="make a new signing key (old receipts still verify)")
     bench = commands.add_parser(
         "bench", help="measure this hall against the ceiling of its architecture",
         description="Start a hall on a temporary database filled with --decisions and "
@@ -4656,6 +5311,8 @@ def cmd_route(args):
             raise ConfigError("--request is not JSON: %s" % exc)
     if args.dry_run:
         body["dry_run"] = True
+    if args.explain:
+        body["explain"] = True
     if args.url:
         decision = call_hall(args, "POST", "/api/route", body)[1]
     else:
@@ -4666,7 +5323,10 @@ def cmd_route(args):
             hall.close()
     if args.json:
         print_json(decision)
-    elif decision["allowed"]:
+        return 0 if decision["allowed"] else 1
+    if args.explain:
+        print_trace(decision.get("trace") or [])
+    if decision["allowed"]:
         print("allowed: %s (%s, rule %s)" % (decision["worker_id"],
                                              decision["selected_worker_species_id"],
                                              decision["matched_rule_id"]))
@@ -4676,6 +5336,78 @@ def cmd_route(args):
                                     " (approval %s)" % reason["approval_id"]
                                     if reason.get("approval_id") else ""))
     return 0 if decision["allowed"] else 1
+
+
+def print_trace(trace):
+    """An explained decision's steps, one block each."""
+    for step in trace:
+        print("%d. %-19s %s%s" % (step["step"], step["name"], step["outcome"].upper(),
+                                  "  " + step["deny_code"] if step.get("deny_code") else ""))
+        for key, value in step.items():
+            if key not in ("step", "name", "outcome", "deny_code"):
+                shown = value if isinstance(value, str) else json.dumps(value)
+                print("     %s: %s" % (key, shown if len(shown) < 400 else shown[:400] + "..."))
+
+
+def cmd_verify_log(args):
+    if args.url:
+        report = call_hall(args, "GET", "/api/log/verify")[1]
+    else:
+        hall = existing_hall(args)
+        try:
+            report = hall.verify_log()
+        finally:
+            hall.close()
+    sealed = report["sealed"]
+    if report["intact"]:
+        print("intact: %d entries, chain length %d, head %s" % (
+            report["entries"], report["length"], report["head"]))
+    else:
+        print("NOT intact: %d problem(s), in chain order:" % len(report["problems"]))
+        for problem in report["problems"]:
+            print("  %s: %s" % (problem["problem"], problem["message"]))
+    if report["pruned"]:
+        print("%d entries were pruned (vouched for by the prune's audit entries)"
+              % report["pruned"])
+    if sealed:
+        print("%d entries predate the chain: sealed at migration, %s" % (
+            sealed["entries"], sealed["at"]))
+    return 0 if report["intact"] else 1
+
+
+def cmd_verify_receipt(args):
+    decision = read_json_argument(args.file)
+    if args.url:
+        answer = call_hall(args, "POST", "/api/receipts/verify", decision)[1]
+    else:
+        hall = existing_hall(args)
+        try:
+            answer = hall.verify_receipt(decision)
+        finally:
+            hall.close()
+    print("%s: %s%s" % ("valid" if answer["valid"] else "INVALID", answer["reason"],
+                        "; in the decision log" if answer["in_log"] else
+                        ("; not in the decision log (a dry run, or pruned)"
+                         if answer["valid"] else "")))
+    return 0 if answer["valid"] else 1
+
+
+def cmd_receipt_key(args):
+    hall = existing_hall(args)
+    try:
+        if args.key_command == "rotate":
+            hall.rotate_receipt_key(CLI)
+            print("signing key is now %s" % hall.keyring.current)
+            return 0
+        keyring = hall.keyring
+        keyring.signing_key()
+        for key_id, secret in keyring.secrets().items():
+            if args.all or key_id == keyring.current:
+                print("%s %s%s" % (key_id, secret.hex(),
+                                   " (current)" if key_id == keyring.current else ""))
+        return 0
+    finally:
+        hall.close()
 
 
 def cmd_enroll(args):
@@ -4983,19 +5715,13 @@ def _preload(db_path, decisions, workers):
             [(str(uuid.uuid4()), r["worker_id"], r["worker_species_id"],
               json.dumps(r["capabilities"]), "low", stamp(workers - i), r["artifact_hash"],
               json.dumps(r)) for i, r in enumerate(records)])
-        batch = []
-        for i in range(decisions):
-            batch.append((str(uuid.uuid4()), stamp(30 * 86400.0 * (decisions - i) / decisions),
-                          "cap.bench.%d" % (i % 50), "tenant.%d" % (i % 20), "dev",
-                          int(i % 10 == 0), "DENY_NO_MATCHING_RULE" if i % 10 == 0 else None,
-                          None if i % 10 == 0 else "wrk.bench.%d" % (i % 50), i % 100,
-                          "sha256:" + "0" * 64))
-            if len(batch) == 10000 or i == decisions - 1:
-                conn.executemany("INSERT INTO decisions (decision_id, decided_at, capability_id,"
-                                 " tenant_id, env, denied, deny_reason, selected_worker, "
-                                 "blast_score, artifact_hash) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                                 batch)
-                batch = []
+        for i in range(decisions):              # chained, as the hall writes them
+            store._append(conn, "decisions", [
+                str(uuid.uuid4()), stamp(30 * 86400.0 * (decisions - i) / decisions),
+                "cap.bench.%d" % (i % 50), "tenant.%d" % (i % 20), "dev", int(i % 10 == 0),
+                "DENY_NO_MATCHING_RULE" if i % 10 == 0 else None,
+                None if i % 10 == 0 else "wrk.bench.%d" % (i % 50), i % 100,
+                "sha256:" + "0" * 64, "ingest", None, None, None])
     store.write(work)
     store.close()
     return records
@@ -5098,7 +5824,8 @@ def main(argv=None):
             return cmd_bench(args)
         commands = {"route": cmd_route, "enroll": cmd_enroll, "status": cmd_read,
                     "workers": cmd_read, "dispatches": cmd_read, "export": cmd_export,
-                    "prune": cmd_prune}
+                    "prune": cmd_prune, "verify-log": cmd_verify_log,
+                    "verify-receipt": cmd_verify_receipt, "receipt-key": cmd_receipt_key}
         if args.command in commands:
             return commands[args.command](args)
         if args.command == "rules":

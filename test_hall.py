@@ -2660,6 +2660,524 @@ class ReferenceDatabaseTest(TempDirCase):
             hall.Hall(hall.Config(db_path=self.db))
         self.assertIn("newer hall", str(caught.exception))
 
+    def test_existing_rows_are_sealed_at_migration_and_reported_so(self):
+        h = hall.Hall(hall.Config(db_path=self.db, access_log=False))
+        try:
+            h.ingest({"decision_id": "new"})
+            report = h.verify_log()
+            self.assertTrue(report["intact"], report["problems"])
+            self.assertEqual(report["sealed"]["entries"], 3)        # 2 decisions, 1 alert
+            self.assertEqual(report["entries"], 4)
+        finally:
+            h.close()
+        # sealed oldest first across tables (a-1 and d-old share a time: by table name)
+        conn = sqlite3.connect(self.db)
+        try:
+            order = conn.execute("SELECT decision_id, chain_seq FROM decisions ORDER BY chain_seq"
+                                 ).fetchall()
+            self.assertEqual(order, [("d-old", 2), ("d-today", 3), ("new", 4)])
+            self.assertEqual(conn.execute("SELECT chain_seq FROM alerts").fetchall(), [(1,)])
+            conn.execute("UPDATE decisions SET blast_score = 99 WHERE decision_id = 'd-old'")
+            conn.commit()
+        finally:
+            conn.close()
+        result = run_hall(["verify-log", "--db", self.db])
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("decision d-old at place 2 was altered", result.stdout)
+        self.assertIn("sealed at migration", result.stdout)
+        self.assertIn("3 entries predate the chain", result.stdout)
+
+
+# -- evidence: the hash-chained log, receipts, explained decisions ----------------
+
+class ChainTest(ServerCase):
+    """Decisions, alerts and audit entries are written through the API; the
+    SQLite file is then edited behind the hall's back and verify-log must
+    name each edit."""
+
+    def setUp(self):
+        ServerCase.setUp(self)
+        self.enroll(worker_record())
+        for i in range(3):
+            self.assertEqual(self.route(correlation_id="c%d" % i)[0], 200)
+        self.route(capability_id="cap.unknown")             # a denial (and its row)
+        for i in range(3):
+            self.call("POST", "/decisions/ingest", {"decision_id": "ing-%d" % i,
+                                                    "capability_id": "cap.x"})
+        self.call("POST", "/api/safe-mode/enter", {"reason": "drill"}, token=self.admin)
+        self.call("POST", "/api/safe-mode/exit", {}, token=self.admin)
+        self.hall.raise_alert("warn", "TEST_ALERT", "an alert in the chain")
+
+    def verify(self):
+        status, _, report = self.call("GET", "/api/log/verify", token=self.admin)
+        self.assertEqual(status, 200, report)
+        check_schema(self, report, hall.openapi_document()["paths"]["/api/log/verify"]["get"][
+            "responses"]["200"]["content"]["application/json"]["schema"])
+        return report
+
+    def seq_of(self, table, column, value):
+        return self.db_rows("SELECT chain_seq FROM %s WHERE %s = ?" % (table, column),
+                            (value,))[0][0]
+
+    def edit(self, *statements):
+        conn = sqlite3.connect(self.db)
+        try:
+            for statement in statements:
+                conn.execute(*statement) if isinstance(statement, tuple) else \
+                    conn.execute(statement)
+            conn.commit()
+        finally:
+            conn.close()
+
+    def test_an_untouched_log_is_intact_and_counts_every_entry(self):
+        report = self.verify()
+        counts = [self.db_rows("SELECT count(*) FROM %s" % t)[0][0]
+                  for t in ("decisions", "alerts", "audit")]
+        self.assertEqual(counts[0], 7)
+        self.assertGreaterEqual(counts[1], 1)
+        self.assertGreaterEqual(counts[2], 3 + 2)   # tokens of setUp, safe mode in and out
+        rows = sum(counts)
+        self.assertEqual((report["intact"], report["entries"], report["length"]),
+                         (True, rows, rows))
+        self.assertEqual(report["head"], self.db_rows("SELECT head FROM chain")[0][0])
+        self.assertEqual(report["problems"], [])
+        # places are unique and consecutive across the three tables
+        seqs = sorted(r[0] for t in ("decisions", "alerts", "audit")
+                      for r in self.db_rows("SELECT chain_seq FROM %s" % t))
+        self.assertEqual(seqs, list(range(1, rows + 1)))
+        self.assertEqual(self.call("GET", "/api/log/verify", token=self.reader)[0], 403)
+
+    def test_an_altered_decision_is_named(self):
+        victim = self.db_rows("SELECT decision_id FROM decisions WHERE denied = 1")[0][0]
+        self.edit(("UPDATE decisions SET denied = 0, deny_reason = NULL WHERE decision_id = ?",
+                   (victim,)))
+        report = self.verify()
+        self.assertFalse(report["intact"])
+        self.assertEqual(len(report["problems"]), 1)
+        self.assertEqual(report["first_problem"]["problem"], "altered")
+        self.assertEqual(report["first_problem"]["seq"],
+                         self.seq_of("decisions", "decision_id", victim))
+        self.assertIn("decision %s" % victim, report["first_problem"]["message"])
+        # the broken chain is raised as a critical alert too
+        alerts = self.call("GET", "/alerts")[2]["alerts"]
+        self.assertIn(("critical", "LOG_CHAIN_BROKEN"), [(a["level"], a["code"]) for a in alerts])
+
+    def test_an_altered_alert_and_audit_entry_are_named(self):
+        self.edit("UPDATE alerts SET message = 'nothing happened' WHERE code = 'TEST_ALERT'",
+                  "DROP TRIGGER audit_no_update",
+                  "UPDATE audit SET detail = '{\"reason\": \"nothing\"}' "
+                  "WHERE action = 'safe_mode.enter'")
+        report = self.verify()
+        self.assertEqual([p["problem"] for p in report["problems"]], ["altered", "altered"])
+        audit_id = self.db_rows("SELECT audit_id FROM audit WHERE action = 'safe_mode.enter'")[0][0]
+        self.assertIn("audit entry %s" % audit_id, report["problems"][0]["message"])
+        self.assertIn("alert ", report["problems"][1]["message"])
+
+    def test_a_deleted_row_is_named(self):
+        seq = self.seq_of("decisions", "decision_id", "ing-1")
+        self.edit("DELETE FROM decisions WHERE decision_id = 'ing-1'")
+        report = self.verify()
+        self.assertEqual([(p["problem"], p["seq"]) for p in report["problems"]],
+                         [("deleted", seq)])
+        self.assertIn("decision ing-0", report["first_problem"]["message"])   # what it was between
+        self.assertIn("decision ing-2", report["first_problem"]["message"])
+
+    def test_deleting_the_newest_entries_is_seen_from_the_recorded_head(self):
+        last = self.db_rows("SELECT seq FROM chain")[0][0]
+        self.edit(("DELETE FROM alerts WHERE chain_seq = ?", (last,)))
+        report = self.verify()
+        self.assertEqual([(p["problem"], p["seq"]) for p in report["problems"]],
+                         [("deleted", last)])
+        self.assertIn("newest", report["first_problem"]["message"])
+
+    def test_a_row_inserted_directly_is_named(self):
+        self.edit("INSERT INTO decisions (decision_id, decided_at, capability_id, denied) "
+                  "VALUES ('forged', '2026-01-01T00:00:00Z', 'cap.x', 0)")
+        report = self.verify()
+        self.assertEqual([p["problem"] for p in report["problems"]], ["inserted"])
+        self.assertIn("decision forged", report["first_problem"]["message"])
+        # a forged row that claims a place already taken is named too
+        seq = self.seq_of("decisions", "decision_id", "ing-0")
+        self.edit(("UPDATE decisions SET chain_seq = ?, chain_hash = 'x' WHERE decision_id = "
+                   "'forged'", (seq,)))
+        report = self.verify()
+        self.assertEqual([(p["problem"], p["seq"]) for p in report["problems"]],
+                         [("inserted", seq)])
+        self.assertIn("decision forged", report["first_problem"]["message"])
+
+    def test_reordered_rows_are_named(self):
+        first, second = self.db_rows("SELECT decision_id, chain_seq, chain_hash FROM decisions "
+                                     "WHERE decision_id IN ('ing-0', 'ing-2') ORDER BY chain_seq")
+        # swap their places in the chain (and the hashes that go with them)
+        self.edit(("UPDATE decisions SET chain_seq = ?, chain_hash = ? WHERE decision_id = ?",
+                   (second[1], second[2], first[0])),
+                  ("UPDATE decisions SET chain_seq = ?, chain_hash = ? WHERE decision_id = ?",
+                   (first[1], first[2], second[0])))
+        report = self.verify()
+        self.assertFalse(report["intact"])
+        self.assertEqual([(p["problem"], p["seq"]) for p in report["problems"]],
+                         [("altered", first[1]), ("altered", second[1])])
+        self.assertIn("decision ing-2", report["first_problem"]["message"])
+        # swapping content between two rows (their times) is caught the same way
+        self.edit(("UPDATE decisions SET chain_seq = ?, chain_hash = ? WHERE decision_id = ?",
+                   (first[1], first[2], first[0])),
+                  ("UPDATE decisions SET chain_seq = ?, chain_hash = ? WHERE decision_id = ?",
+                   (second[1], second[2], second[0])))
+        self.assertTrue(self.verify()["intact"])
+        times = dict(self.db_rows("SELECT decision_id, decided_at FROM decisions WHERE "
+                                  "decision_id IN ('ing-0', 'ing-2')"))
+        self.edit(("UPDATE decisions SET decided_at = ? WHERE decision_id = 'ing-0'",
+                   (times["ing-2"],)),
+                  ("UPDATE decisions SET decided_at = ? WHERE decision_id = 'ing-2'",
+                   (times["ing-0"],)))
+        self.assertEqual([p["problem"] for p in self.verify()["problems"]],
+                         ["altered", "altered"])
+
+    def test_pruned_rows_are_vouched_for_and_other_deletions_still_show(self):
+        for i in range(3):
+            self.call("POST", "/decisions/ingest", {"decision_id": "old-%d" % i,
+                                                    "decided_at": "2020-01-0%dT00:00:00Z" % (i + 1)})
+        self.call("POST", "/decisions/ingest", {"decision_id": "late"})
+        self.assertEqual(self.hall.prune(365)["removed"], 3)
+        report = self.verify()
+        self.assertTrue(report["intact"], report["problems"])
+        self.assertEqual(report["pruned"], 3)
+        self.assertEqual(report["length"] - report["entries"], 3)
+        seq = self.seq_of("decisions", "decision_id", "late")
+        self.edit("DELETE FROM decisions WHERE decision_id = 'late'")
+        report = self.verify()
+        self.assertEqual([(p["problem"], p["seq"]) for p in report["problems"]],
+                         [("deleted", seq)])
+        self.assertIn("entry %d is missing" % seq, report["first_problem"]["message"])
+        self.assertEqual(report["pruned"], 3)
+
+    def test_concurrent_writers_and_a_second_process_keep_one_chain(self):
+        def worker(n):
+            client = Client(self.server.url)
+            try:
+                for i in range(15):
+                    client.request("POST", "/api/route", route_body(), self.router_token)
+                    client.request("POST", "/decisions/ingest", {"decision_id": "t%d-%d" % (n, i)})
+                    client.request("POST", "/decisions/ingest", {"decision_id": "t%d-%d" % (n, i)})
+            finally:
+                client.close()
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+        for thread in threads:
+            thread.start()
+        result = run_hall(["route", "--db", self.db, "--capability", "cap.doc.summarize",
+                           "--env", "dev", "--data-label", "PUBLIC", "--tenant", "org.acme"])
+        for thread in threads:
+            thread.join()
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.route()                            # the server continues the other process's chain
+        report = self.verify()
+        self.assertTrue(report["intact"], report["problems"])
+        rows = sum(self.db_rows("SELECT count(*) FROM %s" % t)[0][0]
+                   for t in ("decisions", "alerts", "audit"))
+        self.assertEqual((report["entries"], report["length"]), (rows, rows))
+
+    def test_verify_log_command_names_the_edit(self):
+        self.stop()
+        result = run_hall(["verify-log", "--db", self.db])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        rows = sum(self.db_rows("SELECT count(*) FROM %s" % t)[0][0]
+                   for t in ("decisions", "alerts", "audit"))
+        self.assertRegex(result.stdout, r"^intact: %d entries, chain length %d, head [0-9a-f]{64}"
+                         % (rows, rows))
+        self.edit("UPDATE decisions SET tenant_id = 'org.other' WHERE decision_id = 'ing-0'")
+        result = run_hall(["verify-log", "--db", self.db])
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("NOT intact: 1 problem(s)", result.stdout)
+        self.assertIn("altered: decision ing-0 at place", result.stdout)
+
+
+class ReceiptTest(ServerCase):
+
+    def setUp(self):
+        ServerCase.setUp(self)
+        self.enroll(worker_record())
+
+    def keys(self):
+        with open(self.db + ".keys") as handle:
+            return {k["key_id"]: k["secret"] for k in json.load(handle)["keys"]}
+
+    def check(self, decision):
+        status, _, answer = self.call("POST", "/api/receipts/verify", decision)
+        self.assertEqual(status, 200, answer)
+        return answer
+
+    def test_a_route_decision_carries_a_receipt_a_worker_can_check(self):
+        self.assertEqual(stat.S_IMODE(os.stat(self.db + ".keys").st_mode), 0o600)
+        status, _, decision = self.route()
+        self.assertEqual(status, 200)
+        receipt = decision["receipt"]
+        self.assertEqual((receipt["alg"], receipt["signed_fields"][-1]), ("HMAC-SHA256", "key_id"))
+        (key_id, secret), = self.keys().items()
+        self.assertEqual(receipt["key_id"], key_id)
+        self.assertTrue(hall.verify_receipt(decision, secret))
+        self.assertTrue(hall.verify_receipt(decision, bytes.fromhex(secret)))
+        self.assertTrue(hall.verify_receipt(json.loads(json.dumps(decision)), {key_id: secret}))
+        self.assertEqual(self.check(decision), {"valid": True, "reason": "signed by key " + key_id,
+                                                "key_id": key_id,
+                                                "decision_id": decision["decision_id"],
+                                                "in_log": True})
+        # fields outside the receipt may change (a client adds its own notes)
+        self.assertTrue(hall.verify_receipt(dict(decision, note="seen"), secret))
+
+    def test_changing_any_signed_field_fails(self):
+        decision = self.route()[2]
+        secret = self.keys()[decision["receipt"]["key_id"]]
+        changes = {"decision_id": "another", "timestamp": "2026-01-01T00:00:00.000000+00:00",
+                   "correlation_id": "c-2", "tenant_id": "org.evil", "capability_id": "cap.x",
+                   "selected_worker_species_id": "wrk.evil", "selected_worker_id": "w.evil",
+                   "denied": True, "allowed": False, "worker_id": "w.evil",
+                   "deny_reason": "DENY_X", "artifact_hash": "sha256:" + "1" * 64}
+        self.assertEqual(set(changes), set(hall.RECEIPT_FIELDS))
+        for field, value in changes.items():
+            altered = dict(decision, **{field: value})
+            self.assertFalse(hall.verify_receipt(altered, secret), field)
+            answer = self.check(altered)
+            self.assertEqual((answer["valid"], answer["in_log"]), (False, False), field)
+            self.assertIn("does not match", answer["reason"])
+        for receipt_change in ({"key_id": "rk_0000000000000000"}, {"mac": "0" * 64},
+                               {"alg": "none"}):
+            altered = dict(decision, receipt=dict(decision["receipt"], **receipt_change))
+            self.assertFalse(hall.verify_receipt(altered, secret), receipt_change)
+            self.assertFalse(self.check(altered)["valid"], receipt_change)
+        self.assertFalse(hall.verify_receipt(dict(decision, receipt=None), secret))
+        self.assertEqual(self.check({"decision_id": "x"})["reason"],
+                         "the decision carries no receipt")
+        self.assertEqual(self.call("POST", "/api/receipts/verify", [1, 2])[0], 400)
+
+    def test_a_wrong_key_fails(self):
+        decision = self.route()[2]
+        self.assertFalse(hall.verify_receipt(decision, os.urandom(32)))
+        self.assertFalse(hall.verify_receipt(decision, {decision["receipt"]["key_id"]: "ab" * 32}))
+        other = hall.Hall()                     # another hall, its own key
+        try:
+            self.assertFalse(other.verify_receipt(decision)["valid"])
+        finally:
+            other.close()
+        with self.assertRaises(ValueError):
+            hall.verify_receipt(decision, "not hex")
+
+    def test_rotation_keeps_old_receipts_valid(self):
+        old = self.route()[2]
+        old_key = old["receipt"]["key_id"]
+        self.assertEqual(self.call("POST", "/api/receipts/keys/rotate", token=self.reader)[0], 403)
+        status, _, listing = self.call("POST", "/api/receipts/keys/rotate", token=self.admin)
+        self.assertEqual((status, listing["count"]), (200, 2))
+        current = [k["key_id"] for k in listing["keys"] if k["current"]]
+        self.assertEqual(len(current), 1)
+        self.assertNotEqual(current[0], old_key)
+        self.assertNotIn("secret", json.dumps(listing))
+        new = self.route()[2]
+        self.assertEqual(new["receipt"]["key_id"], current[0])
+        keys = self.keys()
+        self.assertEqual(set(keys), {old_key, current[0]})
+        self.assertTrue(self.check(old)["valid"])
+        self.assertTrue(hall.verify_receipt(old, keys[old_key]))
+        self.assertFalse(hall.verify_receipt(old, keys[current[0]]))
+        self.assertTrue(hall.verify_receipt(new, keys))
+        audit = self.call("GET", "/api/audit", token=self.admin)[2]["entries"]
+        self.assertEqual((audit[0]["action"], audit[0]["target"]), ("receipts.rotate", current[0]))
+        # a rotation by the command line reaches the running hall, and keys survive a restart
+        result = run_hall(["receipt-key", "rotate", "--db", self.db])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        third = result.stdout.split()[-1]
+        self.assertTrue(poll(lambda: self.route()[2]["receipt"]["key_id"] == third))
+        self.restart()
+        self.assertEqual(self.route()[2]["receipt"]["key_id"], third)
+        self.assertTrue(self.check(old)["valid"])
+
+    def test_dry_runs_are_signed_but_not_logged_and_commands_check_receipts(self):
+        dry = self.route(dry_run=True)[2]
+        self.assertEqual((self.check(dry)["valid"], self.check(dry)["in_log"]), (True, False))
+        decision = self.route()[2]
+        path = self.write_file("decision.json", decision)
+        result = run_hall(["verify-receipt", path, "--db", self.db])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("valid: signed by key", result.stdout)
+        self.assertIn("in the decision log", result.stdout)
+        path = self.write_file("altered.json", dict(decision, tenant_id="org.evil"))
+        result = run_hall(["verify-receipt", path, "--db", self.db])
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("INVALID", result.stdout)
+        result = run_hall(["receipt-key", "show", "--db", self.db])
+        key_id, secret = result.stdout.split()[:2]
+        self.assertEqual(key_id, decision["receipt"]["key_id"])
+        self.assertTrue(hall.verify_receipt(decision, secret))
+
+    def test_a_key_file_others_can_read_is_refused(self):
+        self.stop()
+        os.chmod(self.db + ".keys", 0o644)
+        with self.assertRaises(hall.ConfigError) as caught:
+            hall.Hall(hall.Config(db_path=self.db))
+        self.assertIn("chmod 600", str(caught.exception))
+        os.chmod(self.db + ".keys", 0o600)
+        with open(self.db + ".keys", "w") as handle:
+            handle.write("{not json")
+        with self.assertRaises(hall.ConfigError) as caught:
+            hall.Hall(hall.Config(db_path=self.db))
+        self.assertIn("cannot be used", str(caught.exception))
+
+
+# Every deny code of the router, with the step that must deny it: explained
+# decisions are compared with the router's own answers for the same input.
+EXPLAIN_REGISTRY = [SUMMARIZER]
+EXPLAIN_DENIALS = [
+    ("DENY_SAFE_MODE", "floor", {}, {"floor": hall.Floor(True, "drill", None, frozenset())}),
+    ("DENY_UNKNOWN_TENANT", "floor", {},
+     {"floor": hall.Floor(False, None, frozenset(["org.other"]), frozenset())}),
+    ("DENY_MISSING_TENANT_ID", "floor", {"tenant_id": " "}, {}),
+    ("DENY_INVALID_INPUT", "floor", {"blast_score": 101}, {}),
+    ("DENY_SHADOW_RULES_DETECTED", "floor", {"env": "prod"}, {"rules": [
+        rule("r.broad", {}, ["wrk.doc.summarizer"]),
+        rule("r.narrow", {"env": "prod"}, ["wrk.doc.summarizer"])]}),
+    ("DENY_NO_MATCHING_RULE", "rule", {"capability_id": "cap.unknown"}, {}),
+    ("DENY_MISSING_CORRELATION_ID", "correlation_id", {"correlation_id": ""}, {}),
+    ("DENY_MISSING_REQUIRED_CONTROLS", "required_controls", {}, {"rules": [
+        rule("r.ctl", {}, ["wrk.doc.summarizer"], controls=["ctrl.redaction"])]}),
+    ("DENY_REQUIRES_HUMAN", "blast_radius", {"env": "prod", "data_label": "SECRET",
+                                             "qos_class": "P0"}, {}),
+    ("DENY_APPROVAL_NOT_FOUND", "blast_radius", {"env": "prod", "blast_score": 90},
+     {"approval": {"approval_id": "ap-1", "status": "unknown"}}),
+    ("DENY_POLICY_GATE_UNCONFIGURED", "policy_gate", {}, {"rules": [
+        rule("r.gated", {}, ["wrk.doc.summarizer"], escalation={"policy_gate": True})]}),
+    ("DENY_POLICY_GATE", "policy_gate", {"data_label": "SECRET"}, {"policy": {
+        "version": "p-1", "default": "ALLOW", "rules": [
+            {"id": "no-secret", "match": {"data_label": "SECRET"}, "outcome": "DENY"}]}}),
+    ("DENY_REQUIRES_HUMAN_APPROVAL", "policy_gate", {}, {"policy": {
+        "version": "p-2", "default": "REQUIRE_HUMAN"}}),
+    ("DENY_POLICY_GATE_INVALID_RESPONSE", "policy_gate", {}, {"policy": lambda values: "MAYBE"}),
+    ("DENY_NO_AVAILABLE_WORKER", "worker", {}, {"rules": [
+        rule("r.ghost", {}, ["wrk.ghost"])]}),
+    ("DENY_WORKER_ATTESTATION_MISSING", "attestation", {},
+     {"attestor": hall.Attestor([tempfile.gettempdir()], required=True)}),
+    ("DENY_PRIVILEGE_ENVELOPE_VIOLATED", "privilege_envelope", {"request": {"writes": True}},
+     {"rules": [rule("r.env", {}, ["wrk.doc.summarizer"],
+                     controls=[hall.CTRL_ENVELOPE])],
+      "registry": [worker_record("w.sum", "wrk.doc.summarizer", ["cap.doc.summarize"],
+                                 currently_implements=[hall.CTRL_ENVELOPE],
+                                 privilege_envelope={"writes": False})]}),
+]
+
+
+class ExplainTest(unittest.TestCase):
+
+    def explained(self, body, **case):
+        """(plain, explained) decisions of one input, decided alike."""
+        rules = case.pop("rules", None)
+        registry = registry_of(*case.pop("registry", EXPLAIN_REGISTRY))
+        if isinstance(case.get("policy"), dict):
+            case["policy"] = hall.compile_policy(case["policy"])
+        body = dict(body, correlation_id=body.get("correlation_id", "corr-1"))
+        same = dict(case, now="2026-11-22T00:00:00.000000+00:00", decision_id="d-1")
+        return (decide(body, rules, registry, **same),
+                decide(body, rules, registry, explain=True, **same))
+
+    def assertTraceShape(self, trace, deciding=None):
+        self.assertEqual([(s["step"], s["name"]) for s in trace],
+                         list(enumerate(hall.PIPELINE_STEPS)))
+        names = [s["name"] for s in trace]
+        cut = names.index(deciding) if deciding else len(names)
+        for step in trace[:cut]:
+            self.assertIn(step["outcome"], ("pass", "skipped"), step)
+        for step in trace[cut + 1:] if deciding else ():
+            self.assertEqual(step["outcome"], "not_reached", step)
+
+    def test_every_denial_is_explained_at_its_step(self):
+        codes = set()
+        for code, step, body, case in EXPLAIN_DENIALS:
+            with self.subTest(code=code):
+                plain, explained = self.explained(body, **dict(case))
+                self.assertEqual(plain["deny_reason"], code)
+                self.assertEqual(explained.pop("trace") and explained, plain)
+                trace = self.explained(body, **dict(case))[1]["trace"]
+                self.assertTraceShape(trace, step)
+                denying = [s for s in trace if s["outcome"] == "deny"]
+                self.assertEqual(len(denying), 1)
+                self.assertEqual((denying[0]["name"], denying[0]["deny_code"]), (step, code))
+                codes.add(code)
+        router_codes = {c for c in hall.DENY_MESSAGES if not c.startswith("DENY_APPROVAL_")}
+        router_codes.discard("DENY_WORKER_TAMPERED")   # the attestation step's other code
+        self.assertEqual(router_codes - codes, set())
+
+    def test_an_explained_allow_shows_every_step(self):
+        policy = hall.compile_policy({"version": "p-3", "default": "ALLOW", "rules": [
+            {"id": "fine", "match": {"env": "prod"}, "outcome": "ALLOW"}]})
+        other = worker_record("w.dev", "wrk.doc.summarizer", ["cap.doc.summarize"],
+                              allowed_environments=["dev"])
+        plain, explained = self.explained({"env": "prod", "data_label": "CONFIDENTIAL"},
+                                          policy=policy, registry=[other, SUMMARIZER])
+        trace = explained["trace"]
+        self.assertFalse(plain["denied"])
+        self.assertTraceShape(trace)
+        steps = {s["name"]: s for s in trace}
+        self.assertEqual(steps["rule"]["tried"], [{"rule_id": "auto.cap.doc.summarize",
+                                                   "matched": True, "mismatches": []}])
+        self.assertEqual(steps["blast_radius"]["score"], plain["blast_score"])
+        self.assertEqual(steps["blast_radius"]["terms"],
+                         {"base": 10, "data_label": 30, "env": 15})
+        self.assertEqual((steps["policy_gate"]["verdict"], steps["policy_gate"]["policy_rule_id"],
+                          steps["policy_gate"]["policy_version"]), ("ALLOW", "fine", "p-3"))
+        workers = steps["worker"]["candidates"][0]["workers"]
+        self.assertEqual([(w["worker_id"], w["eligible"]) for w in workers],
+                         [("w.dev", False), ("w.sum", True)])
+        self.assertIn("env prod", workers[0]["reasons"][0])
+        self.assertEqual(steps["worker"]["selected_worker_id"], plain["worker_id"])
+        self.assertEqual(steps["attestation"]["outcome"], "skipped")
+
+    def test_explanations_say_why_rules_and_controls_failed(self):
+        rules = [rule("r.prod", {"env": "prod"}, ["wrk.doc.summarizer"]),
+                 rule("r.acme", {"tenant_id": {"in": ["org.x", "org.y*"]}}, ["wrk.doc.summarizer"])]
+        trace = self.explained({}, rules=rules)[1]["trace"]
+        tried = trace[1]["tried"]
+        self.assertEqual(tried[0], {"rule_id": "r.prod", "matched": False, "mismatches": [
+            {"key": "env", "value": "dev", "expected": ["prod"]}]})
+        self.assertEqual(tried[1]["mismatches"][0]["key"], "tenant_id")
+        self.assertEqual(trace[1]["deny_code"], "DENY_NO_MATCHING_RULE")
+        rules = [rule("r.ctl", {}, ["wrk.doc.summarizer"], controls=["ctrl.a", "ctrl.b"])]
+        registry = [worker_record("w.sum", "wrk.doc.summarizer", ["cap.doc.summarize"],
+                                  currently_implements=["ctrl.a"])]
+        step = self.explained({}, rules=rules, registry=registry)[1]["trace"][3]
+        self.assertEqual((step["required"], step["missing"]), (["ctrl.a", "ctrl.b"], ["ctrl.b"]))
+
+    def test_explain_over_http_and_the_command_line(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            db = os.path.join(tmp, "hall.db")
+            h = hall.Hall(hall.Config(db_path=db, access_log=False))
+            try:
+                h.enroll(worker_record())
+                _, token = h.create_token("router", ["route"])
+                server = h.serve(port=0)
+                client = Client(server.url)
+                try:
+                    status, _, d = client.request("POST", "/api/route",
+                                                  route_body(explain=True, env="prod",
+                                                             data_label="SECRET", qos_class="P0"),
+                                                  token)
+                    self.assertEqual(status, 200)
+                    self.assertEqual(d["trace"][4]["outcome"], "deny")
+                    self.assertEqual(d["trace"][4]["deny_code"], d["deny_reason"])
+                    self.assertNotIn("trace", client.request("POST", "/api/route",
+                                                             route_body(), token)[2])
+                    self.assertEqual(client.request("POST", "/api/route",
+                                                    route_body(explain="yes"), token)[0], 400)
+                finally:
+                    client.close()
+                    server.stop()
+            finally:
+                h.close()
+            result = run_hall(["route", "--db", db, "--capability", "cap.doc.summarize",
+                               "--env", "dev", "--data-label", "PUBLIC", "--tenant", "org.acme",
+                               "--explain"])
+            self.assertEqual(result.returncode, 0, result.stderr)
+            lines = [l for l in result.stdout.splitlines() if re.match(r"^\d\. ", l)]
+            self.assertEqual([l.split()[1] for l in lines], list(hall.PIPELINE_STEPS))
+            self.assertIn("4. blast_radius        SKIPPED", result.stdout)
+            self.assertTrue(result.stdout.rstrip().splitlines()[-1].startswith("allowed: "))
+
 
 # -- embedding and command line ----------------------------------------------------
 
