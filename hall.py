@@ -1019,6 +1019,14 @@ class Store(object):
                                % ", ".join(columns), (decision_id,)).fetchone()
         return dict(zip(columns, row)) if row else None
 
+    def decisions_per_minute(self, since):
+        """{"YYYY-MM-DDTHH:MM": (decisions, denials)} from ``since`` on."""
+        with self.reading() as conn:
+            rows = conn.execute("SELECT substr(decided_at, 1, 16), count(*), "
+                                "sum(denied != 0) FROM decisions WHERE decided_at >= ? "
+                                "GROUP BY 1", (since,)).fetchall()
+        return {minute: (total, denied) for minute, total, denied in rows}
+
     def recent_decisions(self, limit):
         with self.reading() as conn:
             rows = conn.execute("SELECT %s FROM decisions ORDER BY decided_at DESC, rowid DESC "
@@ -2845,6 +2853,97 @@ class EventStream(object):
             self.hall.events.unsubscribe(self.subscription)
 
 
+SESSION_PREFIX = "sess_"
+SESSION_SECONDS = 12 * 3600
+
+
+class Sessions(object):
+    """Dashboard sign-ins, in memory: session id -> (token, CSRF token,
+    expiry).  A restart signs everyone out; at most ``limit`` are kept."""
+
+    def __init__(self, limit=1000):
+        self._sessions = collections.OrderedDict()
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def open(self, token):
+        session_id = SESSION_PREFIX + secrets.token_urlsafe(32)
+        with self._lock:
+            moment = time.monotonic()
+            for old in [k for k, v in self._sessions.items() if v[2] <= moment]:
+                del self._sessions[old]
+            while len(self._sessions) >= self._limit:
+                self._sessions.popitem(last=False)
+            self._sessions[session_id] = (token, secrets.token_urlsafe(24),
+                                          moment + SESSION_SECONDS)
+        return session_id
+
+    def _live(self, session_id):
+        entry = self._sessions.get(session_id)
+        return entry if entry and entry[2] > time.monotonic() else None
+
+    def token(self, session_id):
+        entry = self._live(session_id)
+        return entry[0] if entry else None
+
+    def csrf(self, session_id):
+        entry = self._live(session_id)
+        return entry[1] if entry else None
+
+    def csrf_ok(self, session_id, presented):
+        expected = self.csrf(session_id)
+        return bool(expected and presented) and hmac.compare_digest(
+            expected.encode(), presented.encode("utf-8", "replace"))
+
+    def close(self, session_id):
+        with self._lock:
+            self._sessions.pop(session_id, None)
+
+
+class MinuteCounts(object):
+    """Decisions and denials per UTC minute over the last hour, for the
+    dashboard's chart: read from the log once, then kept as decisions are
+    logged (by this process)."""
+
+    MINUTES = 60
+
+    def __init__(self):
+        self._counts = {}                       # "YYYY-MM-DDTHH:MM" -> [decisions, denials]
+        self._lock = threading.Lock()
+        self.seeded = False
+
+    def seed(self, counts):
+        with self._lock:
+            if not self.seeded:
+                self._counts = {minute: list(pair) for minute, pair in counts.items()}
+                self.seeded = True
+
+    def add(self, decided_at, denied):
+        if not self.seeded:                     # the seed will read it from the log
+            return
+        minute = decided_at[:16]
+        with self._lock:
+            pair = self._counts.get(minute)
+            if pair is None:
+                if len(self._counts) > 4 * self.MINUTES:    # forget minutes long gone
+                    for old in sorted(self._counts)[:-self.MINUTES]:
+                        del self._counts[old]
+                pair = self._counts[minute] = [0, 0]
+            pair[0] += 1
+            pair[1] += 1 if denied else 0
+
+    def series(self):
+        now = datetime.datetime.now(datetime.timezone.utc).replace(second=0, microsecond=0)
+        series = []
+        with self._lock:
+            for back in range(self.MINUTES - 1, -1, -1):
+                minute = (now - datetime.timedelta(minutes=back)).strftime("%Y-%m-%dT%H:%M")
+                decisions, denied = self._counts.get(minute, (0, 0))
+                series.append({"minute": minute + ":00Z", "decisions": decisions,
+                               "denied": denied})
+        return series
+
+
 class Hall(object):
     """The application: registry, router, decision log and governance state
     over one Store.
@@ -2887,6 +2986,8 @@ class Hall(object):
         self.storage_fault_since = None         # (when, why) while writes fail
         self.events = EventBus(config.events_retained)
         self.metrics = Metrics()
+        self.sessions = Sessions()
+        self.activity = MinuteCounts()
         self.stopping = False                   # set when the server drains
         self.started_monotonic = time.monotonic()
         self.store.on_audit = lambda entry: self.events.publish("admin", entry)
@@ -3153,7 +3254,8 @@ class Hall(object):
         return decision
 
     def _announce(self, row):
-        """A logged decision, to /events subscribers."""
+        """A logged decision, to /events subscribers and the activity chart."""
+        self.activity.add(row["decided_at"], row["denied"])
         self.events.publish("decision", dict({c: row[c] for c in DECISION_COLUMNS},
                                              source=row.get("source")))
 
@@ -3577,6 +3679,39 @@ class Hall(object):
         rows = self.store.audit_entries(limit)
         return {"entries": rows, "count": len(rows)}
 
+    # -- the dashboard: sessions and activity ---------------------------------
+
+    def session_view(self, session_id):
+        """What the page may know of its session: who, which scopes, its CSRF token."""
+        principal = self.authenticate(session_id) if session_id else None
+        if principal is None:
+            return {"signed_in": False, "name": None, "scopes": [], "csrf": None,
+                    "open_reads": self.config.loopback}
+        return {"signed_in": True, "name": principal.name, "scopes": sorted(principal.scopes),
+                "csrf": self.sessions.csrf(session_id), "open_reads": self.config.loopback}
+
+    def sign_in(self, token, client="-"):
+        """A token (posted once) -> a new session id; the token itself is kept
+        only in memory, so revoking it ends the session too."""
+        if not isinstance(token, str) or not token or token.startswith(SESSION_PREFIX):
+            raise HallError(400, "token must be a non-empty string")
+        principal = self.authenticate(token)
+        if principal is None:
+            self.failed_login(client)
+            raise HallError(401, "that token is not valid", "UNAUTHORIZED")
+        session_id = self.sessions.open(token)
+        self.store.write(lambda conn: self.store._audit(
+            conn, (principal.token_id, "session.sign_in", None, {"client": clean_id(client)})))
+        return session_id
+
+    def activity_series(self):
+        """Decisions and denials per minute over the last hour (oldest first)."""
+        if not self.activity.seeded:
+            since = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(
+                minutes=MinuteCounts.MINUTES)).isoformat(timespec="microseconds")
+            self.activity.seed(self.store.decisions_per_minute(since))
+        return {"minutes": self.activity.series()}
+
     # -- evidence ----------------------------------------------------------------
 
     def verify_log(self):
@@ -3646,6 +3781,9 @@ class Hall(object):
         """A presented token -> Principal, or None."""
         if not secret:
             return None
+        if secret.startswith(SESSION_PREFIX):
+            token = self.sessions.token(secret)
+            return self.authenticate(token) if token else None
         if self.config.token and hmac.compare_digest(secret.encode("utf-8", "replace"),
                                                      str(self.config.token).encode("utf-8")):
             return Principal("env", "HALL_TOKEN", ALL_SCOPES, None)
@@ -3961,6 +4099,11 @@ V1_ENROLL_RESPONSE = dict(ENROLL_RESPONSE, properties=dict(
     ENROLL_RESPONSE["properties"], namespace=STRING, worker_species_id=STRING, sha256=STRING))
 
 
+ACTIVITY_SCHEMA = object_of(["minutes"], minutes=array_of(object_of(
+    ["minute", "decisions", "denied"], minute=STRING, decisions=INTEGER, denied=INTEGER)))
+SESSION_SCHEMA = object_of(["signed_in", "name", "scopes", "csrf", "open_reads"],
+                           signed_in=BOOLEAN, name=nullable(STRING), scopes=array_of(STRING),
+                           csrf=nullable(STRING), open_reads=BOOLEAN)
 CHAIN_PROBLEM = object_of(["problem", "seq", "message"],
                           problem={"type": "string",
                                    "enum": ["altered", "deleted", "inserted", "head"]},
@@ -3985,8 +4128,9 @@ def list_of(name, schema):
 class Request(object):
     """What a handler sees: the parsed request and who sent it."""
 
-    def __init__(self, method, path, query, headers, body, params, principal):
+    def __init__(self, method, path, query, headers, body, params, principal, client="-"):
         self.method = method
+        self.client = client        # the peer address (for failed-login bursts)
         self.path = path
         self.query = query          # {name: first value}
         self.headers = headers
@@ -4196,6 +4340,41 @@ def handle_audit(hall, req):
     return 200, hall.audit()
 
 
+def handle_dashboard(hall, req):
+    return 200, Raw(DASHBOARD_PAGE, "text/html; charset=utf-8"), DASHBOARD_HEADERS
+
+
+def handle_activity(hall, req):
+    return 200, hall.activity_series()
+
+
+def _session_cookie_header(hall, value, max_age):
+    return {"Set-Cookie": "%s=%s; Path=/; Max-Age=%d; HttpOnly; SameSite=Strict%s" % (
+        SESSION_COOKIE, value, max_age, "; Secure" if hall.config.tls_cert else ""),
+        "Cache-Control": "no-store"}
+
+
+def handle_session(hall, req):
+    return 200, hall.session_view(session_cookie(req.headers)), {"Cache-Control": "no-store"}
+
+
+def handle_sign_in(hall, req):
+    body = require_object(req.json())
+    session_id = hall.sign_in(body.get("token"), req.client)
+    return (200, hall.session_view(session_id),
+            _session_cookie_header(hall, session_id, SESSION_SECONDS))
+
+
+def handle_sign_out(hall, req):
+    session_id = session_cookie(req.headers)
+    if session_id and hall.sessions.csrf(session_id):
+        if not hall.sessions.csrf_ok(session_id, req.headers.get("X-CSRF-Token")):
+            raise HallError(403, "signing out needs the session's X-CSRF-Token header",
+                            "CSRF_FAILED")
+        hall.sessions.close(session_id)
+    return 200, hall.session_view(None), _session_cookie_header(hall, "", 0)
+
+
 def handle_verify_log(hall, req):
     return 200, hall.verify_log()
 
@@ -4363,6 +4542,23 @@ ROUTES = [
     route("GET", "/api/audit", handle_audit, "admin",
           "The append-only audit trail of admin actions, newest first.",
           responses={200: list_of("entries", AUDIT_SCHEMA)}),
+    # -- the dashboard -------------------------------------------------------------
+    route("GET", "/", handle_dashboard, None,
+          "The Hall Monitor: a live dashboard page (HTML, no external resources).",
+          responses={200: TEXT_RESPONSE}),
+    route("GET", "/api/activity", handle_activity, "read",
+          "Decisions and denials per minute over the last hour, oldest first.",
+          open_on_loopback=True, responses={200: ACTIVITY_SCHEMA}),
+    route("GET", "/api/session", handle_session, None,
+          "The dashboard session of this browser (its CSRF token when signed in).",
+          responses={200: SESSION_SCHEMA}),
+    route("POST", "/api/session", handle_sign_in, None,
+          "Sign in: post a token once, get an HttpOnly, SameSite=Strict session cookie.",
+          request=object_of(["token"], token=STRING), responses={200: SESSION_SCHEMA},
+          errors=[401]),
+    route("DELETE", "/api/session", handle_sign_out, None,
+          "Sign out (with the session's X-CSRF-Token header); the cookie is cleared.",
+          responses={200: SESSION_SCHEMA}),
     # -- evidence ----------------------------------------------------------------
     route("GET", "/api/log/verify", handle_verify_log, "admin",
           "Walk the hash chain of decisions, alerts and audit entries; name what was "
@@ -4455,7 +4651,8 @@ def openapi_document():
         if r.request is not None:
             operation["requestBody"] = {"required": True, "content": {
                 "application/json": {"schema": r.request}}}
-        media = {"/metrics": "text/plain", "/events": "text/event-stream"}.get(
+        media = {"/metrics": "text/plain", "/events": "text/event-stream",
+                 "/": "text/html"}.get(
             r.path, "application/json")
         for status, schema in sorted(r.responses.items()):
             operation["responses"][str(status)] = {
@@ -4495,11 +4692,16 @@ def openapi_document():
 # -- dispatch --------------------------------------------------------------------
 
 def _presented_token(headers):
-    """The bearer token or the session cookie, whichever was sent."""
+    """The bearer token, else the session cookie: (secret or None, from_cookie)."""
     authorization = headers.get("Authorization") or ""
     scheme, _, value = authorization.strip().partition(" ")
     if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
+        return value.strip(), False
+    session = session_cookie(headers)
+    return session, session is not None
+
+
+def session_cookie(headers):
     for cookie in (headers.get("Cookie") or "").split(";"):
         name, _, value = cookie.strip().partition("=")
         if name == SESSION_COOKIE and value:
@@ -4543,12 +4745,19 @@ def dispatch(hall, method, target, headers, body, client="-", limiter=None, cont
         context["route"] = entry.path
     principal = None
     if entry.scope:
-        secret = _presented_token(headers)
+        secret, from_cookie = _presented_token(headers)
         principal = hall.authenticate(secret)
         if secret and principal is None:
             hall.failed_login(client)
         if context is not None:
             context["principal"] = principal
+        # A browser sends its session cookie by itself: a change made with one
+        # must also carry the session's CSRF token, which only the hall's own
+        # page can read.  (A cookie holding a token is a scripted client's.)
+        if from_cookie and secret.startswith(SESSION_PREFIX) and method not in ("GET", "HEAD") \
+                and not hall.sessions.csrf_ok(secret, headers.get("X-CSRF-Token")):
+            raise HallError(403, "a change made with a session cookie needs its X-CSRF-Token "
+                                 "header", "CSRF_FAILED")
     if limiter is not None and path not in UNLIMITED_PATHS:
         wait = limiter.wait_time(principal.token_id if principal else client)
         if wait:
@@ -4563,11 +4772,12 @@ def dispatch(hall, method, target, headers, body, client="-", limiter=None, cont
     if entry.request is not None and not _is_json_type(headers.get("Content-Type")):
         raise HallError(415, "request body must be application/json", "UNSUPPORTED_MEDIA_TYPE")
     query = {k: v[0] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
-    req = Request(method, path, query, headers, body, params, principal or ANONYMOUS)
-    status, payload = entry.handler(hall, req)
+    req = Request(method, path, query, headers, body, params, principal or ANONYMOUS, client)
+    answer = entry.handler(hall, req)           # (status, payload[, headers])
+    status, payload = answer[0], answer[1]
     if hall.storage_fault_since is not None and method != "GET":
         hall.storage_recovered()
-    return status, payload, {}
+    return status, payload, answer[2] if len(answer) > 2 else {}
 
 
 class DeadlineReader(io.RawIOBase):
@@ -5064,7 +5274,718 @@ def make_server(hall, host, port):
 
 
 ###############################################################################
-# 7. Command line
+# 7. The Hall Monitor page
+###############################################################################
+#
+# The dashboard at GET /: one page, its script and style inline, nothing
+# fetched from anywhere but this hall (it works on a host with no network).
+# It reads the same endpoints as any client -- /status, /dispatches, /workers,
+# /alerts, /api/activity, /events -- and, for an admin session, approvals and
+# safe mode.  Signed in, it holds an HttpOnly session cookie it cannot read
+# and a CSRF token in a variable; nothing goes to localStorage.  The event
+# stream runs in a worker made from a blob: URL, so that a page with a stream
+# still counts as loaded (headless browsers wait for every open request).
+
+DASHBOARD_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Hall Monitor</title>
+<style>
+/* Colours: light by default, dark when the viewer prefers it. */
+:root { --bg:#f3f5f8; --card:#fff; --fg:#17202e; --muted:#4f5a6b; --line:#d5dbe3; --accent:#1f5fbf;
+  --focus:#c2410c; --ok-bg:#e2f3e7; --ok-fg:#135c2e; --no-bg:#fde6e6; --no-fg:#8f1d1d; --warn-bg:#fff1d0;
+  --warn-fg:#6e4300; --info-bg:#e5eefc; --info-fg:#1b4a8a; --bar:#5b8fd6; --deny:#c0392b; color-scheme: light dark; }
+@media (prefers-color-scheme: dark) {
+  :root { --bg:#11161d; --card:#1a212b; --fg:#e6ebf2; --muted:#a7b2c2; --line:#334050; --accent:#7fb0ff;
+    --focus:#ffb347; --ok-bg:#163a24; --ok-fg:#9be3b4; --no-bg:#4a1c1c; --no-fg:#ffb4b4; --warn-bg:#47340c;
+    --warn-fg:#ffd98a; --info-bg:#1b3050; --info-fg:#b3d0ff; --bar:#6d9ee6; --deny:#ff7b6b; }
+}
+* { box-sizing: border-box; }
+[hidden], .error:empty { display: none !important; }
+body { margin: 0; font: 15px/1.45 system-ui, -apple-system, Segoe UI, Roboto, sans-serif; background: var(--bg);
+  color: var(--fg); overflow-wrap: anywhere; }
+:focus-visible { outline: 3px solid var(--focus); outline-offset: 2px; }
+header { display: flex; flex-wrap: wrap; align-items: center; gap: .5rem 1rem; padding: .7rem 1rem;
+  background: var(--card); border-bottom: 1px solid var(--line); }
+header h1 { font-size: 1.2rem; margin: 0; }
+#hall-id, #who { color: var(--muted); font-size: .9rem; }
+.spacer { flex: 1; }
+.pill { padding: .1rem .55rem; border-radius: 999px; font-size: .8rem; font-weight: 600; border: 1px solid var(--line); }
+button, input, select { font: inherit; color: inherit; }
+button { cursor: pointer; padding: .35rem .8rem; border-radius: 6px; border: 1px solid var(--line); background: var(--card); }
+button:hover { border-color: var(--accent); }
+button:disabled { opacity: .6; cursor: default; }
+button.primary { background: var(--accent); color: var(--card); border-color: var(--accent); }
+input, select { padding: .35rem .5rem; border: 1px solid var(--muted); border-radius: 6px; background: var(--card); min-width: 0; }
+label { font-size: .85rem; color: var(--muted); display: flex; flex-direction: column; gap: .15rem; }
+main { padding: 1rem; display: grid; gap: 1rem; max-width: 1400px; margin: 0 auto; }
+#data-views { display: grid; gap: 1rem; grid-template-columns: minmax(0, 1fr); }
+@media (min-width: 1000px) {
+  #data-views { grid-template-columns: minmax(0, 2fr) minmax(0, 1fr); }
+  #tiles, #workers-card { grid-column: 1 / -1; }
+}
+.col { display: grid; gap: 1rem; align-content: start; min-width: 0; }
+.card, .tile { background: var(--card); border: 1px solid var(--line); border-radius: 10px; padding: .8rem 1rem; min-width: 0; }
+.card h2 { font-size: 1rem; margin: 0 0 .6rem; display: flex; flex-wrap: wrap; gap: .5rem; align-items: baseline; }
+.muted { color: var(--muted); }
+.error { color: var(--no-fg); font-size: .9rem; margin: .3rem 0; }
+#tiles { display: grid; gap: .8rem; grid-template-columns: repeat(auto-fit, minmax(150px, 1fr)); }
+.tile-label { display: block; color: var(--muted); font-size: .85rem; }
+.tile-value { display: block; font-size: 1.8rem; font-weight: 700; font-variant-numeric: tabular-nums; }
+#chart { width: 100%; height: auto; display: block; }
+#chart text { fill: var(--muted); font-size: 11px; }
+#chart .c-bar { fill: var(--bar); } #chart .c-grid { stroke: var(--line); }
+#chart .c-line { fill: none; stroke: var(--deny); stroke-width: 2; } #chart .c-dot { fill: var(--deny); }
+.filters, .row-actions, #signin { display: flex; flex-wrap: wrap; gap: .5rem; align-items: flex-end; margin: 0 0 .6rem; }
+.filters label, .row-actions label, #signin label { flex: 1 1 9rem; }
+.list { list-style: none; margin: 0; padding: 0; }
+.list > li { padding: .35rem 0; }
+.list > li + li { border-top: 1px solid var(--line); }
+#feed, #alerts { max-height: 75vh; overflow-y: auto; }
+#feed summary { cursor: pointer; display: flex; flex-wrap: wrap; gap: .15rem .7rem; align-items: baseline; }
+#feed .cap { font-weight: 600; }
+#feed li { border-left: 4px solid transparent; padding-left: .4rem; }
+#feed li.denied { border-left-color: var(--deny); }
+#feed li.new { animation: flash 2s ease-out; }
+@keyframes flash { from { background: var(--info-bg); } to { background: transparent; } }
+@media (prefers-reduced-motion: reduce) { #feed li.new { animation: none; } }
+.badge { display: inline-block; min-width: 6.2rem; text-align: center; padding: 0 .45rem; border-radius: 4px;
+  font-size: .8rem; font-weight: 700; text-transform: uppercase; }
+#sm-state { min-width: 0; }
+.allowed .badge, .badge.ok, .pill.live, button.approve { background: var(--ok-bg); color: var(--ok-fg); }
+.denied .badge, .badge.bad, .level-critical .badge, button.reject, button.danger { background: var(--no-bg); color: var(--no-fg); }
+.level-warning .badge, .level-warn .badge, .pill.polling { background: var(--warn-bg); color: var(--warn-fg); }
+.level-info .badge { background: var(--info-bg); color: var(--info-fg); }
+.kv { display: grid; grid-template-columns: max-content minmax(0, 1fr); gap: .1rem .8rem; margin: .4rem 0; font-size: .88rem; }
+.kv dt { color: var(--muted); }
+.kv dd { margin: 0; }
+code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: .85em; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; width: 100%; font-size: .9rem; }
+th, td { text-align: left; padding: .35rem .6rem; border-bottom: 1px solid var(--line); vertical-align: top; }
+th { color: var(--muted); font-weight: 600; white-space: nowrap; }
+.chip { display: inline-block; background: var(--bg); border: 1px solid var(--line); border-radius: 4px;
+  padding: 0 .3rem; margin: 0 .2rem .2rem 0; font-size: .8rem; }
+/* phones: the workers table turns into one small card per worker */
+@media (max-width: 600px) {
+  #workers thead { display: none; }
+  #workers tr, #workers td { display: block; border: 0; padding: .1rem 0; }
+  #workers tr { border-top: 1px solid var(--line); padding: .4rem 0; }
+  #workers td::before { content: attr(data-label) ": "; color: var(--muted); }
+}
+#safe-mode[data-safe-mode="on"] { border: 2px solid var(--deny); }
+</style>
+</head>
+<body>
+<header>
+  <h1>Hall Monitor</h1>
+  <span id="hall-id"><span id="hall-name"></span> <span id="hall-version"></span></span>
+  <span class="spacer"></span>
+  <span id="stream-state" class="pill polling" role="status" aria-label="Update mode">polling</span>
+  <span id="who" hidden></span>
+  <button type="button" id="signin-toggle" aria-controls="session-panel" aria-expanded="false">Sign in</button>
+  <button type="button" id="signout" hidden>Sign out</button>
+</header>
+<main>
+  <section id="session-panel" class="card" aria-labelledby="signin-h" hidden>
+    <h2 id="signin-h">Sign in</h2>
+    <p id="signin-why" class="muted" hidden>This hall needs a token before it shows any data.</p>
+    <form id="signin" autocomplete="off">
+      <label for="token">API token <input id="token" type="password" autocomplete="off" spellcheck="false" required></label>
+      <button type="submit" class="primary">Sign in</button>
+    </form>
+    <p id="signin-error" class="error" role="alert"></p>
+  </section>
+  <p id="load-error" class="error" role="status"></p>
+
+  <div id="data-views" hidden>
+    <section id="tiles" aria-label="Counts">
+      <div class="tile"><span class="tile-label">Workers enrolled</span><span class="tile-value" data-field="workers_enrolled">-</span></div>
+      <div class="tile"><span class="tile-label">Decisions total</span><span class="tile-value" data-field="decisions_total">-</span></div>
+      <div class="tile"><span class="tile-label">Decisions today (UTC)</span><span class="tile-value" data-field="decisions_today">-</span></div>
+      <div class="tile"><span class="tile-label">Denials today (UTC)</span><span class="tile-value" data-field="denials_today">-</span></div>
+    </section>
+    <div class="col">
+      <section class="card" aria-labelledby="chart-h">
+        <h2 id="chart-h">Activity, last hour <span class="muted">per minute</span></h2>
+        <svg id="chart" viewBox="0 0 640 210" role="img" aria-labelledby="chart-title chart-desc">
+          <title id="chart-title">Decisions and denials per minute, last hour</title><desc id="chart-desc">Loading.</desc>
+        </svg>
+      </section>
+      <section class="card" aria-labelledby="feed-h">
+        <h2 id="feed-h">Dispatch decisions <span class="muted" id="feed-count"></span></h2>
+        <form id="filters" class="filters" role="search" aria-label="Filter decisions">
+          <label for="f-tenant">Tenant <input id="f-tenant" list="tenant-list" placeholder="any"></label>
+          <label for="f-cap">Capability <input id="f-cap" list="cap-list" placeholder="any"></label>
+          <label for="f-outcome">Outcome <select id="f-outcome"><option value="all">all</option>
+            <option value="allowed">allowed</option><option value="denied">denied</option></select></label>
+          <button type="submit">Apply</button> <button type="button" id="f-clear">Clear</button>
+        </form>
+        <datalist id="tenant-list"></datalist><datalist id="cap-list"></datalist>
+        <ol id="feed" class="list" tabindex="0" aria-label="Decisions, newest first"></ol>
+        <p id="feed-empty" class="muted" hidden>No decisions match.</p>
+      </section>
+    </div>
+    <div class="col">
+      <div id="admin" class="col" hidden>
+        <section id="safe-mode" class="card" data-safe-mode="off" aria-labelledby="sm-h">
+          <h2 id="sm-h">Safe mode <span id="sm-state" class="badge ok">off</span></h2>
+          <dl class="kv" id="sm-info"></dl>
+          <form id="sm-form" class="row-actions">
+            <label for="sm-reason">Reason <input id="sm-reason" maxlength="500"></label>
+            <button type="submit" id="sm-toggle" class="danger">Enter safe mode</button>
+          </form>
+          <p id="sm-error" class="error" role="alert"></p>
+        </section>
+        <section class="card" aria-labelledby="ap-h">
+          <h2 id="ap-h">Pending approvals <span class="muted" id="ap-count"></span></h2>
+          <p id="ap-msg" class="muted" role="status"></p>
+          <ul id="approvals" class="list"></ul>
+        </section>
+      </div>
+      <section class="card" aria-labelledby="al-h">
+        <h2 id="al-h">Alerts <span id="alert-counts" class="muted"></span></h2>
+        <ul id="alerts" class="list" tabindex="0" aria-label="Alerts, newest first"></ul>
+        <p id="alerts-empty" class="muted" hidden>No alerts.</p>
+      </section>
+    </div>
+    <section id="workers-card" class="card" aria-labelledby="wk-h">
+      <h2 id="wk-h">Workers <span class="muted" id="workers-count"></span></h2>
+      <div class="scroll" tabindex="0" role="region" aria-label="Workers table">
+        <table id="workers">
+          <thead><tr><th scope="col">Worker</th><th scope="col">Species</th><th scope="col">Capabilities</th>
+            <th scope="col">Risk tier</th><th scope="col">Enrolled</th><th scope="col">Status</th></tr></thead>
+          <tbody></tbody>
+        </table>
+      </div>
+    </section>
+  </div>
+</main>
+<script>
+'use strict';
+/* Hall Monitor. All server data is untrusted: it only goes in via textContent and attributes. */
+const $ = (id) => document.getElementById(id);
+const CHECK = String.fromCharCode(10003), CROSS = String.fromCharCode(10007);
+const FEED_MAX = 100, POLL_MS = 5000, RESYNC_MS = 60000;
+let session = { signed_in: false, name: null, scopes: [], open_reads: true };
+let csrf = null;                 /* in memory only, never persisted */
+let status = null, activity = [], feedRows = [], alerts = [], safeOn = false, started = false;
+let closeStream = null, streamToken = null, live = false, needResync = false;
+let pollTimer = null, retryTimer = null, feedSeq = 0, uid = 0;
+
+/* What the deny codes mean (dispatch rows carry only the code). */
+const DENY_TEXT = {
+  DENY_NO_MATCHING_RULE: 'No routing rule matches.', DENY_NO_AVAILABLE_WORKER: 'No enrolled worker can run it.',
+  DENY_SAFE_MODE: 'The hall is in safe mode.', DENY_UNKNOWN_TENANT: 'The tenant is not a signatory.',
+  DENY_MISSING_TENANT_ID: 'No tenant id was given.', DENY_INVALID_INPUT: 'The request was malformed.',
+  DENY_POLICY_GATE: 'The policy gate refused it.', DENY_REQUIRES_HUMAN_APPROVAL: 'A human must approve it first.',
+  DENY_APPROVAL_PENDING: 'The approval is still pending.', DENY_APPROVAL_REJECTED: 'The approval was rejected.',
+  DENY_APPROVAL_EXPIRED: 'The approval expired.', DENY_WORKER_BANNED: 'The worker carries a banned hash.',
+  DENY_WORKER_TAMPERED: 'The worker no longer matches its enrolled hash.'
+};
+
+/* ---------- small helpers ---------- */
+function el(tag, attrs, ...kids) {
+  const n = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === 'class') n.className = v;
+    else if (k === 'text') n.textContent = String(v);
+    else n.setAttribute(k, String(v));
+  }
+  for (const c of kids) if (c !== null && c !== undefined && c !== false) n.append(c instanceof Node ? c : String(c));
+  return n;
+}
+function sv(tag, attrs, text) {     /* an SVG element */
+  const n = document.createElementNS('http://www.w3.org/2000/svg', tag);
+  for (const [k, v] of Object.entries(attrs || {})) n.setAttribute(k, String(v));
+  if (text !== undefined) n.textContent = String(text);
+  return n;
+}
+function clear(n) { while (n.firstChild) n.removeChild(n.firstChild); return n; }
+function kv(pairs, dl) {            /* a <dl> of the pairs whose value is set */
+  dl = clear(dl || el('dl', { class: 'kv' }));
+  for (const [k, v] of pairs) if (v !== null && v !== undefined && v !== '') dl.append(el('dt', { text: k }), el('dd', {}, v));
+  return dl;
+}
+const num = (v) => (typeof v === 'number' && isFinite(v)) ? v.toLocaleString() : '-';
+const isDenied = (d) => d.denied === true || d.denied === 1 || d.denied === '1';
+const code = (text) => el('code', { text: text });
+function levelOf(level) {          /* keep only a-z, so it is safe as a class name */
+  let out = '';
+  for (const ch of String(level || 'info').toLowerCase()) if (ch >= 'a' && ch <= 'z') out += ch;
+  return out || 'info';
+}
+/* ISO text -> Date; fractional seconds cut to 3 digits (the hall sends microseconds). */
+function parseIso(s) {
+  if (!s) return null;
+  let t = String(s);
+  const dot = t.indexOf('T') < 0 ? -1 : t.indexOf('.', t.indexOf('T'));
+  if (dot > 0) {
+    let end = dot + 1;
+    while (end < t.length && t[end] >= '0' && t[end] <= '9') end++;
+    t = t.slice(0, dot + 1) + (t.slice(dot + 1, end) + '000').slice(0, 3) + t.slice(end);
+  }
+  const d = new Date(t);
+  return isNaN(d.getTime()) ? null : d;
+}
+/* <time>: local time as text, the UTC ISO value in datetime and title. */
+function timeEl(iso, short) {
+  const d = parseIso(iso);
+  if (!d) return el('span', { class: 'muted', text: iso || '-' });
+  const today = d.toDateString() === new Date().toDateString();
+  return el('time', { datetime: d.toISOString(), title: String(iso), text: short && today ? d.toLocaleTimeString() : d.toLocaleString() });
+}
+
+/* ---------- API: JSON both ways; state changes carry the CSRF token ---------- */
+async function api(path, method, body) {
+  const init = { method: method || 'GET', headers: { Accept: 'application/json' }, credentials: 'same-origin', cache: 'no-store' };
+  if (init.method !== 'GET') {
+    init.headers['Content-Type'] = 'application/json';
+    if (csrf) init.headers['X-CSRF-Token'] = csrf;
+    if (body !== undefined) init.body = JSON.stringify(body);
+  }
+  const res = await fetch(path, init);
+  let data = null;
+  try { data = await res.json(); } catch (e) { data = null; }
+  if (!res.ok) {
+    const err = new Error((data && data.error) || ('HTTP ' + res.status));
+    err.status = res.status; err.code = data && data.code;
+    throw err;
+  }
+  return data;
+}
+function loadFailed(what, e) {
+  if (e.status === 401) checkSession();            /* the session may have ended */
+  $('load-error').textContent = 'Could not load ' + what + ': ' + (e.message || 'network error');
+}
+
+/* ---------- session ---------- */
+const canRead = () => session.open_reads || session.signed_in;
+const isAdmin = () => session.signed_in && session.scopes.indexOf('admin') >= 0;
+async function checkSession() {
+  try { applySession(await api('/api/session')); }
+  catch (e) { applySession({ signed_in: false, scopes: [], open_reads: e.status !== 401 }); }   /* 404: an older hall */
+}
+function applySession(s) {
+  const key = (x) => JSON.stringify([x.signed_in, x.name, x.scopes]);
+  const before = key(session);
+  session = { signed_in: !!s.signed_in, name: s.name || null, scopes: s.scopes || [], open_reads: s.open_reads !== false };
+  csrf = session.signed_in ? (s.csrf || null) : null;
+  $('who').hidden = $('signout').hidden = !session.signed_in;
+  $('who').textContent = session.signed_in ? 'Signed in as ' + (session.name || '?') + ' (' + session.scopes.join(', ') + ')' : '';
+  $('signin-toggle').hidden = session.signed_in || !session.open_reads;
+  $('signin-why').hidden = session.open_reads;
+  if (session.signed_in || !session.open_reads) $('session-panel').hidden = session.signed_in;
+  $('signin-toggle').setAttribute('aria-expanded', String(!$('session-panel').hidden));
+  $('data-views').hidden = !canRead();
+  $('admin').hidden = !isAdmin();
+  if (!canRead()) { stopStream(); stopPolling(); setStreamState('off'); started = false; return; }
+  if (!started || before !== key(session)) { started = true; refreshAll(); startStream(); }
+}
+async function onSignIn(ev) {
+  ev.preventDefault();
+  const token = $('token').value.trim(), btn = ev.target.querySelector('button');
+  $('token').value = '';                             /* the token is never kept */
+  $('signin-error').textContent = '';
+  if (!token) { $('signin-error').textContent = 'Enter a token.'; return; }
+  btn.disabled = true;
+  try { applySession(await api('/api/session', 'POST', { token: token })); }
+  catch (e) { $('signin-error').textContent = (e.status === 401 ? 'Token not accepted: ' : 'Sign-in failed: ') + e.message; }
+  finally { btn.disabled = false; }
+}
+async function onSignOut() {
+  $('signout').disabled = true;
+  try { applySession(await api('/api/session', 'DELETE')); }
+  catch (e) { $('load-error').textContent = 'Sign-out failed: ' + e.message; checkSession(); }
+  finally { $('signout').disabled = false; }
+}
+
+/* ---------- status tiles ---------- */
+async function loadStatus() {
+  try { status = await api('/status'); renderStatus(); } catch (e) { loadFailed('status', e); }
+}
+function renderStatus() {
+  for (const n of document.querySelectorAll('#tiles [data-field]')) n.textContent = num(status[n.getAttribute('data-field')]);
+  $('hall-name').textContent = status.hall_name || 'hall';
+  $('hall-version').textContent = status.hall_version ? 'v' + status.hall_version : '';
+}
+
+/* ---------- activity chart (inline SVG) ---------- */
+async function loadActivity() {
+  try { activity = ((await api('/api/activity')) || {}).minutes || []; renderChart(); }
+  catch (e) { loadFailed('activity', e); if (!activity.length) renderChart(); }
+}
+function minuteKey(iso) { const d = parseIso(iso); return d ? Math.floor(d.getTime() / 60000) * 60000 : null; }
+function bumpChart(d) {            /* count a live decision in its minute, adding minutes as time moves on */
+  const k = minuteKey(d.decided_at);
+  if (k === null || !activity.length) return;
+  let last = minuteKey(activity[activity.length - 1].minute);
+  for (let i = 0; last !== null && last < k && i < 60; i++) {
+    last += 60000;
+    activity.push({ minute: new Date(last).toISOString(), decisions: 0, denied: 0 });
+  }
+  activity = activity.slice(-60);
+  const slot = activity.find((m) => minuteKey(m.minute) === k);
+  if (!slot) return;
+  slot.decisions = (slot.decisions || 0) + 1;
+  if (isDenied(d)) slot.denied = (slot.denied || 0) + 1;
+  renderChart();
+}
+function niceMax(v) {
+  const p = Math.pow(10, Math.floor(Math.log10(Math.max(v, 1))));
+  for (const m of [1, 2, 5, 10]) if (m * p >= v) return Math.max(m * p, 5);
+  return v;
+}
+function hhmm(iso) { const d = parseIso(iso); return d ? d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' }) : ''; }
+function renderChart() {
+  const svg = clear($('chart'));
+  /* drawn at its on-screen width, so the text stays readable on phones */
+  const W = Math.max(300, Math.round(svg.getBoundingClientRect().width) || 640), H = 210;
+  const L = 40, R = 10, T = 28, B = 26, pw = W - L - R, ph = H - T - B;
+  svg.setAttribute('viewBox', '0 0 ' + W + ' ' + H);
+  const val = (m, f) => Number(m[f]) || 0;
+  let total = 0, denied = 0, peak = activity[0];
+  for (const m of activity) { total += val(m, 'decisions'); denied += val(m, 'denied'); if (val(m, 'decisions') > val(peak, 'decisions')) peak = m; }
+  svg.append(sv('title', { id: 'chart-title' }, 'Decisions and denials per minute, last hour'));
+  svg.append(sv('desc', { id: 'chart-desc' }, !activity.length ? 'No activity data.' : 'Last ' + activity.length + ' minutes: ' + total +
+    ' decisions, ' + denied + ' denied. Busiest minute ' + hhmm(peak.minute) + ' with ' + val(peak, 'decisions') + ' decisions.'));
+  const max = niceMax(Math.max(0, ...activity.map((m) => val(m, 'decisions'))));
+  const y = (v) => T + ph - (v / max) * ph, bw = pw / Math.max(activity.length, 1), cx = (i) => L + i * bw + bw / 2;
+  for (const v of [0, max / 2, max]) {                /* grid lines, y labels */
+    svg.append(sv('line', { x1: L, x2: W - R, y1: y(v), y2: y(v), class: 'c-grid' }));
+    svg.append(sv('text', { x: L - 6, y: y(v) + 4, 'text-anchor': 'end' }, Math.round(v)));
+  }
+  activity.forEach((m, i) => {                        /* decisions: bars */
+    const bar = sv('rect', { x: L + i * bw + bw * 0.1, y: y(val(m, 'decisions')), width: bw * 0.8, height: y(0) - y(val(m, 'decisions')), class: 'c-bar' });
+    bar.append(sv('title', {}, hhmm(m.minute) + ': ' + val(m, 'decisions') + ' decisions, ' + val(m, 'denied') + ' denied'));
+    svg.append(bar);
+  });
+  if (activity.length) {                              /* denials: a line with dots */
+    svg.append(sv('polyline', { points: activity.map((m, i) => cx(i).toFixed(1) + ',' + y(val(m, 'denied')).toFixed(1)).join(' '), class: 'c-line' }));
+    activity.forEach((m, i) => { if (val(m, 'denied')) svg.append(sv('circle', { cx: cx(i), cy: y(val(m, 'denied')), r: 2.8, class: 'c-dot' })); });
+    const mid = Math.floor(activity.length / 2), last = activity.length - 1;   /* x labels */
+    svg.append(sv('text', { x: L, y: H - 8 }, hhmm(activity[0].minute)));
+    svg.append(sv('text', { x: cx(mid), y: H - 8, 'text-anchor': 'middle' }, hhmm(activity[mid].minute)));
+    svg.append(sv('text', { x: W - R, y: H - 8, 'text-anchor': 'end' }, hhmm(activity[last].minute) + ' (now)'));
+  }
+  svg.append(sv('rect', { x: L, y: 6, width: 12, height: 10, class: 'c-bar' }), sv('text', { x: L + 17, y: 15 }, 'decisions'));   /* legend */
+  svg.append(sv('line', { x1: L + 95, x2: L + 115, y1: 11, y2: 11, class: 'c-line' }), sv('circle', { cx: L + 105, cy: 11, r: 2.8, class: 'c-dot' }));
+  svg.append(sv('text', { x: L + 121, y: 15 }, 'denied'));
+}
+
+/* ---------- dispatch feed ---------- */
+function filters() { return { tenant: $('f-tenant').value.trim(), cap: $('f-cap').value.trim(), outcome: $('f-outcome').value }; }
+function passes(d, f) {
+  return (!f.tenant || d.tenant_id === f.tenant) && (!f.cap || d.capability_id === f.cap) &&
+    (f.outcome === 'all' || (f.outcome === 'denied') === isDenied(d));
+}
+async function loadDispatches() {
+  const f = filters(), q = new URLSearchParams({ limit: '50' }), seq = ++feedSeq;
+  if (f.tenant) q.set('tenant_id', f.tenant);
+  if (f.cap) q.set('capability_id', f.cap);
+  if (f.outcome !== 'all') q.set('denied', f.outcome === 'denied' ? '1' : '0');
+  try {
+    const r = await api('/dispatches?' + q.toString());
+    if (seq !== feedSeq) return;                      /* a newer query superseded this one */
+    feedRows = (r && r.dispatches) || [];
+    renderFeed();
+  } catch (e) { loadFailed('decisions', e); }
+}
+const denyTitle = (d) => (d.deny_reason || 'denied') + (DENY_TEXT[d.deny_reason] ? ': ' + DENY_TEXT[d.deny_reason] : '');
+function decisionItem(d, fresh) {
+  const denied = isDenied(d);
+  const summary = el('summary', { title: denied ? denyTitle(d) : 'allowed, on ' + (d.selected_worker || '?') },
+    el('span', { class: 'badge', text: denied ? CROSS + ' denied' : CHECK + ' allowed' }), timeEl(d.decided_at, true),
+    el('span', { class: 'cap', text: d.capability_id || '-' }), el('span', { class: 'muted', text: (d.tenant_id || '-') + ' / ' + (d.env || '-') }),
+    denied ? code(d.deny_reason || '') : el('span', { class: 'muted', text: d.selected_worker ? 'on ' + d.selected_worker : '' }));
+  const body = kv([['Outcome', denied ? 'denied' : 'allowed'], ['Deny code', denied ? code(d.deny_reason || '-') : null],
+    ['Reason', denied ? (DENY_TEXT[d.deny_reason] || 'See the deny code.') : null], ['Decision', code(d.decision_id)],
+    ['Decided', timeEl(d.decided_at)], ['Tenant', d.tenant_id], ['Capability', d.capability_id], ['Env', d.env],
+    ['Worker', d.selected_worker], ['Blast score', d.blast_score], ['Artifact', d.artifact_hash ? code(d.artifact_hash) : null], ['Source', d.source]]);
+  return el('li', { class: 'decision ' + (denied ? 'denied' : 'allowed') + (fresh ? ' new' : ''), 'data-decision-id': d.decision_id },
+    el('details', {}, summary, body));
+}
+function renderFeed() {            /* keeps rows that were open (and focus) across refreshes */
+  const feed = $('feed'), idOf = (n) => n.closest('li').getAttribute('data-decision-id');
+  const open = new Set(Array.from(feed.querySelectorAll('details[open]')).map(idOf));
+  const focused = feed.contains(document.activeElement) && document.activeElement !== feed ? idOf(document.activeElement) : null;
+  clear(feed);
+  for (const d of feedRows) {
+    const li = decisionItem(d, false);
+    li.firstChild.open = open.has(d.decision_id);
+    feed.append(li);
+    if (d.decision_id === focused) li.querySelector('summary').focus();
+  }
+  afterFeedChange();
+}
+function afterFeedChange() {
+  $('feed-empty').hidden = feedRows.length > 0;
+  $('feed-count').textContent = feedRows.length ? '(' + feedRows.length + ' shown, newest first)' : '';
+  for (const [id, field] of [['tenant-list', 'tenant_id'], ['cap-list', 'capability_id']]) {   /* filter suggestions */
+    const list = clear($(id));
+    for (const v of Array.from(new Set(feedRows.map((d) => d[field]).filter(Boolean))).sort()) list.append(el('option', { value: v }));
+  }
+}
+function onDecision(d) {
+  if (!d.decision_id) return;
+  if (status) {                                       /* bump the tiles without a refetch */
+    status.decisions_total = (status.decisions_total || 0) + 1;
+    status.decisions_today = (status.decisions_today || 0) + 1;
+    if (isDenied(d)) status.denials_today = (status.denials_today || 0) + 1;
+    renderStatus();
+  }
+  bumpChart(d);
+  if (!passes(d, filters()) || feedRows.some((r) => r.decision_id === d.decision_id)) return;
+  feedRows.unshift(d);
+  $('feed').insertBefore(decisionItem(d, true), $('feed').firstChild);
+  while (feedRows.length > FEED_MAX) { feedRows.pop(); $('feed').lastChild.remove(); }
+  afterFeedChange();
+}
+
+/* ---------- alerts ---------- */
+async function loadAlerts() {
+  try { alerts = ((await api('/alerts')) || {}).alerts || []; renderAlerts(); } catch (e) { loadFailed('alerts', e); }
+}
+const RANK = { critical: 0, warning: 1, warn: 1, info: 2 };
+function renderAlerts() {
+  const list = clear($('alerts')), counts = {};
+  for (const a of alerts) {
+    const lv = levelOf(a.level), where = [a.worker_id && 'worker ' + a.worker_id, a.capability_id && 'capability ' + a.capability_id].filter(Boolean);
+    counts[lv] = (counts[lv] || 0) + 1;
+    list.append(el('li', { class: 'alert level-' + lv, 'data-alert-id': a.alert_id },
+      el('div', {}, el('span', { class: 'badge', text: lv }), ' ', code(a.code || ''), ' ', el('small', { class: 'muted' }, timeEl(a.created_at, true))),
+      el('div', { text: a.message || '' }), where.length ? el('small', { class: 'muted', text: where.join(' / ') }) : null));
+  }
+  $('alerts-empty').hidden = alerts.length > 0;
+  const rank = (l) => (l in RANK ? RANK[l] : 3);
+  $('alert-counts').textContent = Object.keys(counts).sort((a, b) => rank(a) - rank(b)).map((k) => counts[k] + ' ' + k).join(', ');
+}
+function onAlert(a) {
+  if (!a.alert_id || alerts.some((x) => x.alert_id === a.alert_id)) return;
+  alerts = [a].concat(alerts).slice(0, 50);
+  renderAlerts();
+}
+
+/* ---------- workers ---------- */
+async function loadWorkers() {
+  try { renderWorkers(((await api('/workers')) || {}).workers || []); } catch (e) { loadFailed('workers', e); }
+}
+function renderWorkers(list) {
+  const body = clear($('workers').tBodies[0]);
+  const td = (label, ...kids) => el('td', { 'data-label': label }, ...kids);
+  for (const w of list) {
+    body.append(el('tr', { 'data-worker-id': w.worker_id }, td('Worker', code(w.worker_id)), td('Species', w.worker_species_id || '-'),
+      td('Capabilities', ...(w.capabilities || []).map((c) => el('span', { class: 'chip', text: c }))),
+      td('Risk tier', w.risk_tier || '-'), td('Enrolled', timeEl(w.enrolled_at)), td('Status', w.status || '-')));
+  }
+  if (!list.length) body.append(el('tr', {}, el('td', { colspan: 6, class: 'muted', text: 'No workers enrolled.' })));
+  $('workers-count').textContent = '(' + list.length + ')';
+}
+
+/* ---------- admin: approvals ---------- */
+let shownApprovals = null;
+async function loadApprovals() {
+  if (!isAdmin()) return;
+  try { renderApprovals(((await api('/api/approvals?status=pending')) || {}).approvals || []); }
+  catch (e) { $('ap-msg').textContent = 'Could not load approvals: ' + e.message; }
+}
+function renderApprovals(list) {
+  const ids = list.map((a) => a.approval_id).join(' ');
+  if (ids === shownApprovals) return;                 /* unchanged: keep notes being typed */
+  shownApprovals = ids;
+  const ul = clear($('approvals'));
+  for (const a of list) {
+    const id = 'note-' + (++uid), err = el('p', { class: 'error', role: 'alert' }), note = el('input', { id: id, maxlength: 500 });
+    const ok = el('button', { type: 'button', class: 'approve', text: 'Approve' });
+    const no = el('button', { type: 'button', class: 'reject', text: 'Reject' });
+    const act = async (verb) => {
+      ok.disabled = no.disabled = true; err.textContent = '';
+      try {
+        await api('/api/approvals/' + encodeURIComponent(a.approval_id) + '/' + verb, 'POST', note.value.trim() ? { reason: note.value.trim() } : {});
+        $('ap-msg').textContent = (verb === 'approve' ? 'Approved ' : 'Rejected ') + (a.capability_id || a.approval_id) + '.';
+        loadApprovals();
+      } catch (e) { err.textContent = e.message + (e.code ? ' (' + e.code + ')' : ''); ok.disabled = no.disabled = false; }
+    };
+    ok.addEventListener('click', () => act('approve'));
+    no.addEventListener('click', () => act('reject'));
+    ul.append(el('li', { 'data-approval-id': a.approval_id },
+      el('div', {}, el('strong', { text: a.capability_id || '-' }), ' ', el('span', { class: 'muted', text: [a.tenant_id, a.env, a.data_label].filter(Boolean).join(' / ') })),
+      kv([['Deny code', a.deny_code ? code(a.deny_code) : null], ['Reason', a.reason], ['Requested', timeEl(a.created_at)],
+        ['Expires', timeEl(a.expires_at)], ['Approval', code(a.approval_id)]]),
+      el('div', { class: 'row-actions' }, el('label', { for: id }, 'Note (optional)', note), ok, no), err));
+  }
+  if (!list.length) ul.append(el('li', { class: 'muted', text: 'Nothing waiting.' }));
+  $('ap-count').textContent = '(' + list.length + ')';
+}
+
+/* ---------- admin: safe mode ---------- */
+async function loadSafeMode() {
+  if (!isAdmin()) return;
+  try { renderSafeMode(await api('/api/safe-mode')); } catch (e) { $('sm-error').textContent = 'Could not load safe mode: ' + e.message; }
+}
+function renderSafeMode(s) {
+  safeOn = !!s.safe_mode;
+  $('safe-mode').setAttribute('data-safe-mode', safeOn ? 'on' : 'off');
+  $('sm-state').textContent = safeOn ? 'on: every route is denied' : 'off';
+  $('sm-state').className = 'badge ' + (safeOn ? 'bad' : 'ok');
+  kv([['Reason', s.reason], ['Since', s.since ? timeEl(s.since) : null], ['By', s.by]], $('sm-info'));
+  $('sm-toggle').textContent = safeOn ? 'Leave safe mode' : 'Enter safe mode';
+  $('sm-toggle').className = safeOn ? 'primary' : 'danger';
+  $('sm-reason').placeholder = safeOn ? 'optional' : 'required';
+}
+async function onSafeMode(ev) {
+  ev.preventDefault();
+  const reason = $('sm-reason').value.trim();
+  $('sm-error').textContent = '';
+  if (!safeOn && !reason) { $('sm-error').textContent = 'A reason is required to enter safe mode.'; $('sm-reason').focus(); return; }
+  $('sm-toggle').disabled = true;
+  try {
+    renderSafeMode(await api('/api/safe-mode/' + (safeOn ? 'exit' : 'enter'), 'POST', reason ? { reason: reason } : {}));
+    $('sm-reason').value = '';
+  } catch (e) { $('sm-error').textContent = e.message; }
+  finally { $('sm-toggle').disabled = false; }
+}
+
+/* ---------- live stream, with polling as the fallback ---------- */
+function setStreamState(s) {                       /* live | polling | off */
+  const n = $('stream-state');
+  live = s === 'live'; n.textContent = s; n.className = 'pill ' + s;
+  n.title = live ? 'Receiving server-sent events' : s === 'polling' ? 'Refreshing every 5 seconds' : 'Not receiving data';
+}
+function refreshAll() {
+  loadStatus(); loadDispatches(); loadAlerts(); loadWorkers(); loadActivity();
+  if (isAdmin()) { loadApprovals(); loadSafeMode(); }
+}
+function startPolling() { if (!pollTimer) pollTimer = setInterval(() => { $('load-error').textContent = ''; refreshAll(); }, POLL_MS); }
+function stopPolling() { clearInterval(pollTimer); pollTimer = null; }
+function stopStream() {
+  clearTimeout(retryTimer); retryTimer = null; streamToken = null;
+  if (closeStream) { const close = closeStream; closeStream = null; close(); }
+}
+function fallBack(retryMs) {                          /* stream lost: poll now, retry the stream later */
+  stopStream();
+  needResync = true;
+  setStreamState('polling');
+  refreshAll();
+  startPolling();
+  retryTimer = setTimeout(startStream, retryMs);
+}
+/* The EventSource runs in a tiny worker built from this function's source, so the
+   never-ending stream does not keep the page itself "loading" (tools that wait for
+   the network to go idle, like headless Chromium's --virtual-time-budget, would
+   wait forever). Without a usable Worker (old browser, or a CSP without
+   worker-src blob:) it runs on the page instead. */
+function streamWorker() {
+  self.onmessage = (m) => {
+    const es = new EventSource(m.data.url);
+    es.onopen = () => self.postMessage({ kind: 'open' });
+    es.onerror = () => self.postMessage({ kind: 'error' });
+    for (const k of m.data.kinds) es.addEventListener(k, (e) => self.postMessage({ kind: k, data: e.data }));
+  };
+}
+let useWorker = typeof Worker === 'function' && typeof Blob === 'function', workerUrl = null;
+function openSource(url, kinds, deliver) {          /* -> a function that closes the stream */
+  if (useWorker) {
+    try {
+      workerUrl = workerUrl || URL.createObjectURL(new Blob(['(' + streamWorker.toString() + ')();'], { type: 'text/javascript' }));
+      const w = new Worker(workerUrl);
+      w.onmessage = (m) => deliver(m.data.kind, m.data.data);
+      w.onerror = (e) => { e.preventDefault(); useWorker = false; deliver('noworker'); };   /* e.g. CSP */
+      w.postMessage({ url: url, kinds: kinds });
+      return () => w.terminate();
+    } catch (e) { useWorker = false; }
+  }
+  const es = new EventSource(url);
+  es.onopen = () => deliver('open');
+  es.onerror = () => deliver('error');
+  for (const k of kinds) es.addEventListener(k, (e) => deliver(k, e.data));
+  return () => es.close();
+}
+const HANDLERS = {
+  decision: onDecision, alert: onAlert,
+  enrollment: () => { loadWorkers(); loadStatus(); },
+  admin: () => { loadApprovals(); loadSafeMode(); }
+};
+function startStream() {
+  stopStream();
+  if (!canRead()) return;
+  setStreamState('polling');                          /* until the stream is open */
+  startPolling();
+  if (typeof EventSource !== 'function') return;
+  const token = streamToken = {};
+  const deliver = (kind, text) => {
+    if (streamToken !== token) return;                /* from a stream we closed */
+    if (kind === 'open') {
+      stopPolling();
+      setStreamState('live');
+      if (needResync) { needResync = false; refreshAll(); }
+    } else if (kind === 'noworker') startStream();    /* again, on the page this time */
+    else if (kind === 'error') fallBack(15000);
+    else if (kind === 'dropped') fallBack(3000);
+    else if (HANDLERS[kind]) {
+      let data = null;
+      try { data = JSON.parse(text); } catch (e) { return; }
+      if (data && typeof data === 'object') HANDLERS[kind](data);
+    }
+  };
+  const url = new URL('/events?types=' + Object.keys(HANDLERS).join(','), location.href).href;
+  try { closeStream = openSource(url, Object.keys(HANDLERS).concat(['dropped']), deliver); } catch (e) { fallBack(30000); }
+}
+
+/* ---------- wiring ---------- */
+$('signin').addEventListener('submit', onSignIn);
+$('signout').addEventListener('click', onSignOut);
+$('signin-toggle').addEventListener('click', () => {
+  const panel = $('session-panel');
+  panel.hidden = !panel.hidden;
+  $('signin-toggle').setAttribute('aria-expanded', String(!panel.hidden));
+  if (!panel.hidden) $('token').focus();
+});
+$('filters').addEventListener('submit', (ev) => { ev.preventDefault(); loadDispatches(); });
+$('f-outcome').addEventListener('change', loadDispatches);
+$('f-clear').addEventListener('click', () => { $('f-tenant').value = $('f-cap').value = ''; $('f-outcome').value = 'all'; loadDispatches(); });
+$('sm-form').addEventListener('submit', onSafeMode);
+/* while live, resync the counts and the chart now and then (day rollover, idle minutes) */
+setInterval(() => { if (live) { loadStatus(); loadActivity(); } }, RESYNC_MS);
+let chartWidth = 0;              /* redraw the chart when its width changes (outside the observer callback) */
+if (typeof ResizeObserver === 'function') new ResizeObserver((entries) => {
+  const w = Math.round(entries[0].contentRect.width);
+  if (w && w !== chartWidth) { chartWidth = w; requestAnimationFrame(() => { if (activity.length) renderChart(); }); }
+}).observe($('chart'));
+checkSession();
+</script>
+</body>
+</html>
+"""
+
+
+def _inline_hashes(html, tag):
+    """The CSP source of each inline <tag> block: the page may run its own
+    script and style and nothing else."""
+    return " ".join("'sha256-%s'" % base64.b64encode(hashlib.sha256(
+        block.encode("utf-8")).digest()).decode("ascii")
+        for block in re.findall(r"<%s>(.*?)</%s>" % (tag, tag), html, re.S))
+
+
+DASHBOARD_PAGE = DASHBOARD_HTML.encode("utf-8")
+DASHBOARD_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src %s; style-src %s; "
+                               "connect-src 'self'; worker-src blob:; img-src 'self' data:; "
+                               "base-uri 'none'; form-action 'self'; frame-ancestors 'none'" % (
+                                   _inline_hashes(DASHBOARD_HTML, "script"),
+                                   _inline_hashes(DASHBOARD_HTML, "style")),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+###############################################################################
+# 8. Command line
 ###############################################################################
 
 CLI = Principal("cli", "command line", ALL_SCOPES, None)    # who the audit trail names
