@@ -677,7 +677,7 @@ class WriteJob(object):
     """One piece of work for the writer thread, and its outcome.
 
     ``work(conn)`` is any function; a job that only appends one entry to the
-    evidence chain says so with ``append=(table, values)`` instead, and the
+    evidence chain says so with ``append=(table, values, digest)`` instead, and the
     writer appends all of a batch's entries in one savepoint.  ``done`` is a
     lock held until the job's transaction has committed (or failed)."""
 
@@ -804,7 +804,7 @@ class Store(object):
 
     def write(self, work=None, append=None, timeout=-1):
         """Run ``work(conn)`` (or append the chain entry ``append=(table,
-        values)``) in the writer's next transaction; return what it returned
+        values, digest)``) in the writer's next transaction; return what it returned
         once that transaction committed, or raise what it raised (a locked,
         read-only or full database: Unavailable, a 503)."""
         job = WriteJob(work, append)
@@ -847,9 +847,9 @@ class Store(object):
 
     def _commit(self, batch):
         """One transaction for the batch.  The chain entries are appended
-        together in one savepoint; everything else, and those entries again
-        if that savepoint fails, runs job by job in savepoints, so one
-        failing job rolls back alone.  The chain's head is read once the
+        first, one INSERT each (a savepoint around them would cost more than
+        the inserts); everything else, and the entries from a failed INSERT
+        on, runs job by job in savepoints, so one failing job rolls back alone.  The chain's head is read once the
         write lock is held and stored with the batch, so another process
         writing the same file continues the same chain."""
         with self._write_lock:
@@ -866,16 +866,15 @@ class Store(object):
             else:
                 appends = [job for job in batch if job.append is not None]
                 singles = [job for job in batch if job.append is None]
-                if appends:
-                    conn.execute("SAVEPOINT appends")
-                    try:
-                        for job in appends:
-                            job.result = self._append(conn, *job.append)
-                    except sqlite3.Error:
-                        conn.execute("ROLLBACK TO appends")
-                        self._chain = start
-                        singles.extend(appends)     # find the culprit one at a time
-                    conn.execute("RELEASE appends")
+                written = 0
+                try:
+                    for job in appends:
+                        job.result = self._append(conn, *job.append)
+                        written += 1
+                except sqlite3.Error:
+                    # A failed INSERT leaves nothing behind (nor a place in the
+                    # chain); the entries before it stay, the rest go alone.
+                    singles.extend(appends[written:])
                 for job in singles:
                     self._run_alone(conn, job)
                 try:
@@ -915,12 +914,13 @@ class Store(object):
         with contextlib.suppress(sqlite3.Error):
             conn.execute("RELEASE job")
 
-    def _append(self, conn, table, values):
+    def _append(self, conn, table, values, digest=None):
         """Write one entry (the values of CHAINED_COLUMNS[table]) at the head
         of the evidence chain; True if written.  A repeated decision_id is
-        ignored and takes no place in the chain."""
+        ignored and takes no place in the chain.  ``digest`` is the entry's
+        entry_digest, when the caller computed it outside the writer thread."""
         seq, head = self._chain
-        link = chain_link(head, seq + 1, table, values)
+        link = chain_link(head, seq + 1, table, digest or entry_digest(values))
         if conn.execute(APPEND_SQL[table], list(values) + [seq + 1, link]).rowcount != 1:
             return False
         self._chain = (seq + 1, link)
@@ -996,7 +996,7 @@ class Store(object):
         so an approval admits exactly one decision.  Returns False if not."""
         values = [row.get(c) for c in CHAINED_COLUMNS["decisions"]]
         if consume_approval is None:
-            self.write(append=("decisions", values))
+            self.write(append=("decisions", values, entry_digest(values)))
             return True
         approval_id, input_hash, now = consume_approval
 
@@ -1112,7 +1112,8 @@ class Store(object):
     # -- alerts --------------------------------------------------------------
 
     def insert_alert(self, alert):
-        self.write(append=("alerts", [alert[c] for c in ALERT_COLUMNS]))
+        values = [alert[c] for c in ALERT_COLUMNS]
+        self.write(append=("alerts", values, entry_digest(values)))
 
     def recent_alerts(self, limit=50):
         with self.reading() as conn:
@@ -1289,13 +1290,22 @@ ENTRY_NAMES = {"decisions": "decision", "alerts": "alert", "audit": "audit entry
 PRUNE_ACTION = "decisions.prune"
 
 
-def chain_link(previous, seq, table, values):
-    """The chain hash of one entry: its content is the JSON array of its
-    CHAINED_COLUMNS values as stored.  No secret: anyone with the file can
-    check it."""
-    text = "%s\n%d\n%s\n%s" % (previous, seq, table, json.dumps(list(values),
-                                                             separators=(",", ":")))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+def entry_digest(values):
+    """SHA-256 of an entry's content: the JSON array of its CHAINED_COLUMNS
+    values as stored.  (Computed by the request's own thread: the writer
+    thread, which every write waits for, only links.)"""
+    return hashlib.sha256(_COMPACT_JSON(list(values)).encode("utf-8")).hexdigest()
+
+
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def chain_link(previous, seq, table, digest):
+    """The chain hash of one entry: SHA-256 over the previous entry's chain
+    hash, the entry's place, its table and its entry_digest.  No secret:
+    anyone with the file can check it."""
+    return hashlib.sha256(("%s\n%d\n%s\n%s" % (previous, seq, table, digest)
+                           ).encode("utf-8")).hexdigest()
 
 
 def chain_runs(links):
@@ -1310,31 +1320,36 @@ def chain_runs(links):
     return runs
 
 
-def _chained_rows(conn, table, order, chunk=2000):
-    """(key, table, rowid, values, chain_hash) of a table's rows in ``order``
-    ("time" or "chain"), read a chunk at a time so memory stays flat."""
-    key = CHAIN_TIME[table] if order == "time" else "chain_seq"
-    sql = "SELECT %s, rowid, %s, chain_hash FROM %s %%s ORDER BY %s, rowid LIMIT %d" % (
-        key, ", ".join(CHAINED_COLUMNS[table]), table, key, chunk)
-    rows = conn.execute(sql % ("WHERE %s IS NOT NULL" % key)).fetchall()
+def _chained_rows(conn, table, key="rowid", chunk=2000):
+    """(chain_seq, table, rowid, values, chain_hash) of a table's rows in
+    ``key`` order -- "rowid" (as written) or "chain_seq" (as chained, rows
+    without a place left out) -- read a chunk at a time: memory stays flat."""
+    sql = "SELECT chain_seq, rowid, %s, chain_hash FROM %s WHERE (%s, rowid) > (?, ?) " \
+          "ORDER BY %s, rowid LIMIT %d" % (", ".join(CHAINED_COLUMNS[table]), table, key, key,
+                                           chunk)
+    position = 1 if key == "rowid" else 0
+    rows = conn.execute(sql, (-1 << 63, -1 << 63)).fetchall()
     while rows:
         for row in rows:
             yield row[0], table, row[1], list(row[2:-1]), row[-1]
         if len(rows) < chunk:
             return
-        rows = conn.execute(sql % ("WHERE (%s, rowid) > (?, ?)" % key), rows[-1][:2]).fetchall()
+        rows = conn.execute(sql, (rows[-1][position], rows[-1][1])).fetchall()
 
 
 def seal_existing_rows(conn):
-    """Migration 6: chain the rows written before the chain existed, oldest
-    first across the three tables.  walk_chain reports them as sealed: the
-    chain vouches for them only from this moment on."""
+    """Migration 6: chain the rows written before the chain existed, each
+    table in the order it was written, interleaved oldest first.  walk_chain
+    reports them as sealed: the chain vouches for them from this moment on."""
     conn.execute("DROP TRIGGER audit_no_update")  # the audit rows get their place once
+    def by_time(table):
+        at = CHAINED_COLUMNS[table].index(CHAIN_TIME[table])
+        for _seq, _table, rowid, values, _link in _chained_rows(conn, table):
+            yield values[at], table, rowid, values
     seq, head = 0, CHAIN_GENESIS
-    for _time, table, rowid, values, _link in heapq.merge(
-            *[_chained_rows(conn, table, "time") for table in CHAINED_COLUMNS]):
+    for _time, table, rowid, values in heapq.merge(*map(by_time, CHAINED_COLUMNS)):
         seq += 1
-        head = chain_link(head, seq, table, values)
+        head = chain_link(head, seq, table, entry_digest(values))
         conn.execute("UPDATE %s SET chain_seq = ?, chain_hash = ? WHERE rowid = ?" % table,
                      (seq, head, rowid))
     conn.execute(AUDIT_NO_UPDATE)
@@ -1361,14 +1376,24 @@ def walk_chain(conn, max_problems=100):
         if len(problems) < max_problems:
             problems.append({"problem": kind, "seq": seq, "message": message})
 
-    for table in CHAINED_COLUMNS:
+    def unplaced(table, entry_id):
+        problem("inserted", None, "%s %s is not in the chain: it was written into the file "
+                                  "directly" % (ENTRY_NAMES[table], entry_id))
+
+    def placed(table):
+        """The table's rows in chain order; those with no (or no number as)
+        place are reported instead."""
         for (entry_id,) in conn.execute("SELECT %s FROM %s WHERE chain_seq IS NULL LIMIT ?" % (
                 CHAINED_COLUMNS[table][0], table), (max_problems,)):
-            problem("inserted", None, "%s %s is not in the chain: it was written into the file "
-                                      "directly" % (ENTRY_NAMES[table], entry_id))
+            unplaced(table, entry_id)
+        for row in _chained_rows(conn, table, "chain_seq"):
+            if isinstance(row[0], int):
+                yield row
+            else:
+                unplaced(table, row[3][0])
+
     expected, previous, entries, pruned, last_name = 1, CHAIN_GENESIS, 0, 0, "the start"
-    for seq, table, _rowid, values, stored in heapq.merge(
-            *[_chained_rows(conn, table, "chain") for table in CHAINED_COLUMNS]):
+    for seq, table, _rowid, values, stored in heapq.merge(*map(placed, CHAINED_COLUMNS)):
         name = "%s %s" % (ENTRY_NAMES[table], values[0])
         if seq < expected:
             problem("inserted", seq, "%s claims place %d, which %s already holds"
@@ -1381,7 +1406,8 @@ def walk_chain(conn, max_problems=100):
                 problem("deleted", reached, "%s missing (between %s and %s)" % (
                     "entry %d is" % reached if reached == seq - 1 else
                     "entries %d..%d are" % (reached, seq - 1), last_name, name))
-        if previous is not None and chain_link(previous, seq, table, values) != stored:
+        if previous is not None and \
+                chain_link(previous, seq, table, entry_digest(values)) != stored:
             problem("altered", seq, "%s at place %d was altered: its content or its place is "
                                     "not what was chained%s" % (
                                         name, seq, " (an entry sealed at migration, %s)"
