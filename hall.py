@@ -636,8 +636,9 @@ MIGRATIONS = [
             seq INTEGER NOT NULL,
             head TEXT NOT NULL,
             sealed_seq INTEGER NOT NULL,
-            sealed_at TEXT)""",
-        lambda conn: seal_existing_rows(conn),
+            sealed_at TEXT,
+            head_mac TEXT)""",
+        lambda conn, store: seal_existing_rows(conn, store.sign_head),
     ],
 ]
 
@@ -677,9 +678,10 @@ class WriteJob(object):
     """One piece of work for the writer thread, and its outcome.
 
     ``work(conn)`` is any function; a job that only appends one entry to the
-    evidence chain says so with ``append=(table, values, digest)`` instead, and the
-    writer appends all of a batch's entries in one savepoint.  ``done`` is a
-    lock held until the job's transaction has committed (or failed)."""
+    evidence chain says so with ``append=(table, values, digest)`` instead,
+    and the writer appends all of a batch's entries first, without a savepoint
+    each.  ``done`` is a lock held until the job's transaction has committed
+    (or failed)."""
 
     __slots__ = ("work", "append", "done", "result", "error")
 
@@ -709,9 +711,12 @@ class Store(object):
     MAX_BATCH = 512
     MAX_READERS = 4
 
-    def __init__(self, path, busy_timeout_ms=5000):
+    def __init__(self, path, busy_timeout_ms=5000, sign_head=None):
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
+        # (seq, head) -> a MAC of the chain's head under the hall's key, so a
+        # rewrite of the head (to hide deleted newest entries) shows
+        self.sign_head = sign_head or (lambda seq, head: None)
         self.memory = path == ":memory:"
         self.generation = 0
         self._write_lock = threading.Lock()     # the write connection's owner
@@ -750,7 +755,7 @@ class Store(object):
             try:
                 for statement in statements:
                     if callable(statement):     # a step that needs Python (hashing)
-                        statement(conn)
+                        statement(conn, self)
                     else:
                         conn.execute(statement)
                 conn.execute("PRAGMA user_version=%d" % number)
@@ -841,24 +846,41 @@ class Store(object):
                 batch.pop()
                 stopping = True
             if batch:
-                self._commit(batch)
+                try:
+                    self._commit(batch)
+                except BaseException as exc:    # the writer must not die: fail this batch
+                    self._abandon(batch, exc)
             if stopping:
                 return
+
+    def _abandon(self, batch, exc):
+        with contextlib.suppress(sqlite3.Error):
+            self._writer.execute("ROLLBACK")
+        print("[hall-api] a write batch failed: %r" % exc, file=sys.stderr)
+        for job in batch:
+            job.error = Unavailable("the write failed: %s" % type(exc).__name__)
+            if job.done is not None:
+                job.done.release()
 
     def _commit(self, batch):
         """One transaction for the batch.  The chain entries are appended
         first, one INSERT each (a savepoint around them would cost more than
         the inserts); everything else, and the entries from a failed INSERT
-        on, runs job by job in savepoints, so one failing job rolls back alone.  The chain's head is read once the
-        write lock is held and stored with the batch, so another process
-        writing the same file continues the same chain."""
+        on, runs job by job in savepoints, so one failing job rolls back
+        alone.  The chain's head is read once the write lock is held and
+        stored with the batch, so another process writing the same file
+        continues the same chain."""
         with self._write_lock:
             conn = self._writer
             self._batch_audit = []
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                self._chain = start = tuple(conn.execute("SELECT seq, head FROM chain").fetchone())
-            except sqlite3.Error as exc:
+                start = conn.execute("SELECT seq, head FROM chain").fetchone()
+                if not (start and isinstance(start[0], int) and isinstance(start[1], str)):
+                    raise StoreError("the evidence chain's head is missing or not a head "
+                                     "(the file was edited: run verify-log)")
+                self._chain = start = tuple(start)
+            except (sqlite3.Error, StoreError) as exc:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 for job in batch:
@@ -871,7 +893,7 @@ class Store(object):
                     for job in appends:
                         job.result = self._append(conn, *job.append)
                         written += 1
-                except sqlite3.Error:
+                except Exception:
                     # A failed INSERT leaves nothing behind (nor a place in the
                     # chain); the entries before it stay, the rest go alone.
                     singles.extend(appends[written:])
@@ -879,14 +901,14 @@ class Store(object):
                     self._run_alone(conn, job)
                 try:
                     if self._chain != start:
-                        conn.execute("UPDATE chain SET seq = ?, head = ? WHERE id = 1",
-                                     self._chain)
+                        conn.execute("UPDATE chain SET seq = ?, head = ?, head_mac = ? "
+                                     "WHERE id = 1", self._chain + (self.sign_head(*self._chain),))
                     conn.execute("COMMIT")
                     self.generation += 1
                     for entry in self._batch_audit:
                         if self.on_audit is not None:
                             self.on_audit(entry)
-                except sqlite3.Error as exc:
+                except Exception as exc:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
                     for job in batch:
@@ -989,15 +1011,14 @@ class Store(object):
 
     def insert_decision(self, row, consume_approval=None):
         """INSERT OR IGNORE one decision row (a dict): a repeated decision_id
-        is ignored.  Returns True once stored.
+        is ignored.  Returns True once stored, False if ignored.
 
         ``consume_approval`` = (approval_id, input_hash, now): the decision is
         stored only if that approval can be used up in the same transaction,
         so an approval admits exactly one decision.  Returns False if not."""
         values = [row.get(c) for c in CHAINED_COLUMNS["decisions"]]
         if consume_approval is None:
-            self.write(append=("decisions", values, entry_digest(values)))
-            return True
+            return self.write(append=("decisions", values, entry_digest(values)))
         approval_id, input_hash, now = consume_approval
 
         def work(conn):
@@ -1064,26 +1085,46 @@ class Store(object):
         """Delete decisions decided before ``before``, a batch per transaction so
         writers are never held up for long.  Each batch writes, in the same
         transaction, an audit entry that counts the rows and vouches for the
-        places they leave empty in the chain (so verify_chain can tell a
-        pruned entry from a deleted one)."""
+        places they leave empty in the chain (so walk_chain can tell a pruned
+        entry from a deleted one).  Only entries whose link still checks are
+        pruned: a row that was edited, forged or never chained is kept for
+        verify-log to report.  Returns (removed, kept)."""
         token_id, action, target, detail = audit
+        kept, vouched = set(), {}               # rowids refused; pruned places so far
+        columns = ", ".join(CHAINED_COLUMNS["decisions"])
 
         def work(conn):
-            rows = conn.execute("SELECT rowid, chain_seq, chain_hash FROM decisions "
-                                "WHERE decided_at < ? ORDER BY decided_at LIMIT ?",
-                                (before, batch)).fetchall()
-            conn.executemany("DELETE FROM decisions WHERE rowid = ?", [(r[0],) for r in rows])
-            if rows or not removed:             # an empty prune is audited too
-                gaps = chain_runs((seq, link) for _rowid, seq, link in rows if seq is not None)
+            if not vouched:
+                vouched.update(vouched_gaps(conn))
+            rows = [r for r in conn.execute(
+                "SELECT rowid, chain_seq, chain_hash, %s FROM decisions WHERE decided_at < ? "
+                "ORDER BY decided_at LIMIT ?" % columns, (before, batch + len(kept)))
+                if r[0] not in kept][:batch]
+            stored = {r[1]: r[2] for r in rows if isinstance(r[1], int)}
+            sound = []
+            for row in rows:
+                seq = row[1]
+                previous = isinstance(seq, int) and (
+                    stored.get(seq - 1) or stored_link(conn, seq - 1, vouched))
+                if previous and chain_link(previous, seq, "decisions",
+                                           entry_digest(row[3:])) == row[2]:
+                    sound.append(row)
+                else:
+                    kept.add(row[0])
+            conn.executemany("DELETE FROM decisions WHERE rowid = ?", [(r[0],) for r in sound])
+            if sound or not removed:            # an empty prune is audited too
+                gaps = chain_runs((r[1], r[2]) for r in sound)
+                for first, last, link in gaps:
+                    vouched[first] = (last, link)
                 self._audit(conn, (token_id, action, target,
-                                   dict(detail, removed=len(rows), gaps=gaps)))
-            return len(rows)
+                                   dict(detail, removed=len(sound), gaps=gaps)))
+            return len(rows), len(sound)
         removed = 0
         while True:
-            count = self.write(work)
+            selected, count = self.write(work)
             removed += count
-            if count < batch:
-                return removed
+            if selected < batch:
+                return removed, len(kept)
 
     def count_by(self, table, column, where=""):
         with self.reading() as conn:
@@ -1100,12 +1141,12 @@ class Store(object):
 
     # -- the evidence chain --------------------------------------------------
 
-    def verify_chain(self, max_problems=100):
+    def verify_chain(self, keys=None, max_problems=100):
         """Walk the chain in one read snapshot: see walk_chain."""
         with self.reading() as conn:
             conn.execute("BEGIN")
             try:
-                return walk_chain(conn, max_problems)
+                return walk_chain(conn, keys, max_problems)
             finally:
                 conn.execute("ROLLBACK")
 
@@ -1277,7 +1318,7 @@ class Store(object):
 #
 # Every decision, alert and audit entry is one link of a single hash chain in
 # the order the hall wrote them: its chain_hash is SHA-256 over the previous
-# link, its place (chain_seq), its table and its content.  Editing, deleting,
+# link, its place (chain_seq), its table and the digest of its content.  Editing, deleting,
 # inserting or reordering rows in the file breaks the chain where it was done;
 # walk_chain names the place.  The head (seq, hash) is kept in the chain
 # table -- note it somewhere else now and then, and even a rewrite of every
@@ -1297,7 +1338,9 @@ def entry_digest(values):
     return hashlib.sha256(_COMPACT_JSON(list(values)).encode("utf-8")).hexdigest()
 
 
-_COMPACT_JSON = json.JSONEncoder(separators=(",", ":")).encode
+# (A value the hall never writes -- a blob, say -- still gets a digest: the
+# entry is then reported as altered, never as a crash of the verifier.)
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), default=repr).encode
 
 
 def chain_link(previous, seq, table, digest):
@@ -1306,6 +1349,12 @@ def chain_link(previous, seq, table, digest):
     anyone with the file can check it."""
     return hashlib.sha256(("%s\n%d\n%s\n%s" % (previous, seq, table, digest)
                            ).encode("utf-8")).hexdigest()
+
+
+def head_mac(secret, key_id, seq, head):
+    """The MAC the hall keeps beside the chain's head: "key_id:hex"."""
+    return "%s:%s" % (key_id, hmac.new(secret, ("pyhall chain head\n%d\n%s" % (seq, head)
+                                                ).encode("utf-8"), hashlib.sha256).hexdigest())
 
 
 def chain_runs(links):
@@ -1337,7 +1386,7 @@ def _chained_rows(conn, table, key="rowid", chunk=2000):
         rows = conn.execute(sql, (rows[-1][position], rows[-1][1])).fetchall()
 
 
-def seal_existing_rows(conn):
+def seal_existing_rows(conn, sign_head):
     """Migration 6: chain the rows written before the chain existed, each
     table in the order it was written, interleaved oldest first.  walk_chain
     reports them as sealed: the chain vouches for them from this moment on."""
@@ -1353,28 +1402,30 @@ def seal_existing_rows(conn):
         conn.execute("UPDATE %s SET chain_seq = ?, chain_hash = ? WHERE rowid = ?" % table,
                      (seq, head, rowid))
     conn.execute(AUDIT_NO_UPDATE)
-    conn.execute("INSERT INTO chain (id, seq, head, sealed_seq, sealed_at) VALUES (1, ?, ?, ?, ?)",
-                 (seq, head, seq, now_iso() if seq else None))
+    conn.execute("INSERT INTO chain (id, seq, head, sealed_seq, sealed_at, head_mac) "
+                 "VALUES (1, ?, ?, ?, ?, ?)",
+                 (seq, head, seq, now_iso() if seq else None, sign_head(seq, head)))
 
 
-def walk_chain(conn, max_problems=100):
+def walk_chain(conn, keys=None, max_problems=100):
     """Check every link of the chain; a report with ``intact``, the number of
     entries, the head, what was pruned and sealed, and the problems found in
     chain order (at most ``max_problems``): an entry *altered* (its content
     or its place changed), entries *deleted*, an entry *inserted* outside the
-    chain, or a *head* that does not match the last entry."""
-    recorded_seq, recorded_head, sealed_seq, sealed_at = conn.execute(
-        "SELECT seq, head, sealed_seq, sealed_at FROM chain").fetchone()
-    vouched = {}                                # first pruned place -> (last, link before the next)
-    for (detail,) in conn.execute("SELECT detail FROM audit WHERE action = ?", (PRUNE_ACTION,)):
-        for run in _json_object(detail).get("gaps") or ():
-            if isinstance(run, list) and len(run) == 3:
-                vouched[run[0]] = (run[1], run[2])
-    problems = []
+    chain, or a *head* that does not match the last entry or (with ``keys``,
+    {key_id: secret}) is not signed by the hall."""
+    recorded_seq, recorded_head, sealed_seq, sealed_at, recorded_mac = conn.execute(
+        "SELECT seq, head, sealed_seq, sealed_at, head_mac FROM chain").fetchone() or (
+            None, None, 0, None, None)
+    if not isinstance(sealed_seq, int):
+        sealed_seq = 0
+    vouched = vouched_gaps(conn)
+    in_order, unchained = [], []                # problems at a place (found in order), and not
 
     def problem(kind, seq, message):
-        if len(problems) < max_problems:
-            problems.append({"problem": kind, "seq": seq, "message": message})
+        found = unchained if seq is None else in_order
+        if len(found) < max_problems:
+            found.append({"problem": kind, "seq": seq, "message": message})
 
     def unplaced(table, entry_id):
         problem("inserted", None, "%s %s is not in the chain: it was written into the file "
@@ -1414,18 +1465,55 @@ def walk_chain(conn, max_problems=100):
                                         % sealed_at if seq <= sealed_seq else ""))
         previous, expected, last_name = stored, seq + 1, name
         entries += 1
-    if recorded_seq >= expected:
+    if isinstance(recorded_seq, int) and recorded_seq >= expected:
         problem("deleted", expected, "the newest entries %d..%d are missing (after %s)"
                 % (expected, recorded_seq, last_name))
     elif recorded_seq != expected - 1 or (expected > 1 and recorded_head != previous):
-        problem("head", expected - 1, "the recorded head (place %d, %s) does not match the "
-                "last entry (%s at place %d)" % (recorded_seq, recorded_head[:16], last_name,
-                                                 expected - 1))
-    problems.sort(key=lambda p: (p["seq"] is None, p["seq"] or 0))
-    return {"intact": not problems, "entries": entries, "length": expected - 1,
+        problem("head", expected - 1, "the recorded head (place %s, %s) does not match the "
+                "last entry (%s at place %d)" % (recorded_seq, str(recorded_head)[:16],
+                                                 last_name, expected - 1))
+    head_signed = None
+    if keys is not None:
+        key_id = str(recorded_mac).partition(":")[0]
+        head_signed = key_id in keys and isinstance(recorded_seq, int) and hmac.compare_digest(
+            head_mac(keys[key_id], key_id, recorded_seq, str(recorded_head)), str(recorded_mac))
+        if not head_signed:
+            problem("head", recorded_seq if isinstance(recorded_seq, int) else None,
+                    "the recorded head is not signed with this hall's keys: the chain's head "
+                    "was rewritten (newest entries may have been deleted)")
+    problems = (in_order + unchained)[:max_problems]
+    return {"head_signed": head_signed, "intact": not problems, "entries": entries, "length": expected - 1,
             "head": previous if expected > 1 else CHAIN_GENESIS, "pruned": pruned,
             "sealed": {"entries": sealed_seq, "at": sealed_at} if sealed_seq else None,
             "problems": problems, "first_problem": problems[0] if problems else None}
+
+
+def vouched_gaps(conn):
+    """{first pruned place: (last, link to go on from)}, as the prune audit
+    entries record them."""
+    vouched = {}
+    for (detail,) in conn.execute("SELECT detail FROM audit WHERE action = ?", (PRUNE_ACTION,)):
+        for run in _json_object(detail).get("gaps") or ():
+            if isinstance(run, list) and len(run) == 3 and all(
+                    isinstance(v, t) for v, t in zip(run, (int, int, str))):
+                vouched[run[0]] = (run[1], run[2])
+    return vouched
+
+
+def stored_link(conn, seq, vouched):
+    """The chain hash recorded for place ``seq`` (by its row, or by a prune
+    that emptied it), or None."""
+    if seq == 0:
+        return CHAIN_GENESIS
+    for table in CHAINED_COLUMNS:
+        row = conn.execute("SELECT chain_hash FROM %s WHERE chain_seq = ?" % table,
+                           (seq,)).fetchone()
+        if row:
+            return row[0]
+    for last, link in vouched.values():
+        if last == seq:
+            return link
+    return None
 
 
 def _vouched_link(vouched, first, end):
@@ -1447,7 +1535,11 @@ class Keyring(object):
     """The secrets that sign decision receipts (HMAC-SHA256).  The newest
     key signs; every older one is kept so that receipts given out before a
     rotation still verify.  Stored as JSON beside the database, mode 0600,
-    and re-read (at most once a second) when another process rotated it."""
+    and re-read (at most once a second) when another process rotated it.
+
+    ``keys`` only ever grows and is replaced whole (never changed in place),
+    and ``current`` is set after it: a reader without the lock always finds
+    the current key in the dict it reads."""
 
     def __init__(self, path):
         self.path = path
@@ -1464,8 +1556,12 @@ class Keyring(object):
         """(key_id, secret) of the key that signs now."""
         if self.path is not None and time.monotonic() - self._checked > 1.0:
             with self._lock:
-                self._refresh()
-        return self.current, self.keys[self.current]["secret"]
+                try:
+                    self._refresh()
+                except ConfigError as exc:      # keep signing with the keys already read
+                    print("[hall-api] receipt keys not re-read: %s" % exc, file=sys.stderr)
+        current = self.current
+        return current, self.keys[current]["secret"]
 
     def secrets(self):
         """{key_id: secret} of every key, to verify with."""
@@ -1477,9 +1573,12 @@ class Keyring(object):
                  "current": key_id == self.current} for key_id, key in self.keys.items()]
 
     def rotate(self):
-        """Make a new signing key (the old ones still verify); its key_id."""
+        """Make a new signing key (the old ones still verify); its key_id.
+        Other processes must be kept out meanwhile (Hall.rotate_receipt_key
+        rotates inside a database write, which holds the file's write lock)."""
         with self._lock:
-            self._refresh()
+            if self.path is not None:
+                self._refresh()
             key_id = self._add_key()
             if self.path is not None:
                 self._save()
@@ -1487,9 +1586,10 @@ class Keyring(object):
 
     def _add_key(self):
         secret = secrets.token_bytes(32)
-        self.current = receipt_key_id(secret)
-        self.keys[self.current] = {"secret": secret, "created_at": now_iso()}
-        return self.current
+        key_id = receipt_key_id(secret)
+        self.keys = dict(self.keys, **{key_id: {"secret": secret, "created_at": now_iso()}})
+        self.current = key_id
+        return key_id
 
     def _refresh(self):
         """Read the file if it changed since last read; False if there is none."""
@@ -2158,7 +2258,8 @@ def decide(inp, rules, registry, policy=None, floor=OPEN_FLOOR, now=None, decisi
         "escalation_effective": {"policy_gate": False, "human_required_default": False,
                                  "rationale": None},
         "preconditions_checked": {},
-        "blast_score": inp.get("blast_score"),
+        # a caller's out-of-range score is never echoed or stored, whichever step denies
+        "blast_score": inp["blast_score"] if 0 <= (inp["blast_score"] or 0) <= 100 else None,
         "artifact_hash": route_input_hash(inp),
         "dry_run": bool(inp.get("dry_run")),
         "telemetry_envelopes": [],
@@ -2298,7 +2399,6 @@ def _run_pipeline(inp, decision, events, rules, registry, policy, floor, approva
         raise Denied("DENY_MISSING_TENANT_ID")
     caller_blast = inp.get("blast_score")
     if caller_blast is not None and not 0 <= caller_blast <= 100:
-        decision["blast_score"] = None          # never echo or store an out-of-range score
         raise Denied("DENY_INVALID_INPUT", field="blast_score")
     if high_stakes and rules.shadowed:
         raise Denied("DENY_SHADOW_RULES_DETECTED",
@@ -2617,12 +2717,16 @@ def _slug(text):
 # A receipt lets a worker (or an auditor) check that a RouteDecision came from
 # this hall unaltered: an HMAC-SHA256, under a key of the hall's Keyring, over
 # the canonical JSON (keys sorted, no spaces, ASCII) of the fields below plus
-# the key_id.  A worker holding the key checks it offline with verify_receipt;
+# the key_id -- every field of the RouteDecision but the candidate list and the
+# telemetry (derived, and long).  A worker holding the key checks it offline with verify_receipt;
 # one without asks POST /api/receipts/verify.
 
 RECEIPT_FIELDS = ("decision_id", "timestamp", "correlation_id", "tenant_id", "capability_id",
-                  "selected_worker_species_id", "selected_worker_id", "denied", "allowed",
-                  "worker_id", "deny_reason", "artifact_hash")
+                  "matched_rule_id", "env", "data_label", "tenant_risk", "qos_class", "denied",
+                  "deny_reason_if_denied", "selected_worker_species_id", "selected_worker_id",
+                  "required_controls_effective", "escalation_effective",
+                  "preconditions_checked", "blast_score", "artifact_hash", "dry_run", "allowed",
+                  "worker_id", "deny_reason")
 RECEIPT_ALGORITHM = "HMAC-SHA256"
 # The signed fields the decision log keeps too: field -> column.
 LOGGED_FIELDS = {"timestamp": "decided_at", "correlation_id": "correlation_id",
@@ -2991,11 +3095,11 @@ class Hall(object):
         self.attestor = None
         if config.attest_dirs or config.require_attestation:
             self.attestor = Attestor(config.attest_dirs, config.require_attestation)
+        self.keyring = Keyring(config.receipt_keys_path)
         try:
-            self.store = Store(config.db_path, config.busy_timeout)
+            self.store = Store(config.db_path, config.busy_timeout, self._sign_head)
         except StoreError as exc:
             raise ConfigError(str(exc))
-        self.keyring = Keyring(config.receipt_keys_path)
         self.hall_hash = file_sha256(os.path.abspath(__file__))
         self.started_at = now_iso()
         self._registry = None
@@ -3230,9 +3334,9 @@ class Hall(object):
             raise HallError(400, "blast_score must be an integer from 0 to 100, or null")
         row["blast_score"] = blast
         check_namespace(principal, row["tenant_id"])
-        self.store.insert_decision(row)
-        self.metrics.count("hall_ingested_decisions_total")
-        self._announce(row)
+        if self.store.insert_decision(row):     # a repeated decision_id is not news
+            self.metrics.count("hall_ingested_decisions_total")
+            self._announce(row)
         return {"recorded": True, "decision_id": row["decision_id"]}
 
     # -- routing ---------------------------------------------------------------
@@ -3647,10 +3751,13 @@ class Hall(object):
             raise HallError(400, "older than must be at least one day")
         before = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(
             days=older_than_days)).isoformat(timespec="microseconds")
-        removed = self.store.prune_decisions(before, (
+        removed, kept = self.store.prune_decisions(before, (
             principal.token_id, PRUNE_ACTION, None,
             {"before": before, "older_than_days": older_than_days}))
-        return {"removed": removed, "before": before}
+        if kept:
+            self.raise_alert("critical", "LOG_CHAIN_BROKEN", "%d decisions older than %s fail "
+                             "their chain check and were kept: run verify-log" % (kept, before))
+        return {"removed": removed, "kept": kept, "before": before}
 
     def start_retention(self):
         """With HALL_RETENTION_DAYS set, prune the decision log once an hour."""
@@ -3740,10 +3847,14 @@ class Hall(object):
 
     # -- evidence ----------------------------------------------------------------
 
+    def _sign_head(self, seq, head):
+        key_id, secret = self.keyring.signing_key()
+        return head_mac(secret, key_id, seq, head)
+
     def verify_log(self):
         """Walk the evidence chain (see walk_chain); a broken chain is also
         raised as a critical alert."""
-        report = self.store.verify_chain()
+        report = self.store.verify_chain(self.keyring.secrets())
         if not report["intact"]:
             self.raise_alert("critical", "LOG_CHAIN_BROKEN", "the decision log was tampered "
                              "with: " + report["first_problem"]["message"])
@@ -3772,9 +3883,10 @@ class Hall(object):
 
     def rotate_receipt_key(self, principal=TRUSTED):
         """A new signing key; receipts made with the old ones still verify."""
-        key_id = self.keyring.rotate()
-        self.store.write(lambda conn: self.store._audit(
-            conn, (principal.token_id, "receipts.rotate", key_id, {})))
+        def work(conn):                         # under the database's write lock
+            key_id = self.keyring.rotate()
+            self.store._audit(conn, (principal.token_id, "receipts.rotate", key_id, {}))
+        self.store.write(work)
         return self.receipt_keys()
 
     def ensure_admin_token(self):
@@ -6469,7 +6581,9 @@ def cmd_prune(args):
     finally:
         hall.close()
     print("removed %d decisions decided before %s" % (result["removed"], result["before"]))
-    return 0
+    if result["kept"]:
+        print("kept %d that fail their chain check: run verify-log" % result["kept"])
+    return 1 if result["kept"] else 0
 
 
 def cmd_token(args):

@@ -2439,17 +2439,15 @@ class OperationsCommandLineTest(TempDirCase):
         csv_out = self.hall_cli("export", "--format", "csv", "--denied", "0", "--db", self.db)
         self.assertEqual(csv_out.stdout.splitlines()[0], ",".join(hall.DECISION_COLUMNS))
         self.assertEqual(len(csv_out.stdout.splitlines()), 2)
-        conn = sqlite3.connect(self.db)
-        conn.execute("UPDATE decisions SET decided_at = '2020-01-01T00:00:00.000000+00:00' "
-                     "WHERE capability_id = 'cap.other'")
-        conn.commit()
-        conn.close()
+        old = hall.Hall(hall.Config(db_path=self.db))
+        old.ingest({"decision_id": "old", "decided_at": "2020-01-01T00:00:00Z"})
+        old.close()
         pruned = self.hall_cli("prune", "--older-than", "90d", "--db", self.db)
         self.assertEqual(pruned.returncode, 0, pruned.stderr)
         self.assertTrue(pruned.stdout.startswith("removed 1 decisions"))
         conn = sqlite3.connect(self.db)
         try:
-            self.assertEqual(conn.execute("SELECT count(*) FROM decisions").fetchone(), (1,))
+            self.assertEqual(conn.execute("SELECT count(*) FROM decisions").fetchone(), (2,))
             action, detail = conn.execute("SELECT action, detail FROM audit").fetchone()
         finally:
             conn.close()
@@ -2934,7 +2932,13 @@ class ReceiptTest(ServerCase):
                    "correlation_id": "c-2", "tenant_id": "org.evil", "capability_id": "cap.x",
                    "selected_worker_species_id": "wrk.evil", "selected_worker_id": "w.evil",
                    "denied": True, "allowed": False, "worker_id": "w.evil",
-                   "deny_reason": "DENY_X", "artifact_hash": "sha256:" + "1" * 64}
+                   "deny_reason": "DENY_X", "artifact_hash": "sha256:" + "1" * 64,
+                   "matched_rule_id": "r.other", "env": "prod", "data_label": "SECRET",
+                   "tenant_risk": "high", "qos_class": "P0", "blast_score": 1,
+                   "deny_reason_if_denied": {"code": "DENY_X", "message": "x"},
+                   "required_controls_effective": ["ctrl.x"],
+                   "escalation_effective": {"policy_gate": True},
+                   "preconditions_checked": {"correlation_id": False}, "dry_run": True}
         self.assertEqual(set(changes), set(hall.RECEIPT_FIELDS))
         for field, value in changes.items():
             altered = dict(decision, **{field: value})
