@@ -5430,6 +5430,7 @@ DASHBOARD_HTML = """<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Hall Monitor</title>
+<script type="application/json" id="deny-messages">__DENY_MESSAGES__</script>
 <style>
 /* Colours: light by default, dark when the viewer prefers it. */
 :root { --bg:#f3f5f8; --card:#fff; --fg:#17202e; --muted:#4f5a6b; --line:#d5dbe3; --accent:#1f5fbf;
@@ -5613,16 +5614,9 @@ let status = null, activity = [], feedRows = [], alerts = [], safeOn = false, st
 let closeStream = null, streamToken = null, live = false, needResync = false;
 let pollTimer = null, retryTimer = null, feedSeq = 0, uid = 0;
 
-/* What the deny codes mean (dispatch rows carry only the code). */
-const DENY_TEXT = {
-  DENY_NO_MATCHING_RULE: 'No routing rule matches.', DENY_NO_AVAILABLE_WORKER: 'No enrolled worker can run it.',
-  DENY_SAFE_MODE: 'The hall is in safe mode.', DENY_UNKNOWN_TENANT: 'The tenant is not a signatory.',
-  DENY_MISSING_TENANT_ID: 'No tenant id was given.', DENY_INVALID_INPUT: 'The request was malformed.',
-  DENY_POLICY_GATE: 'The policy gate refused it.', DENY_REQUIRES_HUMAN_APPROVAL: 'A human must approve it first.',
-  DENY_APPROVAL_PENDING: 'The approval is still pending.', DENY_APPROVAL_REJECTED: 'The approval was rejected.',
-  DENY_APPROVAL_EXPIRED: 'The approval expired.', DENY_WORKER_BANNED: 'The worker carries a banned hash.',
-  DENY_WORKER_TAMPERED: 'The worker no longer matches its enrolled hash.'
-};
+/* What the deny codes mean (dispatch rows carry only the code): the hall's
+   own sentences, which it puts in the page as data. */
+const DENY_TEXT = JSON.parse(document.getElementById('deny-messages').textContent || '{}');
 
 /* ---------- small helpers ---------- */
 function el(tag, attrs, ...kids) {
@@ -5794,7 +5788,7 @@ function renderChart() {
   const y = (v) => T + ph - (v / max) * ph, bw = pw / Math.max(activity.length, 1), cx = (i) => L + i * bw + bw / 2;
   for (const v of [0, max / 2, max]) {                /* grid lines, y labels */
     svg.append(sv('line', { x1: L, x2: W - R, y1: y(v), y2: y(v), class: 'c-grid' }));
-    svg.append(sv('text', { x: L - 6, y: y(v) + 4, 'text-anchor': 'end' }, Math.round(v)));
+    svg.append(sv('text', { x: L - 6, y: y(v) + 4, 'text-anchor': 'end' }, Number.isInteger(v) ? v : v.toFixed(1)));
   }
   activity.forEach((m, i) => {                        /* decisions: bars */
     const bar = sv('rect', { x: L + i * bw + bw * 0.1, y: y(val(m, 'decisions')), width: bw * 0.8, height: y(0) - y(val(m, 'decisions')), class: 'c-bar' });
@@ -6108,7 +6102,9 @@ def _inline_hashes(html, tag):
         for block in re.findall(r"<%s>(.*?)</%s>" % (tag, tag), html, re.S))
 
 
-DASHBOARD_PAGE = DASHBOARD_HTML.encode("utf-8")
+# The deny codes' sentences go in as data (a JSON block, which is not run).
+DASHBOARD_PAGE = DASHBOARD_HTML.replace("__DENY_MESSAGES__", json.dumps(
+    DENY_MESSAGES, sort_keys=True).replace("<", "\\u003c")).encode("utf-8")
 DASHBOARD_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src %s; style-src %s; "
                                "connect-src 'self'; worker-src blob:; img-src 'self' data:; "

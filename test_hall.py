@@ -2691,10 +2691,8 @@ class ReferenceDatabaseTest(TempDirCase):
 
 # -- evidence: the hash-chained log, receipts, explained decisions ----------------
 
-class ChainTest(ServerCase):
-    """Decisions, alerts and audit entries are written through the API; the
-    SQLite file is then edited behind the hall's back and verify-log must
-    name each edit."""
+class ChainCase(ServerCase):
+    """A hall with decisions, alerts and audit entries written through the API."""
 
     def setUp(self):
         ServerCase.setUp(self)
@@ -2724,11 +2722,15 @@ class ChainTest(ServerCase):
         conn = sqlite3.connect(self.db)
         try:
             for statement in statements:
-                conn.execute(*statement) if isinstance(statement, tuple) else \
-                    conn.execute(statement)
+                conn.execute(*(statement if isinstance(statement, tuple) else (statement,)))
             conn.commit()
         finally:
             conn.close()
+
+
+class ChainTest(ChainCase):
+    """The SQLite file is edited behind the hall's back: verify-log must name
+    each edit."""
 
     def test_an_untouched_log_is_intact_and_counts_every_entry(self):
         report = self.verify()
@@ -2892,6 +2894,82 @@ class ChainTest(ServerCase):
         self.assertIn("altered: decision ing-0 at place", result.stdout)
 
 
+class ChainDefenceTest(ChainCase):
+    """Edits meant to get past the chain, and inputs meant to stop the writer."""
+
+    def test_rewriting_the_head_to_hide_deleted_newest_entries_shows(self):
+        self.assertIs(self.verify()["head_signed"], True)
+        (last,) = self.db_rows("SELECT seq FROM chain")[0]
+        previous = [r for t in ("decisions", "alerts", "audit") for r in self.db_rows(
+            "SELECT chain_seq, chain_hash FROM %s WHERE chain_seq = ?" % t, (last - 1,))][0]
+        self.edit(("DELETE FROM alerts WHERE chain_seq = ?", (last,)),
+                  ("UPDATE chain SET seq = ?, head = ?", previous))
+        report = self.verify()
+        self.assertIs(report["head_signed"], False)
+        self.assertEqual([p["problem"] for p in report["problems"]], ["head"])
+        self.assertIn("not signed", report["first_problem"]["message"])
+
+    def test_prune_keeps_forged_and_backdated_rows_for_verify_log(self):
+        # a forged old decision wearing a deleted alert's place and hash
+        seq, link = self.db_rows("SELECT chain_seq, chain_hash FROM alerts "
+                                 "WHERE code = 'TEST_ALERT'")[0]
+        self.edit(("DELETE FROM alerts WHERE chain_seq = ?", (seq,)),
+                  ("INSERT INTO decisions (decision_id, decided_at, capability_id, chain_seq, "
+                   "chain_hash) VALUES ('forged', '2000-01-01T00:00:00Z', 'cap.x', ?, ?)",
+                   (seq, link)),
+                  "UPDATE decisions SET decided_at = '2000-01-01T00:00:00Z' "
+                  "WHERE decision_id = 'ing-1'")
+        result = self.hall.prune(1)
+        self.assertEqual((result["removed"], result["kept"]), (0, 2))
+        self.assertEqual(self.db_rows("SELECT count(*) FROM decisions WHERE decision_id IN "
+                                      "('forged', 'ing-1')"), [(2,)])
+        problems = self.verify()["problems"]
+        self.assertEqual(sorted(p["problem"] for p in problems), ["altered", "altered"])
+        self.assertIn("decision forged", " ".join(p["message"] for p in problems))
+        self.assertIn("decision ing-1", " ".join(p["message"] for p in problems))
+        alerts = self.call("GET", "/alerts")[2]["alerts"]
+        self.assertIn("fail their chain check", " ".join(a["message"] for a in alerts))
+
+    def test_odd_values_and_a_lost_head_are_reported_not_crashed_on(self):
+        self.edit("UPDATE decisions SET capability_id = X'63' WHERE decision_id = 'ing-0'")
+        report = self.verify()
+        self.assertEqual([p["problem"] for p in report["problems"]], ["altered"])
+        self.edit("DELETE FROM chain")
+        report = self.verify()
+        self.assertIn("head", [p["problem"] for p in report["problems"]])
+        status, _, body = self.call("POST", "/decisions/ingest", {"decision_id": "after"})
+        self.assertEqual((status, body["code"]), (503, "DB_UNAVAILABLE"))
+        self.assertIn("evidence chain", body["error"])
+        self.assertTrue(self.hall.store.writer_alive)
+
+    def test_no_input_stops_the_writer(self):
+        status, _, d = self.route(tenant_id=" ", blast_score=10 ** 20)
+        self.assertEqual((status, d["deny_reason"], d["blast_score"]),
+                         (200, "DENY_MISSING_TENANT_ID", None))
+        self.route(tenant_id=" ", blast_score=500)
+        self.assertEqual(self.db_rows("SELECT count(*) FROM decisions WHERE blast_score > 100"),
+                         [(0,)])
+        store = self.hall.store
+        with self.assertRaises(ZeroDivisionError):
+            store.write(lambda conn: 1 / 0)
+        with self.assertRaises(Exception):
+            store.write(append=("alerts", [object()] * len(hall.ALERT_COLUMNS), "0" * 64))
+        with self.assertRaises(Exception):
+            store.write(append=("alerts", ["\ud800"] * len(hall.ALERT_COLUMNS), "0" * 64))
+        self.assertTrue(store.writer_alive)
+        self.assertEqual(self.route()[0], 200)
+        self.assertTrue(self.verify()["intact"])
+
+    def test_a_repeated_ingest_is_logged_and_counted_once(self):
+        self.call("GET", "/api/activity")
+        for _ in range(3):
+            self.assertEqual(self.call("POST", "/decisions/ingest", {"decision_id": "same"})[0],
+                             201)
+        minutes = self.call("GET", "/api/activity")[2]["minutes"]
+        self.assertEqual(sum(m["decisions"] for m in minutes),
+                         self.db_rows("SELECT count(*) FROM decisions")[0][0])
+
+
 class ReceiptTest(ServerCase):
 
     def setUp(self):
@@ -3014,6 +3092,30 @@ class ReceiptTest(ServerCase):
         key_id, secret = result.stdout.split()[:2]
         self.assertEqual(key_id, decision["receipt"]["key_id"])
         self.assertTrue(hall.verify_receipt(decision, secret))
+
+    def test_signing_during_rotation_always_finds_its_key(self):
+        keyring = hall.Keyring(None)
+        failures = []
+
+        def sign():
+            for _ in range(3000):
+                try:
+                    keyring.signing_key()
+                except Exception as exc:        # pragma: no cover - the failure looked for
+                    failures.append(exc)
+        threads = [threading.Thread(target=sign) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for _ in range(300):
+            keyring.rotate()
+        for thread in threads:
+            thread.join()
+        self.assertEqual((failures, len(keyring.keys)), ([], 301))
+        memory = hall.Hall()                    # an in-memory hall rotates too
+        try:
+            self.assertEqual(memory.rotate_receipt_key()["count"], 2)
+        finally:
+            memory.close()
 
     def test_a_key_file_others_can_read_is_refused(self):
         self.stop()
