@@ -5509,6 +5509,7 @@ th { color: var(--muted); font-weight: 600; white-space: nowrap; }
   padding: 0 .3rem; margin: 0 .2rem .2rem 0; font-size: .8rem; }
 /* phones: the workers table turns into one small card per worker */
 @media (max-width: 600px) {
+  .row-actions label { flex-basis: 100%; }          /* the note above, both buttons below */
   #workers thead { display: none; }
   #workers tr, #workers td { display: block; border: 0; padding: .1rem 0; }
   #workers tr { border-top: 1px solid var(--line); padding: .4rem 0; }
