@@ -711,12 +711,12 @@ class Store(object):
     MAX_BATCH = 512
     MAX_READERS = 4
 
-    def __init__(self, path, busy_timeout_ms=5000, sign_head=None):
+    def __init__(self, path, busy_timeout_ms=5000, keyring=None):
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
-        # (seq, head) -> a MAC of the chain's head under the hall's key, so a
-        # rewrite of the head (to hide deleted newest entries) shows
-        self.sign_head = sign_head or (lambda seq, head: None)
+        # The chain's head is kept with a MAC under the hall's key, so that a
+        # rewrite of the head (to hide deleted newest entries) shows.
+        self.keyring = keyring
         self.memory = path == ":memory:"
         self.generation = 0
         self._write_lock = threading.Lock()     # the write connection's owner
@@ -853,6 +853,29 @@ class Store(object):
             if stopping:
                 return
 
+    def sign_head(self, seq, head):
+        if self.keyring is None:
+            return None
+        key_id, secret = self.keyring.signing_key()
+        return head_mac(secret, key_id, seq, head)
+
+    def _check_head(self, conn, seq, head, mac):
+        """Before extending the chain: is its head the one this hall signed?
+        If not (the head was rewritten, or the key file replaced), say so in
+        the chain itself -- an audit entry verify-log reports -- rather than
+        sign over it and lose the evidence, or stop taking writes."""
+        if self.keyring is None:
+            return
+        key_id = str(mac).partition(":")[0]
+        secret = self.keyring.secret(key_id)
+        if secret is not None and hmac.compare_digest(head_mac(secret, key_id, seq, head),
+                                                      str(mac)):
+            return
+        print("[hall-api] the evidence chain's head (place %d) is not signed by this hall: "
+              "recorded in the audit trail; run verify-log" % seq, file=sys.stderr)
+        self._audit(conn, (None, HEAD_REWRITTEN, None, {"seq": seq, "head": head,
+                                                        "head_mac": mac}))
+
     def _abandon(self, batch, exc):
         with contextlib.suppress(sqlite3.Error):
             self._writer.execute("ROLLBACK")
@@ -875,11 +898,13 @@ class Store(object):
             self._batch_audit = []
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                start = conn.execute("SELECT seq, head FROM chain").fetchone()
+                start = conn.execute("SELECT seq, head, head_mac FROM chain").fetchone()
                 if not (start and isinstance(start[0], int) and isinstance(start[1], str)):
                     raise StoreError("the evidence chain's head is missing or not a head "
                                      "(the file was edited: run verify-log)")
-                self._chain = start = tuple(start)
+                self._chain = start[:2]
+                self._check_head(conn, *start)
+                start = start[:2]
             except (sqlite3.Error, StoreError) as exc:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
@@ -898,8 +923,13 @@ class Store(object):
                     # chain); the entries before it stay, the rest go alone.
                     singles.extend(appends[written:])
                 for job in singles:
-                    self._run_alone(conn, job)
+                    if conn.in_transaction:
+                        self._run_alone(conn, job)
                 try:
+                    if not conn.in_transaction:
+                        # SQLite gave up the whole transaction (a full disk, say):
+                        # nothing of this batch was written.
+                        raise sqlite3.OperationalError("the transaction was rolled back")
                     if self._chain != start:
                         conn.execute("UPDATE chain SET seq = ?, head = ?, head_mac = ? "
                                      "WHERE id = 1", self._chain + (self.sign_head(*self._chain),))
@@ -1090,12 +1120,11 @@ class Store(object):
         pruned: a row that was edited, forged or never chained is kept for
         verify-log to report.  Returns (removed, kept)."""
         token_id, action, target, detail = audit
-        kept, vouched = set(), {}               # rowids refused; pruned places so far
+        kept, vouched = set(), {}               # rowids refused; pruned places
         columns = ", ".join(CHAINED_COLUMNS["decisions"])
 
         def work(conn):
-            if not vouched:
-                vouched.update(vouched_gaps(conn))
+            vouched.update(vouched_gaps(conn))  # another prune may have run meanwhile
             rows = [r for r in conn.execute(
                 "SELECT rowid, chain_seq, chain_hash, %s FROM decisions WHERE decided_at < ? "
                 "ORDER BY decided_at LIMIT ?" % columns, (before, batch + len(kept)))
@@ -1329,6 +1358,7 @@ APPEND_SQL = {table: "INSERT %sINTO %s (%s, chain_seq, chain_hash) VALUES (%s)" 
     ", ".join("?" * (len(columns) + 2))) for table, columns in CHAINED_COLUMNS.items()}
 ENTRY_NAMES = {"decisions": "decision", "alerts": "alert", "audit": "audit entry"}
 PRUNE_ACTION = "decisions.prune"
+HEAD_REWRITTEN = "chain.head_rewritten"
 
 
 def entry_digest(values):
@@ -1446,6 +1476,10 @@ def walk_chain(conn, keys=None, max_problems=100):
     expected, previous, entries, pruned, last_name = 1, CHAIN_GENESIS, 0, 0, "the start"
     for seq, table, _rowid, values, stored in heapq.merge(*map(placed, CHAINED_COLUMNS)):
         name = "%s %s" % (ENTRY_NAMES[table], values[0])
+        if table == "audit" and values[3] == HEAD_REWRITTEN:
+            problem("head", seq, "at %s the hall found the chain's head rewritten (at place "
+                    "%s): entries before it may have been deleted" % (
+                        values[1], _json_object(values[5]).get("seq")))
         if seq < expected:
             problem("inserted", seq, "%s claims place %d, which %s already holds"
                     % (name, seq, last_name))
@@ -1547,10 +1581,9 @@ class Keyring(object):
         self._lock = threading.Lock()
         self._stamp, self._checked = None, 0.0
         if path is None:
-            self._add_key()
+            self.keys, self.current = self._with_new_key()
         elif not self._refresh():
-            self._add_key()
-            self._save(create=True)
+            self._save(*self._with_new_key(), create=True)
 
     def signing_key(self):
         """(key_id, secret) of the key that signs now."""
@@ -1564,9 +1597,18 @@ class Keyring(object):
         return current, self.keys[current]["secret"]
 
     def secrets(self):
-        """{key_id: secret} of every key, to verify with."""
-        self.signing_key()
+        """{key_id: secret} of every key, to verify with (the file re-read
+        first: a key another process made a moment ago counts)."""
+        if self.path is not None:
+            with self._lock:
+                with contextlib.suppress(ConfigError):
+                    self._refresh()
         return {key_id: key["secret"] for key_id, key in self.keys.items()}
+
+    def secret(self, key_id):
+        """One key's secret, or None if no key has that id."""
+        key = self.keys.get(key_id)
+        return key["secret"] if key else self.secrets().get(key_id)
 
     def listing(self):
         return [{"key_id": key_id, "created_at": key["created_at"],
@@ -1577,19 +1619,18 @@ class Keyring(object):
         Other processes must be kept out meanwhile (Hall.rotate_receipt_key
         rotates inside a database write, which holds the file's write lock)."""
         with self._lock:
-            if self.path is not None:
+            if self.path is None:
+                self.keys, self.current = self._with_new_key()
+            else:
                 self._refresh()
-            key_id = self._add_key()
-            if self.path is not None:
-                self._save()
-            return key_id
+                self._save(*self._with_new_key())   # in use only once it is on disk
+            return self.current
 
-    def _add_key(self):
+    def _with_new_key(self):
+        """(the keys with a new one added, its key_id): nothing changed yet."""
         secret = secrets.token_bytes(32)
         key_id = receipt_key_id(secret)
-        self.keys = dict(self.keys, **{key_id: {"secret": secret, "created_at": now_iso()}})
-        self.current = key_id
-        return key_id
+        return dict(self.keys, **{key_id: {"secret": secret, "created_at": now_iso()}}), key_id
 
     def _refresh(self):
         """Read the file if it changed since last read; False if there is none."""
@@ -1618,13 +1659,13 @@ class Keyring(object):
             stat.st_mtime_ns, stat.st_size)
         return True
 
-    def _save(self, create=False):
+    def _save(self, keys, current, create=False):
         """Write the file whole, 0600 from its first byte; a new file is
         linked into place only if none exists (two halls starting at once
         keep one key file)."""
-        document = {"current": self.current, "keys": [
+        document = {"current": current, "keys": [
             {"key_id": key_id, "secret": key["secret"].hex(), "created_at": key["created_at"]}
-            for key_id, key in self.keys.items()]}
+            for key_id, key in keys.items()]}
         directory = os.path.dirname(self.path) or "."
         temporary = os.path.join(directory, ".%s.%s" % (os.path.basename(self.path),
                                                         secrets.token_hex(4)))
@@ -3097,7 +3138,7 @@ class Hall(object):
             self.attestor = Attestor(config.attest_dirs, config.require_attestation)
         self.keyring = Keyring(config.receipt_keys_path)
         try:
-            self.store = Store(config.db_path, config.busy_timeout, self._sign_head)
+            self.store = Store(config.db_path, config.busy_timeout, self.keyring)
         except StoreError as exc:
             raise ConfigError(str(exc))
         self.hall_hash = file_sha256(os.path.abspath(__file__))
@@ -3846,10 +3887,6 @@ class Hall(object):
         return {"minutes": self.activity.series()}
 
     # -- evidence ----------------------------------------------------------------
-
-    def _sign_head(self, seq, head):
-        key_id, secret = self.keyring.signing_key()
-        return head_mac(secret, key_id, seq, head)
 
     def verify_log(self):
         """Walk the evidence chain (see walk_chain); a broken chain is also
@@ -6756,7 +6793,8 @@ def _run_load(pool, host, port, requests, connections, processes, warmup, second
 def _preload(db_path, decisions, workers):
     """Fill a new database directly: ``workers`` enrollments over 50
     capabilities and ``decisions`` decisions over the last 30 days."""
-    store = Store(db_path)
+    hall = Hall(Config(db_path=db_path, access_log=False))   # the head is signed, as always
+    store = hall.store
     records, now = [], time.time()
     for i in range(workers):
         record = {"worker_id": "bench.worker.%d" % i, "worker_species_id": "wrk.bench.%d" % i,
@@ -6781,7 +6819,7 @@ def _preload(db_path, decisions, workers):
                 None if i % 10 == 0 else "wrk.bench.%d" % (i % 50), i % 100,
                 "sha256:" + "0" * 64, "ingest", None, None, None])
     store.write(work)
-    store.close()
+    hall.close()
     return records
 
 

@@ -2909,6 +2909,43 @@ class ChainDefenceTest(ChainCase):
         self.assertEqual([p["problem"] for p in report["problems"]], ["head"])
         self.assertIn("not signed", report["first_problem"]["message"])
 
+    def test_a_rewritten_head_stays_on_record_after_the_next_write(self):
+        (last,) = self.db_rows("SELECT seq FROM chain")[0]
+        previous = [r for t in ("decisions", "alerts", "audit") for r in self.db_rows(
+            "SELECT chain_seq, chain_hash FROM %s WHERE chain_seq = ?" % t, (last - 1,))][0]
+        self.edit(("DELETE FROM alerts WHERE chain_seq = ?", (last,)),
+                  ("UPDATE chain SET seq = ?, head = ?", previous))
+        self.assertEqual(self.call("POST", "/decisions/ingest", {"decision_id": "next"})[0], 201)
+        report = self.verify()                  # the head is signed again, the rewrite noted
+        self.assertIs(report["head_signed"], True)
+        self.assertEqual([(p["problem"], p["seq"]) for p in report["problems"]],
+                         [("head", last)])
+        self.assertIn("head rewritten", report["first_problem"]["message"])
+
+    def test_a_key_made_by_another_process_a_moment_ago_verifies(self):
+        result = run_hall(["receipt-key", "rotate", "--db", self.db])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue(self.verify()["intact"])
+        decision = self.route()[2]
+        self.assertEqual(decision["receipt"]["key_id"], result.stdout.split()[-1])
+
+    def test_a_transaction_sqlite_gives_up_loses_the_batch_not_the_chain(self):
+        store = self.hall.store
+        with store._write_lock:                 # the writer is idle: its connection is free
+            pages = store._writer.execute("PRAGMA page_count").fetchone()[0]
+            store._writer.execute("PRAGMA max_page_count = %d" % pages)
+        try:
+            status, _, body = self.call("POST", "/decisions/ingest",
+                                        {"decision_id": "big", "capability_id": "x" * 300000})
+            self.assertEqual((status, body["code"]), (503, "DB_UNAVAILABLE"))
+        finally:
+            with store._write_lock:
+                store._writer.execute("PRAGMA max_page_count = 1073741823")
+        self.assertEqual(self.db_rows("SELECT count(*) FROM decisions WHERE decision_id = 'big'"),
+                         [(0,)])
+        self.assertEqual(self.call("POST", "/decisions/ingest", {"decision_id": "after"})[0], 201)
+        self.assertTrue(self.verify()["intact"], self.verify()["problems"])
+
     def test_prune_keeps_forged_and_backdated_rows_for_verify_log(self):
         # a forged old decision wearing a deleted alert's place and hash
         seq, link = self.db_rows("SELECT chain_seq, chain_hash FROM alerts "
