@@ -898,13 +898,13 @@ class Store(object):
             self._batch_audit = []
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                start = conn.execute("SELECT seq, head, head_mac FROM chain").fetchone()
-                if not (start and isinstance(start[0], int) and isinstance(start[1], str)):
+                row = conn.execute("SELECT seq, head, head_mac FROM chain").fetchone()
+                if not (row and isinstance(row[0], int) and isinstance(row[1], str)):
                     raise StoreError("the evidence chain's head is missing or not a head "
                                      "(the file was edited: run verify-log)")
-                self._chain = start[:2]
-                self._check_head(conn, *start)
-                start = start[:2]
+                seq, head, mac = row
+                self._chain = start = (seq, head)
+                self._check_head(conn, seq, head, mac)
             except (sqlite3.Error, StoreError) as exc:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
@@ -935,9 +935,6 @@ class Store(object):
                                      "WHERE id = 1", self._chain + (self.sign_head(*self._chain),))
                     conn.execute("COMMIT")
                     self.generation += 1
-                    for entry in self._batch_audit:
-                        if self.on_audit is not None:
-                            self.on_audit(entry)
                 except Exception as exc:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
@@ -945,6 +942,9 @@ class Store(object):
                         if job.error is None:
                             job.error = Unavailable("the database cannot take writes now: %s"
                                                     % exc)
+                else:
+                    for entry in self._batch_audit if self.on_audit is not None else ():
+                        self.on_audit(entry)
         for job in batch:
             if job.done is not None:
                 job.done.release()
