@@ -1540,7 +1540,8 @@ def walk_chain(conn, keys=None, max_problems=100):
                     "the recorded head is not signed with this hall's keys: the chain's head "
                     "was rewritten (newest entries may have been deleted)")
     problems = (in_order + unchained)[:max_problems]
-    return {"head_signed": head_signed, "intact": not problems, "entries": entries, "length": expected - 1,
+    return {"head_signed": head_signed, "intact": not problems, "entries": entries,
+            "length": expected - 1,
             "head": previous if expected > 1 else CHAIN_GENESIS, "pruned": pruned,
             "sealed": {"entries": sealed_seq, "at": sealed_at} if sealed_seq else None,
             "problems": problems, "first_problem": problems[0] if problems else None}
@@ -2411,21 +2412,28 @@ def _explain_rules(rules, values):
     return result
 
 
+def unfit_reasons(worker, env_key, floor, capability, pinned):
+    """Why an enrolled worker of a candidate species cannot take this request
+    (empty: it can) -- the one test both the router and its trace use."""
+    reasons = []
+    if not worker.allows(env_key):
+        reasons.append("env %s is not among its allowed_environments" % env_key)
+    if floor.banned.intersection(worker.hashes()):
+        reasons.append("its artifact is banned")
+    if capability is not None and capability not in worker.capabilities:
+        reasons.append("it does not declare capability %s" % capability)
+    if pinned is not None and worker.worker_id != pinned:
+        reasons.append("the request is pinned to worker %s" % pinned)
+    return reasons
+
+
 def _explain_workers(rule, registry, env_key, floor, pinned):
     """Per candidate species, each enrolled worker and why it could not serve."""
     explained = []
     for candidate in rule.candidates[:MAX_LISTED_CANDIDATES]:
         workers = []
         for worker in registry.by_species.get(candidate.worker_species_id, ())[:10]:
-            reasons = []
-            if not worker.allows(env_key):
-                reasons.append("env %s is not among its allowed_environments" % env_key)
-            if floor.banned.intersection(worker.hashes()):
-                reasons.append("its artifact is banned")
-            if rule.capability is not None and rule.capability not in worker.capabilities:
-                reasons.append("it does not declare capability %s" % rule.capability)
-            if pinned is not None and worker.worker_id != pinned:
-                reasons.append("the request is pinned to worker %s" % pinned)
+            reasons = unfit_reasons(worker, env_key, floor, rule.capability, pinned)
             workers.append({"worker_id": worker.worker_id, "eligible": not reasons,
                             "reasons": reasons})
         explained.append({"worker_species_id": candidate.worker_species_id,
@@ -2582,9 +2590,7 @@ def _run_pipeline(inp, decision, events, rules, registry, policy, floor, approva
             entry["skip_reason"] = "already_selected"
             continue
         for worker in registry.by_species.get(candidate.worker_species_id, ()):
-            if (worker.allows(env_key) and not floor.banned.intersection(worker.hashes())
-                    and (rule.capability is None or rule.capability in worker.capabilities)
-                    and (pinned is None or worker.worker_id == pinned)):
+            if not unfit_reasons(worker, env_key, floor, rule.capability, pinned):
                 chosen = worker
                 break
         entry["skip_reason"] = None if chosen else "unavailable"
@@ -6220,9 +6226,9 @@ def build_parser():
         description="The local Hall: worker registry, router and decision log.  With no "
                     "command, serves the HTTP API.",
         epilog="Settings without a flag are environment variables: HALL_TOKEN, "
-               "HALL_TOKEN_FILE, HALL_CORS_ORIGINS, HALL_MAX_BODY, HALL_ACCESS_LOG, "
-               "HALL_APPROVAL_TTL, HALL_TENANTS, HALL_ATTEST_DIRS, HALL_REQUIRE_ATTESTATION, "
-               "HALL_IDLE_TIMEOUT, HALL_REQUEST_TIMEOUT, HALL_MAX_CONNECTIONS, HALL_RATE_LIMIT, "
+               "HALL_TOKEN_FILE, HALL_RECEIPT_KEYS, HALL_CORS_ORIGINS, HALL_MAX_BODY, "
+               "HALL_ACCESS_LOG, HALL_APPROVAL_TTL, HALL_TENANTS, HALL_ATTEST_DIRS, "
+               "HALL_REQUIRE_ATTESTATION, HALL_IDLE_TIMEOUT, HALL_REQUEST_TIMEOUT, HALL_MAX_CONNECTIONS, HALL_RATE_LIMIT, "
                "HALL_RATE_BURST, HALL_BUSY_TIMEOUT_MS, HALL_DRAIN_SECONDS, HALL_MAX_HEADER_LINE, "
                "HALL_MAX_HEADERS, HALL_EVENTS_RETAINED, HALL_RETENTION_DAYS (see the README).")
     commands = parser.add_subparsers(dest="command", metavar="[command]")
@@ -6420,6 +6426,18 @@ def call_hall(args, method, path, body=None):
         raise ConfigError("cannot reach %s: %s" % (args.url, getattr(exc, "reason", exc)))
 
 
+def ask_hall(args, method, path, local, body=None):
+    """The answer of the running hall at --url, else ``local(hall)`` over the
+    database."""
+    if args.url:
+        return call_hall(args, method, path, body)[1]
+    hall = existing_hall(args)
+    try:
+        return local(hall)
+    finally:
+        hall.close()
+
+
 def print_json(value):
     print(json.dumps(value, indent=2, sort_keys=False))
 
@@ -6441,14 +6459,7 @@ def cmd_route(args):
         body["dry_run"] = True
     if args.explain:
         body["explain"] = True
-    if args.url:
-        decision = call_hall(args, "POST", "/api/route", body)[1]
-    else:
-        hall = existing_hall(args)
-        try:
-            decision = hall.route(body, CLI)
-        finally:
-            hall.close()
+    decision = ask_hall(args, "POST", "/api/route", lambda hall: hall.route(body, CLI), body)
     if args.json:
         print_json(decision)
         return 0 if decision["allowed"] else 1
@@ -6478,14 +6489,7 @@ def print_trace(trace):
 
 
 def cmd_verify_log(args):
-    if args.url:
-        report = call_hall(args, "GET", "/api/log/verify")[1]
-    else:
-        hall = existing_hall(args)
-        try:
-            report = hall.verify_log()
-        finally:
-            hall.close()
+    report = ask_hall(args, "GET", "/api/log/verify", Hall.verify_log)
     sealed = report["sealed"]
     if report["intact"]:
         print("intact: %d entries, chain length %d, head %s" % (
@@ -6505,14 +6509,8 @@ def cmd_verify_log(args):
 
 def cmd_verify_receipt(args):
     decision = read_json_argument(args.file)
-    if args.url:
-        answer = call_hall(args, "POST", "/api/receipts/verify", decision)[1]
-    else:
-        hall = existing_hall(args)
-        try:
-            answer = hall.verify_receipt(decision)
-        finally:
-            hall.close()
+    answer = ask_hall(args, "POST", "/api/receipts/verify",
+                      lambda hall: hall.verify_receipt(decision), decision)
     print("%s: %s%s" % ("valid" if answer["valid"] else "INVALID", answer["reason"],
                         "; in the decision log" if answer["in_log"] else
                         ("; not in the decision log (a dry run, or pruned)"
