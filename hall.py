@@ -3178,6 +3178,7 @@ class Hall(object):
         self._registry_generation = 0           # bumped by every enrollment change
         self._registry_checked = 0.0            # when the database's version was last read
         self._answers = {}                      # cached answers: key -> (stamp, value)
+        self._answer_locks = {}                 # key -> the lock its one computer holds
         self._registry_lock = threading.Lock()
         self._alert_lock = threading.Lock()
         self._recent_alerts = {}                # dedup key -> monotonic time raised
@@ -3297,10 +3298,17 @@ class Hall(object):
         stamp = (self.store.generation, int(time.monotonic()))
         entry = self._answers.get(key)
         if entry is None or entry[0] != stamp:
-            if len(self._answers) > 256:
-                self._answers.clear()
-            entry = (stamp, compute())
-            self._answers[key] = entry
+            # One thread computes, the others wait for its answer: when the
+            # second turns, every connection asks at once, and sixteen copies
+            # of the same query would add tens of milliseconds to each.
+            with self._answer_locks.setdefault(key, threading.Lock()):
+                entry = self._answers.get(key)
+                if entry is None or entry[0] != stamp:
+                    if len(self._answers) > 256:
+                        self._answers.clear()
+                        self._answer_locks.clear()
+                    entry = (stamp, compute())
+                    self._answers[key] = entry
         return entry[1]
 
     def registry_changed(self):

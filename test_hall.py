@@ -249,6 +249,38 @@ class ReadEndpointsTest(ServerCase):
             status, _, body = self.call("GET", "/dispatches?limit=" + bad)
             self.assertEqual((status, body), (400, {"error": "limit must be an integer"}), bad)
 
+    def test_a_read_answer_is_computed_by_one_thread_while_the_others_wait(self):
+        # Start just after the second turns: the cached answers last until then.
+        second, deadline = int(time.monotonic()), time.monotonic() + 5
+        while int(time.monotonic()) == second and time.monotonic() < deadline:
+            pass
+        computing, finish, computed = threading.Event(), threading.Event(), []
+
+        def slow():
+            computed.append("first")
+            computing.set()
+            finish.wait(5)
+            return "first answer"
+
+        def fast():
+            computed.append("again")
+            return "another answer"
+
+        answers = []
+        first = threading.Thread(target=lambda: answers.append(self.hall.cached("k", slow)))
+        first.start()
+        self.assertTrue(computing.wait(5))
+        others = [threading.Thread(target=lambda: answers.append(self.hall.cached("k", fast)))
+                  for _ in range(4)]
+        for thread in others:
+            thread.start()
+        others[0].join(0.2)
+        self.assertTrue(all(t.is_alive() for t in others))      # waiting, not computing
+        finish.set()
+        for thread in [first] + others:
+            thread.join(5)
+        self.assertEqual((computed, answers), (["first"], ["first answer"] * 5))
+
     def test_dispatches_limit_caps_at_200(self):
         self.hall.store.write(lambda conn: conn.executemany(
             "INSERT INTO decisions (decision_id, decided_at, capability_id) VALUES (?, ?, 'cap')",
