@@ -40,6 +40,7 @@ import base64
 import collections
 import contextlib
 import datetime
+import functools
 import hashlib
 import heapq
 import hmac
@@ -257,6 +258,7 @@ def _parse_bool_setting(label, value):
     raise ConfigError("%s must be on or off, got %r" % (label, value))
 
 
+@functools.lru_cache(maxsize=64)               # asked on every open read: parse once
 def is_loopback(host):
     if host in ("localhost", ""):
         return host == "localhost"
