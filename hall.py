@@ -746,7 +746,7 @@ class Store(object):
         self.memory = path == ":memory:"
         self.generation = 0
         self._write_lock = threading.Lock()     # the write connection's owner
-        self._jobs = queue.Queue()
+        self._jobs = queue.SimpleQueue()        # C: no Python-level lock per put
         self._writer_thread = None
         self._readers = queue.LifoQueue()
         self._reader_slots = threading.BoundedSemaphore(self.MAX_READERS)
