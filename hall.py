@@ -748,8 +748,11 @@ class Store(object):
         self._write_lock = threading.Lock()     # the write connection's owner
         self._jobs = queue.SimpleQueue()        # C: no Python-level lock per put
         self._writer_thread = None
-        self._readers = queue.LifoQueue()
-        self._reader_slots = threading.BoundedSemaphore(self.MAX_READERS)
+        # The read connections, and a None for each one not opened yet: taking
+        # from this queue is taking one of MAX_READERS slots.
+        self._readers = queue.SimpleQueue()
+        for _ in range(self.MAX_READERS):
+            self._readers.put(None)
         self.on_audit = None                    # called with each audit entry once committed
         self._batch_audit = []                  # audit entries of the batch being committed
         self._chain = None                      # (seq, head) of the chain while writing
@@ -801,9 +804,11 @@ class Store(object):
             self._writer.close()
         while True:
             try:
-                self._readers.get_nowait().close()
+                conn = self._readers.get_nowait()
             except queue.Empty:
                 break
+            if conn is not None:
+                conn.close()
 
     @property
     def writer_alive(self):
@@ -816,22 +821,20 @@ class Store(object):
             with self._write_lock:
                 yield self._writer
             return
-        if not self._reader_slots.acquire(timeout=self.busy_timeout_ms / 1000.0):
+        try:
+            conn = self._readers.get(timeout=self.busy_timeout_ms / 1000.0)
+        except queue.Empty:
             raise Unavailable("every read connection is busy; retry shortly")
         try:
-            try:
-                conn = self._readers.get_nowait()
-            except queue.Empty:
-                conn = self._connect()
-                conn.execute("PRAGMA query_only=1")
-            try:
-                yield conn
-            finally:
-                self._readers.put(conn)
+            if conn is None:
+                opened = self._connect()
+                opened.execute("PRAGMA query_only=1")
+                conn = opened
+            yield conn
         except sqlite3.OperationalError as exc:
             raise Unavailable("the database cannot be read now: %s" % exc)
         finally:
-            self._reader_slots.release()
+            self._readers.put(conn)
 
     def write(self, work=None, append=None, timeout=-1):
         """Run ``work(conn)`` (or append the chain entry ``append=(table,
@@ -1024,25 +1027,31 @@ class Store(object):
 
     def upsert_enrollment(self, worker_id, species, capabilities, risk_tier, artifact_hash,
                           record_json):
-        """Insert or update by worker_id; returns (created, enrollment_id, enrolled_at)."""
+        """Insert or update by worker_id; returns (created, changed, enrollment_id,
+        enrolled_at).  A worker enrolled again with the very record stored (as
+        each one is when it starts) changes nothing: no write, no fsync, and no
+        new registry version for every hall reading this file to rebuild."""
         now = now_iso()
         def work(conn):
-            row = conn.execute("SELECT enrollment_id, enrolled_at FROM enrollments "
-                               "WHERE worker_id = ?", (worker_id,)).fetchone()
+            row = conn.execute("SELECT enrollment_id, enrolled_at, worker_species_id, "
+                               "capabilities, risk_tier, artifact_hash, record_json "
+                               "FROM enrollments WHERE worker_id = ?", (worker_id,)).fetchone()
+            if row and row[2:] == (species, capabilities, risk_tier, artifact_hash, record_json):
+                return False, False, row[0], row[1]
             if row:
                 conn.execute("UPDATE enrollments SET worker_species_id = ?, capabilities = ?, "
                              "risk_tier = ?, artifact_hash = ?, record_json = ?, updated_at = ? "
                              "WHERE worker_id = ?",
                              (species, capabilities, risk_tier, artifact_hash, record_json, now,
                               worker_id))
-                return False, row[0], row[1]
+                return False, True, row[0], row[1]
             enrollment_id = new_id()
             conn.execute("INSERT INTO enrollments (enrollment_id, worker_id, worker_species_id, "
                          "capabilities, risk_tier, enrolled_at, artifact_hash, record_json) "
                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                          (enrollment_id, worker_id, species, capabilities, risk_tier, now,
                           artifact_hash, record_json))
-            return True, enrollment_id, now
+            return True, True, enrollment_id, now
         return self.write(work)
 
     def enrollments(self):
@@ -3364,10 +3373,11 @@ class Hall(object):
                              % clean_id(worker_id), worker_id=worker_id)
             raise HallError(403, "this worker's artifact is on the ban list",
                             "DENY_WORKER_BANNED")
-        created, enrollment_id, enrolled_at = self.store.upsert_enrollment(
+        created, changed, enrollment_id, enrolled_at = self.store.upsert_enrollment(
             worker_id, record["worker_species_id"], json.dumps(capabilities), risk_tier,
             record["artifact_hash"], record_json)
-        self.registry_changed()                 # the next route rebuilds the snapshot
+        if changed:
+            self.registry_changed()             # the next route rebuilds the snapshot
         self.metrics.count("hall_enrollments_total", result="created" if created else "updated")
         self.events.publish("enrollment", {
             "worker_id": worker_id, "worker_species_id": record["worker_species_id"],

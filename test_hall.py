@@ -324,6 +324,20 @@ class EnrollTest(ServerCase):
         self.assertEqual(json.loads(rows[0][0]), ["cap.doc.summarize", "cap.doc.translate"])
         self.assertEqual(json.loads(rows[0][1]), updated)
 
+    def test_the_same_record_again_is_200_updated_and_writes_nothing(self):
+        record = worker_record()
+        self.enroll(record)
+        version = "SELECT value FROM meta WHERE key = 'registry_version'"
+        before = self.db_rows(version) + self.db_rows("SELECT * FROM enrollments")
+        status, _, body = self.call("POST", "/enroll", record)
+        self.assertEqual((status, body["updated"]), (200, True))
+        self.assertEqual(self.db_rows(version) + self.db_rows("SELECT * FROM enrollments"), before)
+        changed = worker_record(risk_tier="medium")
+        self.assertEqual(self.call("POST", "/enroll", changed)[0], 200)
+        self.assertEqual(self.db_rows(version), [(before[0][0] + 1,)])
+        self.assertEqual(self.db_rows("SELECT risk_tier FROM enrollments"), [("medium",)])
+        self.assertEqual(self.route()[2]["worker_id"], record["worker_id"])
+
     def test_extra_fields_are_kept_in_record_json(self):
         record = worker_record(owner="team-a", limits={"rps": 5}, note="caf\u00e9 \u2603")
         self.enroll(record)
