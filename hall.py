@@ -720,6 +720,11 @@ class WriteJob(object):
         self.result = self.error = None
 
 
+# What Store.upsert_enrollment did: ``registry_version`` is read only when
+# nothing changed (so the caller can tell whether its registry is current).
+Upsert = namedtuple("Upsert", "created changed enrollment_id enrolled_at registry_version")
+
+
 class Store(object):
     """The SQLite file.
 
@@ -828,7 +833,11 @@ class Store(object):
         try:
             if conn is None:
                 opened = self._connect()
-                opened.execute("PRAGMA query_only=1")
+                try:
+                    opened.execute("PRAGMA query_only=1")
+                except BaseException:
+                    opened.close()
+                    raise
                 conn = opened
             yield conn
         except sqlite3.OperationalError as exc:
@@ -1027,31 +1036,33 @@ class Store(object):
 
     def upsert_enrollment(self, worker_id, species, capabilities, risk_tier, artifact_hash,
                           record_json):
-        """Insert or update by worker_id; returns (created, changed, enrollment_id,
-        enrolled_at).  A worker enrolled again with the very record stored (as
-        each one is when it starts) changes nothing: no write, no fsync, and no
-        new registry version for every hall reading this file to rebuild."""
+        """Insert or update by worker_id; returns an Upsert.  A worker enrolled
+        again with the very record stored (as each one is when it starts)
+        changes nothing: no write, no fsync, and no new registry version for
+        every hall reading this file to rebuild."""
         now = now_iso()
         def work(conn):
             row = conn.execute("SELECT enrollment_id, enrolled_at, worker_species_id, "
                                "capabilities, risk_tier, artifact_hash, record_json "
                                "FROM enrollments WHERE worker_id = ?", (worker_id,)).fetchone()
             if row and row[2:] == (species, capabilities, risk_tier, artifact_hash, record_json):
-                return False, False, row[0], row[1]
+                version = conn.execute("SELECT value FROM meta WHERE key = 'registry_version'"
+                                       ).fetchone()[0]
+                return Upsert(False, False, row[0], row[1], version)
             if row:
                 conn.execute("UPDATE enrollments SET worker_species_id = ?, capabilities = ?, "
                              "risk_tier = ?, artifact_hash = ?, record_json = ?, updated_at = ? "
                              "WHERE worker_id = ?",
                              (species, capabilities, risk_tier, artifact_hash, record_json, now,
                               worker_id))
-                return False, True, row[0], row[1]
+                return Upsert(False, True, row[0], row[1], None)
             enrollment_id = new_id()
             conn.execute("INSERT INTO enrollments (enrollment_id, worker_id, worker_species_id, "
                          "capabilities, risk_tier, enrolled_at, artifact_hash, record_json) "
                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                          (enrollment_id, worker_id, species, capabilities, risk_tier, now,
                           artifact_hash, record_json))
-            return True, True, enrollment_id, now
+            return Upsert(True, True, enrollment_id, now, None)
         return self.write(work)
 
     def enrollments(self):
@@ -3305,22 +3316,33 @@ class Hall(object):
 
     def cached(self, key, compute):
         """``compute()``, reused until the next write to the database (or for
-        at most a second, for writes made by other processes)."""
-        stamp = (self.store.generation, int(time.monotonic()))
+        at most a second, for writes made by other processes).
+
+        One thread computes and the others wait for its answer: when the
+        second turns, every connection asks at once, and sixteen copies of the
+        same query would add tens of milliseconds to each.  A refusal (a busy
+        database, say) is shared the same way, as a future's is, rather than
+        each waiter trying again and waiting out the same busy database."""
         entry = self._answers.get(key)
-        if entry is None or entry[0] != stamp:
-            # One thread computes, the others wait for its answer: when the
-            # second turns, every connection asks at once, and sixteen copies
-            # of the same query would add tens of milliseconds to each.
+        if entry is None or entry[0] != self._answer_stamp():
             with self._answer_locks.setdefault(key, threading.Lock()):
+                stamp = self._answer_stamp()    # again: the answer may be newer by now
                 entry = self._answers.get(key)
                 if entry is None or entry[0] != stamp:
                     if len(self._answers) > 256:
                         self._answers.clear()
                         self._answer_locks.clear()
-                    entry = (stamp, compute())
+                    try:
+                        entry = (stamp, compute(), None)
+                    except HallError as exc:
+                        entry = (stamp, None, exc)
                     self._answers[key] = entry
+        if entry[2] is not None:
+            raise entry[2]
         return entry[1]
+
+    def _answer_stamp(self):
+        return self.store.generation, int(time.monotonic())
 
     def registry_changed(self):
         self._registry_generation += 1
@@ -3373,18 +3395,23 @@ class Hall(object):
                              % clean_id(worker_id), worker_id=worker_id)
             raise HallError(403, "this worker's artifact is on the ban list",
                             "DENY_WORKER_BANNED")
-        created, changed, enrollment_id, enrolled_at = self.store.upsert_enrollment(
+        upsert = self.store.upsert_enrollment(
             worker_id, record["worker_species_id"], json.dumps(capabilities), risk_tier,
             record["artifact_hash"], record_json)
-        if changed:
-            self.registry_changed()             # the next route rebuilds the snapshot
-        self.metrics.count("hall_enrollments_total", result="created" if created else "updated")
+        snapshot = self._registry
+        if upsert.changed or snapshot is None or snapshot.version != upsert.registry_version:
+            # The next route rebuilds the snapshot -- also after a record that
+            # changed nothing here, if another process changed the registry.
+            self.registry_changed()
+        self.metrics.count("hall_enrollments_total",
+                           result="created" if upsert.created else "updated")
         self.events.publish("enrollment", {
             "worker_id": worker_id, "worker_species_id": record["worker_species_id"],
-            "capabilities": capabilities, "risk_tier": risk_tier, "created": created})
-        if created:
-            return {"enrolled": True, "enrollment_id": enrollment_id, "worker_id": worker_id,
-                    "enrolled_at": enrolled_at, "artifact_hash_verified": True}
+            "capabilities": capabilities, "risk_tier": risk_tier, "created": upsert.created})
+        if upsert.created:
+            return {"enrolled": True, "enrollment_id": upsert.enrollment_id,
+                    "worker_id": worker_id, "enrolled_at": upsert.enrolled_at,
+                    "artifact_hash_verified": True}
         return {"enrolled": True, "updated": True, "worker_id": worker_id,
                 "artifact_hash_verified": True}
 

@@ -11,6 +11,7 @@ import http.client
 import io
 import json
 import os
+import queue
 import re
 import shutil
 import socket
@@ -249,29 +250,36 @@ class ReadEndpointsTest(ServerCase):
             status, _, body = self.call("GET", "/dispatches?limit=" + bad)
             self.assertEqual((status, body), (400, {"error": "limit must be an integer"}), bad)
 
-    def test_a_read_answer_is_computed_by_one_thread_while_the_others_wait(self):
-        # Start just after the second turns: the cached answers last until then.
+    def race_for_a_cached_answer(self, outcome):
+        """Five threads ask hall.cached for one key at once; the first one's
+        compute ends with ``outcome()``.  Returns (computes run, what each got)."""
+        # Start just after the second turns: cached answers last until then.
         second, deadline = int(time.monotonic()), time.monotonic() + 5
         while int(time.monotonic()) == second and time.monotonic() < deadline:
             pass
-        computing, finish, computed = threading.Event(), threading.Event(), []
+        computing, finish, computed, results = (threading.Event(), threading.Event(), [],
+                                                queue.Queue())
 
         def slow():
             computed.append("first")
             computing.set()
             finish.wait(5)
-            return "first answer"
+            return outcome()
 
         def fast():
             computed.append("again")
             return "another answer"
 
-        answers = []
-        first = threading.Thread(target=lambda: answers.append(self.hall.cached("k", slow)))
+        def ask(compute):
+            try:
+                results.put(self.hall.cached("k", compute))
+            except hall.HallError as exc:
+                results.put(exc.message)
+
+        first = threading.Thread(target=ask, args=(slow,))
         first.start()
         self.assertTrue(computing.wait(5))
-        others = [threading.Thread(target=lambda: answers.append(self.hall.cached("k", fast)))
-                  for _ in range(4)]
+        others = [threading.Thread(target=ask, args=(fast,)) for _ in range(4)]
         for thread in others:
             thread.start()
         others[0].join(0.2)
@@ -279,7 +287,17 @@ class ReadEndpointsTest(ServerCase):
         finish.set()
         for thread in [first] + others:
             thread.join(5)
-        self.assertEqual((computed, answers), (["first"], ["first answer"] * 5))
+        return computed, [results.get(timeout=5) for _ in range(5)]
+
+    def test_a_read_answer_is_computed_by_one_thread_while_the_others_wait(self):
+        self.assertEqual(self.race_for_a_cached_answer(lambda: "first answer"),
+                         (["first"], ["first answer"] * 5))
+
+    def test_a_refused_read_is_shared_by_the_threads_waiting_for_it(self):
+        def busy():
+            raise hall.Unavailable("the database is busy")
+        self.assertEqual(self.race_for_a_cached_answer(busy),
+                         (["first"], ["the database is busy"] * 5))
 
     def test_dispatches_limit_caps_at_200(self):
         self.hall.store.write(lambda conn: conn.executemany(
@@ -337,6 +355,15 @@ class EnrollTest(ServerCase):
         self.assertEqual(self.db_rows(version), [(before[0][0] + 1,)])
         self.assertEqual(self.db_rows("SELECT risk_tier FROM enrollments"), [("medium",)])
         self.assertEqual(self.route()[2]["worker_id"], record["worker_id"])
+
+    def test_a_record_another_hall_stored_first_still_refreshes_this_halls_registry(self):
+        self.enroll(worker_record())
+        self.assertEqual(self.call("GET", "/workers")[2]["workers"][0]["risk_tier"], "low")
+        other = hall.Hall(hall.Config(db_path=self.db, access_log=False))
+        self.addCleanup(other.close)
+        other.enroll(worker_record(risk_tier="high"))
+        self.assertEqual(self.call("POST", "/enroll", worker_record(risk_tier="high"))[0], 200)
+        self.assertEqual(self.call("GET", "/workers")[2]["workers"][0]["risk_tier"], "high")
 
     def test_extra_fields_are_kept_in_record_json(self):
         record = worker_record(owner="team-a", limits={"rps": 5}, note="caf\u00e9 \u2603")
