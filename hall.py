@@ -1042,13 +1042,12 @@ class Store(object):
         every hall reading this file to rebuild."""
         now = now_iso()
         def work(conn):
-            row = conn.execute("SELECT enrollment_id, enrolled_at, worker_species_id, "
+            row = conn.execute("SELECT enrollment_id, enrolled_at, (SELECT value FROM meta "
+                               "WHERE key = 'registry_version'), worker_species_id, "
                                "capabilities, risk_tier, artifact_hash, record_json "
                                "FROM enrollments WHERE worker_id = ?", (worker_id,)).fetchone()
-            if row and row[2:] == (species, capabilities, risk_tier, artifact_hash, record_json):
-                version = conn.execute("SELECT value FROM meta WHERE key = 'registry_version'"
-                                       ).fetchone()[0]
-                return Upsert(False, False, row[0], row[1], version)
+            if row and row[3:] == (species, capabilities, risk_tier, artifact_hash, record_json):
+                return Upsert(False, False, row[0], row[1], row[2])
             if row:
                 conn.execute("UPDATE enrollments SET worker_species_id = ?, capabilities = ?, "
                              "risk_tier = ?, artifact_hash = ?, record_json = ?, updated_at = ? "
