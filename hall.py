@@ -3198,7 +3198,7 @@ class Hall(object):
         self._registry = None
         self._registry_generation = 0           # bumped by every enrollment change
         self._registry_checked = 0.0            # when the database's version was last read
-        self._answers = {}                      # cached answers: key -> (stamp, value)
+        self._answers = {}                      # cached answers: key -> (stamp, value, refusal)
         self._answer_locks = {}                 # key -> the lock its one computer holds
         self._registry_lock = threading.Lock()
         self._alert_lock = threading.Lock()
