@@ -732,6 +732,10 @@ class Store(object):
     queued by every request in one transaction per batch (each piece in its
     own savepoint), so concurrent writers share one commit and one fsync --
     group commit.  A request is answered only after its batch committed.
+    While more writes are waiting, the writer tells a committed batch so only
+    once it has written the next batch's rows: its requests, woken earlier,
+    would all want the interpreter back at once and the writer, between its
+    SQLite calls, would wait for them (it tells at once when no write waits).
 
     Reads: a small pool of read connections (WAL lets them read beside the
     writer).  The pool is bounded: each connection has its own page cache.
@@ -761,6 +765,7 @@ class Store(object):
         self.on_audit = None                    # called with each audit entry once committed
         self._batch_audit = []                  # audit entries of the batch being committed
         self._chain = None                      # (seq, head) of the chain while writing
+        self._untold = []                       # the last batch's jobs, not yet woken
         try:
             self._writer = self._connect()
             self._writer.execute("PRAGMA journal_mode=WAL").fetchone()
@@ -874,6 +879,8 @@ class Store(object):
 
     def _write_loop(self):
         while True:
+            if self._jobs.empty():
+                self._tell()
             batch, stopping = [self._jobs.get()], False
             while batch[-1] is not None and len(batch) < self.MAX_BATCH:
                 try:
@@ -889,7 +896,15 @@ class Store(object):
                 except BaseException as exc:    # the writer must not die: fail this batch
                     self._abandon(batch, exc)
             if stopping:
+                self._tell()
                 return
+
+    def _tell(self):
+        """Wake the requests of the last batch: it has committed (or failed)."""
+        told, self._untold = self._untold, []
+        for job in told:
+            if job.done is not None:
+                job.done.release()
 
     def sign_head(self, seq, head):
         if self.keyring is None:
@@ -915,6 +930,7 @@ class Store(object):
                                                         "head_mac": mac}))
 
     def _abandon(self, batch, exc):
+        self._tell()
         with contextlib.suppress(sqlite3.Error):
             self._writer.execute("ROLLBACK")
         print("[hall-api] a write batch failed: %r" % exc, file=sys.stderr)
@@ -963,6 +979,7 @@ class Store(object):
                 for job in singles:
                     if conn.in_transaction:
                         self._run_alone(conn, job)
+                self._tell()                    # the last batch: its rows are in
                 try:
                     if not conn.in_transaction:
                         # SQLite gave up the whole transaction (a full disk, say):
@@ -983,11 +1000,12 @@ class Store(object):
                 else:
                     for entry in self._batch_audit if self.on_audit is not None else ():
                         self.on_audit(entry)
+        self._tell()
         for job in batch:
-            if job.done is not None:
-                job.done.release()
-            elif job.error is not None and not isinstance(job.error, HallError):
+            if job.done is None and job.error is not None and not isinstance(job.error,
+                                                                             HallError):
                 print("[hall-api] deferred write failed: %r" % job.error, file=sys.stderr)
+        self._untold = batch                    # woken by the next batch, or when none waits
 
     def _run_alone(self, conn, job):
         conn.execute("SAVEPOINT job")
