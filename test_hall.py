@@ -3607,7 +3607,8 @@ class DashboardBrowserTest(ServerCase):
             [find_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
              "--no-default-browser-check", "--remote-debugging-port=0",
              "--user-data-dir=" + profile, "--window-size=1280,800", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=self.browser_log)
+            stdout=subprocess.DEVNULL, stderr=self.browser_log,
+            env=dict(os.environ, TMPDIR=self.tmp.name))     # its own temporary files too
         self.addCleanup(reap, self.browser)     # even if the set-up fails from here on
         self.addCleanup(self.browser_log.close)
         self.page = None
