@@ -700,6 +700,12 @@ class StoreError(Exception):
     """The database file cannot be used at all (start-up stops)."""
 
 
+def _complain(line):
+    """A line on stderr, from a thread that must go on even if stderr is gone."""
+    with contextlib.suppress(Exception):
+        print(line, file=sys.stderr)
+
+
 class WriteJob(object):
     """One piece of work for the writer thread, and its outcome.
 
@@ -924,8 +930,8 @@ class Store(object):
         if secret is not None and hmac.compare_digest(head_mac(secret, key_id, seq, head),
                                                       str(mac)):
             return
-        print("[hall-api] the evidence chain's head (place %d) is not signed by this hall: "
-              "recorded in the audit trail; run verify-log" % seq, file=sys.stderr)
+        _complain("[hall-api] the evidence chain's head (place %d) is not signed by this "
+                  "hall: recorded in the audit trail; run verify-log" % seq)
         self._audit(conn, (None, HEAD_REWRITTEN, None, {"seq": seq, "head": head,
                                                         "head_mac": mac}))
 
@@ -933,11 +939,11 @@ class Store(object):
         self._tell()
         with contextlib.suppress(sqlite3.Error):
             self._writer.execute("ROLLBACK")
-        print("[hall-api] a write batch failed: %r" % exc, file=sys.stderr)
         for job in batch:
             job.error = Unavailable("the write failed: %s" % type(exc).__name__)
             if job.done is not None:
                 job.done.release()
+        _complain("[hall-api] a write batch failed: %r" % exc)
 
     def _commit(self, batch):
         """One transaction for the batch.  The chain entries are appended
@@ -951,7 +957,7 @@ class Store(object):
             conn = self._writer
             self._batch_audit = []
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                self._begin(conn)
                 row = conn.execute("SELECT seq, head, head_mac FROM chain").fetchone()
                 if not (row and isinstance(row[0], int) and isinstance(row[1], str)):
                     raise StoreError("the evidence chain's head is missing or not a head "
@@ -999,13 +1005,32 @@ class Store(object):
                                                     % exc)
                 else:
                     for entry in self._batch_audit if self.on_audit is not None else ():
-                        self.on_audit(entry)
+                        try:
+                            self.on_audit(entry)
+                        except Exception as exc:    # the batch committed all the same
+                            _complain("[hall-api] announcing an audit entry failed: %r" % exc)
         self._tell()
         for job in batch:
             if job.done is None and job.error is not None and not isinstance(job.error,
                                                                              HallError):
-                print("[hall-api] deferred write failed: %r" % job.error, file=sys.stderr)
+                _complain("[hall-api] deferred write failed: %r" % job.error)
         self._untold = batch                    # woken by the next batch, or when none waits
+
+    def _begin(self, conn):
+        """BEGIN IMMEDIATE.  If another connection holds the write lock, the
+        last batch's requests are woken first (their transaction committed)
+        and only then is the lock waited for, as long as busy_timeout allows."""
+        conn.execute("PRAGMA busy_timeout=0")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+        finally:
+            conn.execute("PRAGMA busy_timeout=%d" % self.busy_timeout_ms)
+        self._tell()
+        conn.execute("BEGIN IMMEDIATE")
 
     def _run_alone(self, conn, job):
         conn.execute("SAVEPOINT job")

@@ -2663,6 +2663,40 @@ class StorageTest(ServerCase):
         self.assertIn((hashlib.sha256(self.admin.encode()).hexdigest(), "admin"), rows)
 
 
+class WriterTest(TempDirCase):
+
+    def test_a_committed_write_is_answered_while_another_connection_holds_the_lock(self):
+        store = hall.Store(self.db, busy_timeout_ms=10000)
+        self.addCleanup(store.close)
+        other = sqlite3.connect(self.db, isolation_level=None, check_same_thread=False)
+        self.addCleanup(other.close)
+        running, go_on, answers = threading.Event(), threading.Event(), queue.Queue()
+
+        def first(conn):                        # the batch that commits before the lock
+            store._audit(conn, (None, "test.first", None, {}))
+            running.set()
+            go_on.wait(10)
+            return "first"
+
+        def write(work):
+            answers.put(store.write(work, timeout=20))
+
+        # Once the first batch has committed, another connection takes the
+        # write lock before the writer can begin the second batch.
+        store.on_audit = lambda entry: other.execute("BEGIN IMMEDIATE")
+        threading.Thread(target=write, args=(first,)).start()
+        self.assertTrue(running.wait(10))
+        second = threading.Thread(target=write, args=(lambda conn: "second",))
+        second.start()
+        self.assertTrue(poll(lambda: store._jobs.qsize() == 1, 10))     # queued behind
+        go_on.set()
+        self.assertEqual(answers.get(timeout=5), "first")   # not held back by the lock
+        self.assertTrue(second.is_alive())
+        other.execute("COMMIT")
+        second.join(10)
+        self.assertEqual(answers.get(timeout=5), "second")
+
+
 class ReferenceDatabaseTest(TempDirCase):
     """A hall.db written by the reference server opens and is served without loss."""
 
