@@ -741,7 +741,8 @@ class Store(object):
     While more writes are waiting, the writer tells a committed batch so only
     once it has written the next batch's rows: its requests, woken earlier,
     would all want the interpreter back at once and the writer, between its
-    SQLite calls, would wait for them (it tells at once when no write waits).
+    SQLite calls, would wait for them.  It tells at once when no write waits,
+    or when another connection holds the write lock (see _begin).
 
     Reads: a small pool of read connections (WAL lets them read beside the
     writer).  The pool is bounded: each connection has its own page cache.
