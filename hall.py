@@ -1682,7 +1682,7 @@ class Keyring(object):
                 try:
                     self._refresh()
                 except ConfigError as exc:      # keep signing with the keys already read
-                    print("[hall-api] receipt keys not re-read: %s" % exc, file=sys.stderr)
+                    _complain("[hall-api] receipt keys not re-read: %s" % exc)
         current = self.current
         return current, self.keys[current]["secret"]
 
@@ -3533,14 +3533,15 @@ class Hall(object):
             decision = decide(inp, rules, registry, self.policy, self.floor, now=now,
                               approval=approval, attestor=self.attestor, explain=inp["explain"])
             used = None
+        row = decision_row(decision)
         if not used:
             if decision["deny_reason"] in HUMAN_GATE_CODES and inp["approval_id"] is None:
                 self._open_approval(decision)
-            self.store.insert_decision(decision_row(decision))
+            self.store.insert_decision(row)
         self.metrics.count("hall_route_decisions_total",
                            outcome="denied" if decision["denied"] else "allowed",
                            deny_code=decision["deny_reason"] or "")
-        self._announce(decision_row(decision))
+        self._announce(row)
         self._watch(decision)
         return self._sign(decision)
 
@@ -6318,8 +6319,8 @@ def build_parser():
         epilog="Settings without a flag are environment variables: HALL_TOKEN, "
                "HALL_TOKEN_FILE, HALL_RECEIPT_KEYS, HALL_CORS_ORIGINS, HALL_MAX_BODY, "
                "HALL_ACCESS_LOG, HALL_APPROVAL_TTL, HALL_TENANTS, HALL_ATTEST_DIRS, "
-               "HALL_REQUIRE_ATTESTATION, HALL_IDLE_TIMEOUT, HALL_REQUEST_TIMEOUT, HALL_MAX_CONNECTIONS, HALL_RATE_LIMIT, "
-               "HALL_RATE_BURST, HALL_BUSY_TIMEOUT_MS, HALL_DRAIN_SECONDS, HALL_MAX_HEADER_LINE, "
+               "HALL_REQUIRE_ATTESTATION, HALL_IDLE_TIMEOUT, HALL_REQUEST_TIMEOUT, "
+               "HALL_MAX_CONNECTIONS, HALL_RATE_LIMIT, HALL_RATE_BURST, HALL_BUSY_TIMEOUT_MS, HALL_DRAIN_SECONDS, HALL_MAX_HEADER_LINE, "
                "HALL_MAX_HEADERS, HALL_EVENTS_RETAINED, HALL_RETENTION_DAYS (see the README).")
     commands = parser.add_subparsers(dest="command", metavar="[command]")
     commands.add_parser("serve", parents=[serving], help="serve the HTTP API (the default)")
@@ -6616,8 +6617,7 @@ def cmd_receipt_key(args):
             print("signing key is now %s" % hall.keyring.current)
             return 0
         keyring = hall.keyring
-        keyring.signing_key()
-        for key_id, secret in keyring.secrets().items():
+        for key_id, secret in keyring.secrets().items():     # re-reads the file first
             if args.all or key_id == keyring.current:
                 print("%s %s%s" % (key_id, secret.hex(),
                                    " (current)" if key_id == keyring.current else ""))
