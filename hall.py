@@ -700,6 +700,13 @@ class StoreError(Exception):
     """The database file cannot be used at all (start-up stops)."""
 
 
+class MustWait(Exception):
+    """Raised on a thread that must not wait (the HTTP event loop, while it
+    collects writes) instead of waiting: for a write whose result the caller
+    uses, a busy read connection, another thread's computation.  Nothing has
+    been done; the request is answered by a thread that may wait."""
+
+
 def _complain(line):
     """A line on stderr, from a thread that must go on even if stderr is gone."""
     with contextlib.suppress(Exception):
@@ -713,17 +720,20 @@ class WriteJob(object):
     evidence chain says so with ``append=(table, values, digest)`` instead,
     and the writer appends all of a batch's entries first, without a savepoint
     each.  ``done`` is a lock held until the job's transaction has committed
-    (or failed)."""
+    (or failed).  ``then(result)`` runs once it committed; ``notify`` is
+    called (by the writer) when a job nobody waits for has its outcome."""
 
-    __slots__ = ("work", "append", "done", "result", "error")
+    __slots__ = ("work", "append", "done", "result", "error", "then", "notify", "best_effort")
 
-    def __init__(self, work=None, append=None, wait=True):
+    def __init__(self, work=None, append=None, wait=True, then=None):
         self.work = work
         self.append = append
         self.done = threading.Lock() if wait else None
         if wait:
             self.done.acquire()
-        self.result = self.error = None
+        self.result = self.error = self.notify = None
+        self.then = then
+        self.best_effort = False                # an alert: its failure fails no request
 
 
 # What Store.upsert_enrollment did: ``registry_version`` is read only when
@@ -773,6 +783,8 @@ class Store(object):
         self._batch_audit = []                  # audit entries of the batch being committed
         self._chain = None                      # (seq, head) of the chain while writing
         self._untold = []                       # the last batch's jobs, not yet woken
+        self._tell_lock = threading.Lock()      # _untold is told by the writer or the loop
+        self._collecting = threading.local()    # .into = (jobs, notify): see collecting
         try:
             self._writer = self._connect()
             self._writer.execute("PRAGMA journal_mode=WAL").fetchone()
@@ -839,8 +851,13 @@ class Store(object):
                 yield self._writer
             return
         try:
-            conn = self._readers.get(timeout=self.busy_timeout_ms / 1000.0)
+            if self.may_wait():
+                conn = self._readers.get(timeout=self.busy_timeout_ms / 1000.0)
+            else:
+                conn = self._readers.get_nowait()
         except queue.Empty:
+            if not self.may_wait():
+                raise MustWait()
             raise Unavailable("every read connection is busy; retry shortly")
         try:
             if conn is None:
@@ -857,18 +874,71 @@ class Store(object):
         finally:
             self._readers.put(conn)
 
-    def write(self, work=None, append=None, timeout=-1):
+    def write(self, work=None, append=None, timeout=-1, then=None):
         """Run ``work(conn)`` (or append the chain entry ``append=(table,
         values, digest)``) in the writer's next transaction; return what it returned
         once that transaction committed, or raise what it raised (a locked,
-        read-only or full database: Unavailable, a 503)."""
-        job = WriteJob(work, append)
+        read-only or full database: Unavailable, a 503).  ``then(result)``
+        runs once it committed.
+
+        On a thread that collects its appends (the HTTP event loop, see
+        collecting) an append is only collected: it returns None, and the
+        collector commits it (commit_here) and holds the request's answer
+        until it has its outcome, then runs ``then``.  So code whose next step
+        needs the append committed puts that step in ``then``.  Any other
+        write raises MustWait there."""
+        job = WriteJob(work, append, then=then)
+        job.best_effort = append is not None and append[0] == "alerts"
+        collector = getattr(self._collecting, "into", None)
+        if collector is not None:
+            if append is None:
+                raise MustWait()
+            jobs, job.notify = collector
+            jobs.append(job)
+            return None
         self._submit(job)
         if not job.done.acquire(timeout=timeout):
             raise Unavailable("the writer did not answer within %s s" % timeout)
         if job.error is not None:
             raise job.error
+        if then is not None:
+            try:
+                then(job.result)
+            except Exception:                   # the write committed all the same
+                traceback.print_exc()
         return job.result
+
+    @contextlib.contextmanager
+    def collecting(self, notify):
+        """Within this block the calling thread's appends are collected, not
+        written (see write); yields the list of them, for commit_here.
+        ``notify()`` is called from the writer thread when some of them it
+        was handed have their outcome."""
+        jobs = []
+        self._collecting.into = (jobs, notify)
+        try:
+            yield jobs
+        finally:
+            self._collecting.into = None
+
+    def may_wait(self):
+        """False on a thread collecting its writes (see MustWait)."""
+        return getattr(self._collecting, "into", None) is None
+
+    def commit_here(self, jobs):
+        """Commit collected appends on the calling thread, the event loop,
+        if that needs no waiting: the write connection is free and no other
+        process holds the database's write lock.  Else they go to the writer
+        thread, which waits (and notifies).  True if they have their outcome.
+
+        Committing on the loop spares the writer thread's wait for the
+        interpreter after each SQLite call, which the busy loop holds: it
+        doubled the cost of a write.  The loop pays the fsync instead."""
+        if self._commit(jobs, wait=False):
+            return True
+        for job in jobs:
+            self._submit(job)
+        return False
 
     def defer(self, work):
         """Queue ``work(conn)`` without waiting for it (bookkeeping only)."""
@@ -908,10 +978,20 @@ class Store(object):
 
     def _tell(self):
         """Wake the requests of the last batch: it has committed (or failed)."""
-        told, self._untold = self._untold, []
-        for job in told:
+        with self._tell_lock:
+            told, self._untold = self._untold, []
+        self._release(told)
+
+    @staticmethod
+    def _release(jobs):
+        notify = set()
+        for job in jobs:
             if job.done is not None:
                 job.done.release()
+            if job.notify is not None:
+                notify.add(job.notify)
+        for call in notify:
+            call()
 
     def sign_head(self, seq, head):
         if self.keyring is None:
@@ -942,23 +1022,29 @@ class Store(object):
             self._writer.execute("ROLLBACK")
         for job in batch:
             job.error = Unavailable("the write failed: %s" % type(exc).__name__)
-            if job.done is not None:
-                job.done.release()
+        self._release(batch)
         _complain("[hall-api] a write batch failed: %r" % exc)
 
-    def _commit(self, batch):
+    def _commit(self, batch, wait=True):
         """One transaction for the batch.  The chain entries are appended
         first, one INSERT each (a savepoint around them would cost more than
         the inserts); everything else, and the entries from a failed INSERT
         on, runs job by job in savepoints, so one failing job rolls back
         alone.  The chain's head is read once the write lock is held and
         stored with the batch, so another process writing the same file
-        continues the same chain."""
-        with self._write_lock:
+        continues the same chain.
+
+        ``wait=False`` (commit_here): nothing is done, and False returned,
+        if the write connection or the database's write lock is taken; the
+        batch's jobs are then released at once, not at the next batch."""
+        if not self._write_lock.acquire(wait):
+            return False
+        try:
             conn = self._writer
             self._batch_audit = []
             try:
-                self._begin(conn)
+                if not self._begin(conn, wait):
+                    return False
                 row = conn.execute("SELECT seq, head, head_mac FROM chain").fetchone()
                 if not (row and isinstance(row[0], int) and isinstance(row[1], str)):
                     raise StoreError("the evidence chain's head is missing or not a head "
@@ -1010,28 +1096,41 @@ class Store(object):
                             self.on_audit(entry)
                         except Exception as exc:    # the batch committed all the same
                             _complain("[hall-api] announcing an audit entry failed: %r" % exc)
+        finally:
+            self._write_lock.release()
         self._tell()
         for job in batch:
             if job.done is None and job.error is not None and not isinstance(job.error,
                                                                              HallError):
                 _complain("[hall-api] deferred write failed: %r" % job.error)
-        self._untold = batch                    # woken by the next batch, or when none waits
+        if wait:
+            with self._tell_lock:
+                self._untold = batch            # woken by the next batch, or when none waits
+        else:
+            for job in batch:
+                job.notify = None               # the caller knows
+            self._release(batch)
+        return True
 
-    def _begin(self, conn):
-        """BEGIN IMMEDIATE.  If another connection holds the write lock, the
-        last batch's requests are woken first (their transaction committed)
-        and only then is the lock waited for, as long as busy_timeout allows."""
+    def _begin(self, conn, wait=True):
+        """BEGIN IMMEDIATE; True once begun.  If another connection holds the
+        write lock: False at once unless ``wait``; else the last batch's
+        requests are woken first (their transaction committed) and only then
+        is the lock waited for, as long as busy_timeout allows."""
         conn.execute("PRAGMA busy_timeout=0")
         try:
             conn.execute("BEGIN IMMEDIATE")
-            return
+            return True
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) and "busy" not in str(exc):
                 raise
         finally:
             conn.execute("PRAGMA busy_timeout=%d" % self.busy_timeout_ms)
+        if not wait:
+            return False
         self._tell()
         conn.execute("BEGIN IMMEDIATE")
+        return True
 
     def _run_alone(self, conn, job):
         conn.execute("SAVEPOINT job")
@@ -1128,16 +1227,17 @@ class Store(object):
 
     # -- decisions -----------------------------------------------------------
 
-    def insert_decision(self, row, consume_approval=None):
+    def insert_decision(self, row, consume_approval=None, then=None):
         """INSERT OR IGNORE one decision row (a dict): a repeated decision_id
-        is ignored.  Returns True once stored, False if ignored.
+        is ignored.  Returns True once stored, False if ignored (and passes
+        the same to ``then``, see write).
 
         ``consume_approval`` = (approval_id, input_hash, now): the decision is
         stored only if that approval can be used up in the same transaction,
         so an approval admits exactly one decision.  Returns False if not."""
         values = [row.get(c) for c in CHAINED_COLUMNS["decisions"]]
         if consume_approval is None:
-            return self.write(append=("decisions", values, entry_digest(values)))
+            return self.write(append=("decisions", values, entry_digest(values)), then=then)
         approval_id, input_hash, now = consume_approval
 
         def work(conn):
@@ -1270,9 +1370,9 @@ class Store(object):
 
     # -- alerts --------------------------------------------------------------
 
-    def insert_alert(self, alert):
+    def insert_alert(self, alert, then=None):
         values = [alert[c] for c in ALERT_COLUMNS]
-        self.write(append=("alerts", values, entry_digest(values)))
+        self.write(append=("alerts", values, entry_digest(values)), then=then)
 
     def recent_alerts(self, limit=50):
         with self.reading() as conn:
@@ -3368,7 +3468,10 @@ class Hall(object):
         each waiter trying again and waiting out the same busy database."""
         entry = self._answers.get(key)
         if entry is None or entry[0] != self._answer_stamp():
-            with self._answer_locks.setdefault(key, threading.Lock()):
+            lock = self._answer_locks.setdefault(key, threading.Lock())
+            if not lock.acquire(self.store.may_wait()):
+                raise MustWait()                # the event loop does not wait for it
+            try:
                 stamp = self._answer_stamp()    # again: the answer may be newer by now
                 entry = self._answers.get(key)
                 if entry is None or entry[0] != stamp:
@@ -3380,6 +3483,8 @@ class Hall(object):
                     except HallError as exc:
                         entry = (stamp, None, exc)
                     self._answers[key] = entry
+            finally:
+                lock.release()
         if entry[2] is not None:
             raise entry[2]
         return entry[1]
@@ -3499,9 +3604,12 @@ class Hall(object):
             raise HallError(400, "blast_score must be an integer from 0 to 100, or null")
         row["blast_score"] = blast
         check_namespace(principal, row["tenant_id"])
-        if self.store.insert_decision(row):     # a repeated decision_id is not news
-            self.metrics.count("hall_ingested_decisions_total")
-            self._announce(row)
+
+        def stored(new):
+            if new:                             # a repeated decision_id is not news
+                self.metrics.count("hall_ingested_decisions_total")
+                self._announce(row)
+        self.store.insert_decision(row, then=stored)
         return {"recorded": True, "decision_id": row["decision_id"]}
 
     # -- routing ---------------------------------------------------------------
@@ -3534,14 +3642,18 @@ class Hall(object):
                               approval=approval, attestor=self.attestor, explain=inp["explain"])
             used = None
         row = decision_row(decision)
-        if not used:
+
+        def logged(_):
+            self.metrics.count("hall_route_decisions_total",
+                               outcome="denied" if decision["denied"] else "allowed",
+                               deny_code=decision["deny_reason"] or "")
+            self._announce(row)
+        if used:
+            logged(True)
+        else:
             if decision["deny_reason"] in HUMAN_GATE_CODES and inp["approval_id"] is None:
                 self._open_approval(decision)
-            self.store.insert_decision(row)
-        self.metrics.count("hall_route_decisions_total",
-                           outcome="denied" if decision["denied"] else "allowed",
-                           deny_code=decision["deny_reason"] or "")
-        self._announce(row)
+            self.store.insert_decision(row, then=logged)
         self._watch(decision)
         return self._sign(decision)
 
@@ -3661,8 +3773,7 @@ class Hall(object):
             "code": code, "message": clean_id(message)[:1000],
             "worker_id": clean_id(worker_id)[:200] if worker_id is not None else None,
             "capability_id": clean_id(capability_id)[:200] if capability_id is not None else None}
-        self.store.insert_alert(alert)
-        self.events.publish("alert", alert)
+        self.store.insert_alert(alert, then=lambda _: self.events.publish("alert", alert))
         return True
 
     def storage_fault(self, error):
@@ -4712,18 +4823,22 @@ def handle_enroll_v1(hall, req):
 
 
 class Route(namedtuple("Route", "method path handler scope open_on_loopback summary "
-                                "query request responses errors")):
+                                "query request responses errors inline")):
     """One row of the route table.
 
     scope: the token scope needed (None: never needs a token).
     open_on_loopback: the reference documents it without auth, so on a
-    loopback bind it stays open to existing scripts and the Monitor."""
+    loopback bind it stays open to existing scripts and the Monitor.
+    inline: a hot path, answered on the HTTP event loop's own thread.  Its
+    handler never waits long: it reads cached answers or rows by key, and its
+    log appends are waited for by the loop, not by the handler.  (Not
+    /dispatches: a filter on an unindexed column may scan the whole log.)"""
 
 
 def route(method, path, handler, scope, summary, open_on_loopback=False, query=(),
-          request=None, responses=None, errors=()):
+          request=None, responses=None, errors=(), inline=False):
     return Route(method, path, handler, scope, open_on_loopback, summary, tuple(query), request,
-                 responses or {}, tuple(errors))
+                 responses or {}, tuple(errors), inline)
 
 
 LIMIT_PARAM = ("limit", INTEGER, "How many decisions, 1..200 (default 50; clamped).")
@@ -4738,13 +4853,13 @@ TEXT_RESPONSE = {"type": "string"}
 
 ROUTES = [
     route("GET", "/health", handle_health, None, "Liveness; never touches the database.",
-          responses={200: HEALTH_SCHEMA}),
+          responses={200: HEALTH_SCHEMA}, inline=True),
     route("GET", "/status", handle_status, "read", "Enrollment and decision counts.",
-          open_on_loopback=True, responses={200: STATUS_SCHEMA}),
+          open_on_loopback=True, responses={200: STATUS_SCHEMA}, inline=True),
     route("GET", "/workers", handle_workers, "read", "Enrolled workers, newest first.",
           open_on_loopback=True,
           responses={200: object_of(["workers", "count"], workers=array_of(WORKER_SCHEMA),
-                                    count=INTEGER)}),
+                                    count=INTEGER)}, inline=True),
     route("GET", "/dispatches", handle_dispatches, "read",
           "Recent decisions, newest first; filters and cursor paging on request.",
           open_on_loopback=True, query=DISPATCH_QUERY,
@@ -4762,15 +4877,15 @@ ROUTES = [
           responses={201: ENROLL_RESPONSE, 200: ENROLL_RESPONSE}),
     route("POST", "/decisions/ingest", handle_ingest, "write",
           "Record a decision made by another router.", open_on_loopback=True,
-          request=INGEST_REQUEST, responses={201: INGEST_RESPONSE}),
+          request=INGEST_REQUEST, responses={201: INGEST_RESPONSE}, inline=True),
     route("POST", "/api/route", handle_route, "route",
           "Decide whether a capability may run, and on which worker.",
-          request=ROUTE_REQUEST, responses={200: ROUTE_RESPONSE}),
+          request=ROUTE_REQUEST, responses={200: ROUTE_RESPONSE}, inline=True),
     route("GET", "/openapi.json", handle_openapi, None, "This document.",
           responses={200: ANY_OBJECT}),
     # -- operations --------------------------------------------------------------
     route("GET", "/healthz", handle_health, None, "Alias of /health.",
-          responses={200: HEALTH_SCHEMA}),
+          responses={200: HEALTH_SCHEMA}, inline=True),
     route("GET", "/ready", handle_ready, None,
           "Readiness: the database answers and the writer commits (503 names what fails).",
           responses={200: READY_SCHEMA, 503: READY_SCHEMA}),
@@ -4884,7 +4999,7 @@ ROUTES = [
     # -- the registry API (seed 002), served from the local registry -----------
     route("POST", "/api/v1/dispatch", handle_dispatch_v1, "route",
           "Route a capability in the hosted registry's request and answer shape.",
-          request=V1_DISPATCH_REQUEST, responses={200: V1_DISPATCH_RESPONSE}),
+          request=V1_DISPATCH_REQUEST, responses={200: V1_DISPATCH_RESPONSE}, inline=True),
     route("GET", "/api/v1/verify/{worker_id}", handle_verify_v1, "read",
           "Is a worker registered, attested and not banned?", responses={200: V1_VERIFY}),
     route("POST", "/api/v1/hall/enroll", handle_enroll_v1, "write",
@@ -5081,10 +5196,7 @@ def dispatch(hall, method, target, headers, body, client="-", limiter=None, cont
     query = {k: v[0] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
     req = Request(method, path, query, headers, body, params, principal or ANONYMOUS, client)
     answer = entry.handler(hall, req)           # (status, payload[, headers])
-    status, payload = answer[0], answer[1]
-    if hall.storage_fault_since is not None and method != "GET":
-        hall.storage_recovered()
-    return status, payload, answer[2] if len(answer) > 2 else {}
+    return answer[0], answer[1], answer[2] if len(answer) > 2 else {}
 
 
 class DeadlineReader(io.RawIOBase):
@@ -5096,11 +5208,13 @@ class DeadlineReader(io.RawIOBase):
 
     On plain sockets the kernel enforces the wait (SO_RCVTIMEO, re-armed only
     when the deadline comes nearer), which spares a poll() per read; TLS
-    sockets use Python's socket timeout instead."""
+    sockets use Python's socket timeout instead.  ``preread``: bytes already
+    received (by the event loop that handed the connection over)."""
 
-    def __init__(self, sock, idle_timeout, request_timeout):
+    def __init__(self, sock, idle_timeout, request_timeout, preread=b""):
         io.RawIOBase.__init__(self)
         self.sock = sock
+        self.preread = preread
         self.idle_timeout = idle_timeout
         self.request_timeout = request_timeout
         self.armed = None                       # the kernel receive timeout now set
@@ -5119,6 +5233,18 @@ class DeadlineReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer):
+        if self.preread:
+            count = min(len(buffer), len(self.preread))
+            buffer[:count] = self.preread[:count]
+            self.preread = self.preread[count:]
+        else:
+            count = self._receive(buffer)
+        if self.idle and count:                 # a request has begun
+            self.idle = False
+            self.deadline = time.monotonic() + self.request_timeout
+        return count
+
+    def _receive(self, buffer):
         while True:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
@@ -5129,16 +5255,11 @@ class DeadlineReader(io.RawIOBase):
                 elif remaining < self.armed:
                     _set_receive_timeout(self.sock, remaining)
                     self.armed = remaining
-                count = self.sock.recv_into(buffer)
-                break
+                return self.sock.recv_into(buffer)
             except BlockingIOError:             # the kernel timeout ran out: check again
                 if self.kernel and self.armed < remaining:
                     _set_receive_timeout(self.sock, remaining)
                     self.armed = remaining
-        if self.idle and count:                 # a request has begun
-            self.idle = False
-            self.deadline = time.monotonic() + self.request_timeout
-        return count
 
 
 def _set_receive_timeout(sock, seconds):
@@ -5196,17 +5317,55 @@ def http_date():
     return _HTTP_DATE[1]
 
 
+SERVER_VERSION = "hall.py/" + __version__
+
+
+def response_bytes(config, status, payload, extra, request_headers, close, version="HTTP/1.1",
+                   method="GET"):
+    """The whole answer, head and body, to be sent with one write (so Nagle's
+    algorithm and delayed ACKs do not add ~40 ms to every keep-alive request).
+    ``payload`` is JSON-able, bytes already serialised, a Raw, or None."""
+    content_type = "application/json; charset=utf-8"
+    if payload is None:
+        body = b""
+    elif isinstance(payload, bytes):            # already serialised (cached answers)
+        body = payload
+    elif isinstance(payload, Raw):
+        body, content_type = payload.body, payload.content_type
+    else:
+        body = json.dumps(payload).encode("utf-8")
+    lines = ["HTTP/1.1 %d %s" % (status, REASONS.get(status, "")),
+             "Server: " + SERVER_VERSION, "Date: " + http_date()]
+    if status != 204:
+        lines.append("Content-Type: " + content_type)
+        lines.append("Content-Length: %d" % len(body))
+    origin = config.allowed_origin(
+        request_headers.get("Origin") if request_headers is not None else None)
+    if origin:
+        lines.append("Access-Control-Allow-Origin: " + origin)
+        if origin != "*":
+            lines.append("Vary: Origin")
+    for name, value in extra.items():
+        lines.append("%s: %s" % (name, value))
+    if close:
+        lines.append("Connection: close")
+    elif version == "HTTP/1.0":
+        lines.append("Connection: keep-alive")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if method == "HEAD" else head + body
+
+
 class HallRequestHandler(socketserver.StreamRequestHandler):
-    """Socket I/O only: read each request of a keep-alive connection, call
-    ``dispatch``, and write the answer in a single write (headers and body
-    together, so Nagle's algorithm and delayed ACKs do not add ~40 ms to every
-    keep-alive request).
+    """A connection served by a thread of its own: every TLS connection, and
+    a plain one the event loop handed over (see EventLoop).  Socket I/O only:
+    read each request of a keep-alive connection, answer it through the
+    server, and write the answer in a single write.
 
     It reads HTTP/1.0 and 1.1 itself, strictly: header lines longer than
     HALL_MAX_HEADER_LINE or more than HALL_MAX_HEADERS of them are 431,
     anything malformed is 400 and closes."""
 
-    server_version = "hall.py/" + __version__
+    server_version = SERVER_VERSION
 
     def setup(self):
         config = self.server.hall.config
@@ -5217,7 +5376,8 @@ class HallRequestHandler(socketserver.StreamRequestHandler):
         if isinstance(self.connection, ssl.SSLSocket):
             self.connection.do_handshake()      # here, in this thread, not in accept()
         self.reader = DeadlineReader(self.connection, config.idle_timeout,
-                                     config.request_timeout)
+                                     config.request_timeout,
+                                     self.server.handed_over.pop(self.connection, b""))
         self.rfile = io.BufferedReader(self.reader, 65536)
         self.method, self.target, self.version, self.headers = None, "", "HTTP/1.1", None
 
@@ -5291,42 +5451,21 @@ class HallRequestHandler(socketserver.StreamRequestHandler):
 
     def serve_request(self):
         started = time.perf_counter()
-        hall = self.server.hall
-        status, payload, headers, context = 500, None, {}, {}
+        context = {}
         self.server.begin_request()
         try:
-            body = self.read_body(hall.config.max_body)
-            status, payload, headers = dispatch(
-                hall, self.method, self.target, self.headers, body, self.client_address[0],
-                self.server.limiter, context)
-        except HallError as exc:
-            status, payload, headers = exc.status, exc.body(), exc.headers
-            if isinstance(exc, Unavailable):
-                hall.storage_fault(exc)
-        except Exception:
-            traceback.print_exc()
-            status, payload, headers = 500, {"error": "internal error"}, {}
+            status, payload, headers = self.server.answer_request(
+                self.method, self.target, self.headers,
+                lambda: self.read_body(self.server.hall.config.max_body),
+                self.client_address[0], context)
         finally:
             self.server.end_request()
         if isinstance(payload, EventStream):
             self.stream(payload)
         else:
             self.answer(status, payload, headers)
-        seconds = time.perf_counter() - started
-        hall.metrics.observe_request(context.get("route", "unmatched"), self.method
-                                     if self.method in KNOWN_METHODS else "other", status, seconds)
-        if hall.config.access_log:
-            principal = context.get("principal")
-            entry = {"time": now_iso(), "client": self.client_address[0],
-                     "method": clean_id(self.method)[:20], "path": clean_id(self.target)[:300],
-                     "status": status, "ms": round(seconds * 1000, 2),
-                     "token": principal.token_id if principal else None}
-            if hall.config.log_format == "json":
-                line = json.dumps(entry)
-            else:
-                line = '%(client)s - "%(method)s %(path)s" %(status)d %(ms).1fms' % entry + \
-                    " token=%s" % (entry["token"] or "-")
-            sys.stderr.write(line + "\n")
+        self.server.log_request(self.client_address[0], self.method, self.target, status,
+                                started, context)
 
     def stream(self, events):
         """Write a server-sent-events answer chunk by chunk until it ends or
@@ -5366,7 +5505,7 @@ class HallRequestHandler(socketserver.StreamRequestHandler):
             length = lengths.pop().strip()
             if lengths or not length.isdigit() or not length.isascii():
                 raise HallError(400, "Content-Length must be one non-negative integer")
-            size = int(length)
+            size = int(length) if len(length) < 16 else limit + 1
             if size > limit:
                 raise HallError(413, "request body is larger than %d bytes" % limit,
                                 "PAYLOAD_TOO_LARGE")
@@ -5404,35 +5543,10 @@ class HallRequestHandler(socketserver.StreamRequestHandler):
 
     def answer(self, status, payload, headers):
         """Write the whole response with one sendall."""
-        content_type = "application/json; charset=utf-8"
-        if payload is None:
-            body = b""
-        elif isinstance(payload, bytes):        # already serialised (cached answers)
-            body = payload
-        elif isinstance(payload, Raw):
-            body, content_type = payload.body, payload.content_type
-        else:
-            body = json.dumps(payload).encode("utf-8")
-        lines = ["HTTP/1.1 %d %s" % (status, REASONS.get(status, "")),
-                 "Server: " + self.server_version, "Date: " + http_date()]
-        if status != 204:
-            lines.append("Content-Type: " + content_type)
-            lines.append("Content-Length: %d" % len(body))
-        origin = self.server.hall.config.allowed_origin(
-            self.headers.get("Origin") if self.headers is not None else None)
-        if origin:
-            lines.append("Access-Control-Allow-Origin: " + origin)
-            if origin != "*":
-                lines.append("Vary: Origin")
-        for name, value in headers.items():
-            lines.append("%s: %s" % (name, value))
-        if self.close_connection:
-            lines.append("Connection: close")
-        elif self.version == "HTTP/1.0":
-            lines.append("Connection: keep-alive")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         try:
-            self.connection.sendall(head if self.method == "HEAD" else head + body)
+            self.connection.sendall(response_bytes(
+                self.server.hall.config, status, payload, headers, self.headers,
+                self.close_connection, self.version, self.method))
         except OSError:
             self.close_connection = True
 
@@ -5469,9 +5583,13 @@ _BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/
 
 
 class HallHTTPServer(ThreadingHTTPServer):
-    """A threading HTTP server bound to a Hall: daemon threads, at most
-    ``max_connections`` at once (more are answered 503 at once), a rate limit
-    per client, and a count of requests in flight for a graceful stop."""
+    """A Hall's HTTP server: at most ``max_connections`` connections at once
+    (more are answered 503 at once), a rate limit per client, and a count of
+    requests in flight for a graceful stop.
+
+    Plain HTTP is served by one EventLoop thread, which hands a connection to
+    a thread of its own (HallRequestHandler) for anything but the hot paths;
+    TLS is served a thread per connection throughout."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -5483,12 +5601,16 @@ class HallHTTPServer(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         ThreadingHTTPServer.__init__(self, address, HallRequestHandler)
         self.scheme = "http"
+        self.loop = None
         if config.tls_cert:
             self.socket = tls_context(config).wrap_socket(
                 self.socket, server_side=True, do_handshake_on_connect=False)
             self.scheme = "https"
+        else:
+            self.loop = EventLoop(self)
         rate = config.requests_per_second
         self.limiter = RateLimiter(rate, config.rate_burst or 2 * rate) if rate else None
+        self.handed_over = {}                   # socket -> bytes the loop had read from it
         self._lock = threading.Lock()
         self._connections = 0
         self._in_flight = 0
@@ -5501,12 +5623,33 @@ class HallHTTPServer(ThreadingHTTPServer):
             host = "[%s]" % host
         return "%s://%s:%d" % (self.scheme, host, port)
 
-    def process_request(self, request, client_address):
+    def serve_forever(self, poll_interval=0.5):
+        if self.loop is None:
+            ThreadingHTTPServer.serve_forever(self, poll_interval)
+        else:
+            self.loop.run()
+
+    def shutdown(self):
+        """Stop serving; returns once serve_forever has."""
+        if self.loop is None:
+            ThreadingHTTPServer.shutdown(self)
+        else:
+            self.loop.stop()
+
+    def admit(self):
+        """Count a new connection in, unless the cap is reached."""
         with self._lock:
-            busy = self._connections >= self.hall.config.max_connections
-            if not busy:
-                self._connections += 1
-        if busy:
+            if self._connections >= self.hall.config.max_connections:
+                return False
+            self._connections += 1
+            return True
+
+    def let_go(self):
+        with self._lock:
+            self._connections -= 1
+
+    def process_request(self, request, client_address):
+        if not self.admit():
             with contextlib.suppress(OSError, ssl.SSLError):
                 request.settimeout(0.2)
                 if not isinstance(request, ssl.SSLSocket):
@@ -5519,8 +5662,64 @@ class HallHTTPServer(ThreadingHTTPServer):
         try:
             ThreadingHTTPServer.process_request_thread(self, request, client_address)
         finally:
-            with self._lock:
-                self._connections -= 1
+            self.handed_over.pop(request, None)
+            self.let_go()
+
+    def hand_over(self, sock, client_address, received):
+        """Serve an admitted plain connection from a thread of its own,
+        starting with the bytes already read from it."""
+        sock.setblocking(True)
+        self.handed_over[sock] = received
+        threading.Thread(target=self.process_request_thread, args=(sock, client_address),
+                         name="hall-connection", daemon=True).start()
+
+    def answer_request(self, method, target, headers, read_body, client, context):
+        """(status, payload, headers) for one request: ``dispatch``, with
+        every refusal and fault turned into an answer."""
+        hall = self.hall
+        try:
+            answer = dispatch(hall, method, target, headers, read_body(), client, self.limiter,
+                              context)
+        except MustWait:
+            raise
+        except Exception as exc:
+            return self.failure_answer(exc)
+        if hall.storage_fault_since is not None and method != "GET" and hall.store.may_wait():
+            hall.storage_recovered()            # (the event loop: once its writes committed)
+        return answer
+
+    def failure_answer(self, exc):
+        if not isinstance(exc, HallError):
+            traceback.print_exception(type(exc), exc, exc.__traceback__)
+            return 500, {"error": "internal error"}, {}
+        if isinstance(exc, Unavailable):
+            self.hall.storage_fault(exc)
+        return exc.status, exc.body(), exc.headers
+
+    def log_request(self, client, method, target, status, started, context):
+        """The request's metrics, and its access-log line."""
+        hall = self.hall
+        seconds = time.perf_counter() - started
+        hall.metrics.observe_request(context.get("route", "unmatched"), method
+                                     if method in KNOWN_METHODS else "other", status, seconds)
+        if not hall.config.access_log:
+            return
+        principal = context.get("principal")
+        entry = {"time": now_iso(), "client": client, "method": clean_id(method)[:20],
+                 "path": clean_id(target)[:300], "status": status,
+                 "ms": round(seconds * 1000, 2),
+                 "token": principal.token_id if principal else None}
+        if hall.config.log_format == "json":
+            line = json.dumps(entry)
+        else:
+            line = '%(client)s - "%(method)s %(path)s" %(status)d %(ms).1fms' % entry + \
+                " token=%s" % (entry["token"] or "-")
+        sys.stderr.write(line + "\n")
+
+    def server_close(self):
+        ThreadingHTTPServer.server_close(self)
+        if self.loop is not None and self.loop.stopped.is_set():
+            self.loop.close_wake_up()
 
     def handle_error(self, request, client_address):
         if not isinstance(sys.exc_info()[1], OSError):  # a client gone or a bad TLS hello
@@ -5555,6 +5754,473 @@ class HallHTTPServer(ThreadingHTTPServer):
         self.drain(self.hall.config.drain_seconds)
         if self._thread is not None:
             self._thread.join(5)
+
+
+class HandOver(Exception):
+    """The event loop does not serve this request itself: a thread will."""
+
+
+class LoopConnection(object):
+    """A plain-HTTP connection the event loop serves."""
+
+    __slots__ = ("sock", "client", "inbox", "outbox", "deadline", "exchange", "closing",
+                 "events", "head", "ended")
+
+    def __init__(self, sock, client, deadline):
+        self.sock, self.client, self.deadline = sock, client, deadline
+        self.inbox = bytearray()                # received, not yet answered
+        self.outbox = b""                       # the answer's bytes not yet sent
+        self.exchange = None                    # the request waiting for its writes
+        self.closing = False                    # close once the answer is sent
+        self.events = 0                         # what the selector watches for
+        self.head = None                        # a parsed head whose body is still coming
+        self.ended = False                      # the client has sent all it will send
+
+    @property
+    def busy(self):
+        return bool(self.inbox or self.outbox or self.exchange)
+
+
+class Exchange(object):
+    """One request the event loop answers, from dispatch to its last byte."""
+
+    __slots__ = ("conn", "method", "target", "headers", "close", "started", "context",
+                 "answer", "jobs")
+
+    def __init__(self, conn, method, target, headers, close):
+        self.conn, self.method, self.target, self.headers = conn, method, target, headers
+        self.close = close
+        self.started = time.perf_counter()
+        self.context = {}
+        self.answer = None                      # (status, payload, headers)
+        self.jobs = ()
+
+
+class EventLoop(object):
+    """Plain HTTP from one thread: accept, read, parse, answer, with no
+    thread handing requests back and forth.
+
+    It answers itself only the hot paths (the routes marked inline) asked in
+    the plainest HTTP/1.1 -- one Content-Length, no chunks, no Expect.  For
+    anything else it hands the connection, with the bytes already read, to a
+    thread of its own (HallRequestHandler): that one reading of HTTP decides
+    every doubtful case and every error.
+
+    A request's log appends are collected, not written (Store.collecting),
+    and the loop goes on to other connections.  When none has anything more
+    for it, it commits all the appends collected meanwhile in one transaction
+    (Store.commit_here) and only then sends their answers -- so many requests
+    share one commit, and nothing is answered before it is durable.  (When
+    the database is busy the writer thread commits them instead, and tells
+    the loop.)"""
+
+    SWEEP_SECONDS = 0.25                        # how often deadlines are checked
+    MAX_HEAD = 65536                            # a longer head: the thread reads it
+    MAX_PENDING = 64                            # appends to commit even while busy,
+    MAX_PENDING_SECONDS = 0.005                 # or once the oldest waited this long
+
+    def __init__(self, server):
+        self.server = server
+        self.hall = server.hall
+        self.store = server.hall.store
+        self.config = server.hall.config
+        self.selector = selectors.DefaultSelector()
+        self.connections = set()
+        self.parked = []                        # exchanges waiting for their writes
+        self.pending = []                       # collected appends not yet committed
+        self.pending_since = 0.0
+        self.stopping = False
+        self.stopped = threading.Event()
+        self.stopped.set()                      # until run() starts
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
+
+    def wake(self):
+        """From any thread: have the loop look at its parked exchanges."""
+        with contextlib.suppress(OSError):      # full: a wake-up is pending anyway
+            self._wake_writer.send(b"\0")
+
+    def stop(self):
+        self.stopping = True
+        self.wake()
+        self.stopped.wait()
+
+    def run(self):
+        self.stopped.clear()
+        listener = self.server.socket
+        listener.setblocking(False)
+        self.selector.register(listener, selectors.EVENT_READ, "accept")
+        self.selector.register(self._wake_reader, selectors.EVENT_READ, "wake")
+        next_sweep, drain_until = 0.0, None
+        try:
+            while True:
+                if self.stopping and drain_until is None:
+                    drain_until = time.monotonic() + self.config.drain_seconds
+                    self.selector.unregister(listener)
+                    for conn in list(self.connections):
+                        if not conn.busy:
+                            self.close(conn)
+                if drain_until is not None and (time.monotonic() > drain_until or not (
+                        self.parked or any(conn.busy for conn in self.connections))):
+                    return
+                events = self.selector.select(0 if self.pending else self.SWEEP_SECONDS)
+                if self.pending and (not events or len(self.pending) >= self.MAX_PENDING or
+                                     time.monotonic() > self.pending_since +
+                                     self.MAX_PENDING_SECONDS):
+                    self.commit()
+                for key, _ in events:
+                    try:
+                        self.ready(key.data, listener)
+                    except Exception:           # a fault here must not stop the loop
+                        traceback.print_exc()
+                        if key.data in self.connections:
+                            with contextlib.suppress(Exception):
+                                self.close(key.data)
+                moment = time.monotonic()
+                if moment >= next_sweep:
+                    next_sweep = moment + self.SWEEP_SECONDS
+                    self.sweep(moment)
+        finally:
+            for job in self.pending:            # never answered, but not lost either
+                self.store._submit(job)
+            for exchange in self.parked:        # cut off by the drain deadline
+                self.server.end_request()
+            self.parked = []
+            for conn in list(self.connections):
+                self.close(conn)
+            self.selector.close()
+            self.stopped.set()
+
+    def commit(self):
+        jobs, self.pending = self.pending, []
+        try:
+            committed = self.store.commit_here(jobs)
+        except Exception as exc:                # as the writer thread would
+            self.store._abandon(jobs, exc)
+            committed = True
+        if committed:
+            self.settle()
+
+    def collected(self, jobs):
+        """Appends a request made: to be committed by the loop."""
+        if jobs and not self.pending:
+            self.pending_since = time.monotonic()
+        self.pending.extend(jobs)
+
+    def ready(self, what, listener):
+        if what == "accept":
+            self.accept(listener)
+        elif what == "wake":
+            with contextlib.suppress(OSError):
+                self._wake_reader.recv(4096)
+            self.settle()
+        elif what.outbox:
+            self.flush(what)
+            if not what.outbox and what in self.connections:
+                self.serve(what)
+        else:
+            self.receive(what)
+
+    def close_wake_up(self):
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+    # -- connections -----------------------------------------------------------
+
+    def accept(self, listener):
+        while True:
+            try:
+                sock, client = listener.accept()
+            except OSError:                     # none waiting (or a failed accept)
+                return
+            if not self.server.admit():
+                with contextlib.suppress(OSError):
+                    sock.setblocking(False)
+                    sock.send(_BUSY_ANSWER)
+                sock.close()
+                continue
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = LoopConnection(sock, client, time.monotonic() + self.config.idle_timeout)
+            self.connections.add(conn)
+            self.watch(conn, selectors.EVENT_READ)
+
+    def watch(self, conn, events):
+        """Have the selector watch the connection for ``events`` (0: not at all)."""
+        if conn.events == events:
+            return
+        if not events:
+            self.selector.unregister(conn.sock)
+        elif not conn.events:
+            self.selector.register(conn.sock, events, conn)
+        else:
+            self.selector.modify(conn.sock, events, conn)
+        conn.events = events
+
+    def close(self, conn):
+        if conn not in self.connections:
+            return
+        self.connections.discard(conn)
+        self.watch(conn, 0)
+        conn.sock.close()
+        self.server.let_go()
+
+    def hand_over(self, conn):
+        self.watch(conn, 0)
+        self.connections.discard(conn)
+        try:
+            self.server.hand_over(conn.sock, conn.client, bytes(conn.inbox))
+        except Exception:                       # no thread to be had: drop it
+            traceback.print_exc()
+            self.server.handed_over.pop(conn.sock, None)
+            conn.sock.close()
+            self.server.let_go()
+
+    def sweep(self, moment):
+        """Drop connections past their deadline: idle too long, or a request
+        (or the answer to it) taking longer than request_timeout."""
+        for conn in [c for c in self.connections if c.deadline < moment and not c.exchange]:
+            try:
+                if conn.head is not None and not conn.outbox:
+                    self.refuse_body(conn, "the request body did not arrive in time")
+                else:
+                    self.close(conn)
+            except Exception:
+                traceback.print_exc()
+                self.close(conn)
+
+    def refuse_body(self, conn, message):
+        """400 for a request whose head came and whose body did not; then close."""
+        method, target, headers, _ = conn.head
+        conn.head = None
+        del conn.inbox[:]
+        exchange = Exchange(conn, method, target, headers, True)
+        exchange.answer = (400, {"error": message}, {})
+        self.server.begin_request()
+        self.finish(exchange)
+
+    def receive(self, conn):
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            if conn.exchange is not None:       # answer what it asked, then close
+                conn.ended = True
+                self.watch(conn, 0)
+            elif conn.head is not None:
+                self.refuse_body(conn, "request body is shorter than its Content-Length")
+            else:
+                self.close(conn)
+            return
+        if not conn.inbox:                      # a request has begun
+            conn.deadline = time.monotonic() + self.config.request_timeout
+        conn.inbox += data
+        self.serve(conn)
+
+    def flush(self, conn):
+        try:
+            sent = conn.sock.send(conn.outbox)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close(conn)
+            return
+        conn.outbox = conn.outbox[sent:]
+        if not conn.outbox:
+            self.sent(conn)
+
+    def send(self, conn, data):
+        conn.outbox = data
+        conn.deadline = time.monotonic() + self.config.request_timeout
+        self.flush(conn)
+        if conn.outbox and conn in self.connections:
+            self.watch(conn, selectors.EVENT_WRITE)
+
+    def sent(self, conn):
+        """The answer is out: close, or wait for the next request."""
+        if conn.closing or self.stopping and not conn.inbox:
+            self.close(conn)
+        else:
+            conn.deadline = time.monotonic() + (self.config.request_timeout if conn.inbox
+                                                else self.config.idle_timeout)
+
+    # -- requests ----------------------------------------------------------------
+
+    def serve(self, conn):
+        """Answer what the connection has sent, for as long as each request
+        is answered at once; then watch it for what comes next."""
+        while conn.inbox and not conn.exchange and not conn.outbox and not conn.closing \
+                and conn in self.connections:
+            try:
+                request = self.parse(conn)
+            except HandOver:
+                self.hand_over(conn)
+                return
+            if request is None:
+                break
+            self.start(conn, *request)
+        if conn not in self.connections:
+            return
+        if conn.ended:
+            if not conn.exchange and not conn.outbox:
+                self.close(conn)
+            return
+        # While a request waits for its writes the connection is still read
+        # (to see the client leave), up to a bound for a pipelining one.
+        self.watch(conn, selectors.EVENT_WRITE if conn.outbox else
+                   0 if conn.exchange and len(conn.inbox) > self.MAX_HEAD
+                   else selectors.EVENT_READ)
+
+    def parse(self, conn):
+        """(method, target, headers, body, close, its bytes) of the first
+        request in the inbox; None until all of it has arrived; HandOver if it
+        is not one the loop answers itself."""
+        inbox = conn.inbox
+        end = inbox.find(b"\r\n\r\n")
+        if end < 0 or inbox[:1] in (b"\r", b"\n"):
+            if end >= 0 or len(inbox) > self.MAX_HEAD or \
+                    inbox.count(b"\n") != inbox.count(b"\r\n"):   # a bare LF ends lines too
+                raise HandOver()
+            return None
+        if conn.head is None:
+            conn.head = self.parse_head(bytes(inbox[:end]))
+        method, target, headers, size = conn.head
+        if len(inbox) < end + 4 + size:
+            return None
+        raw = bytes(inbox[:end + 4 + size])
+        del inbox[:end + 4 + size]
+        conn.head = None
+        return (method, target, headers, raw[end + 4:],
+                "close" in (headers.get("Connection") or "").lower(), raw)
+
+    def parse_head(self, head):
+        config = self.config
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split()
+        if len(parts) != 3 or parts[2] != "HTTP/1.1" or len(lines) > config.max_headers or \
+                len(lines[0]) + 2 > config.max_header_line:
+            raise HandOver()
+        method, target = parts[0], parts[1]
+        methods = find_route(target.partition("?")[0])[0]
+        entry = methods.get(method) if methods else None
+        if entry is None or not entry.inline:
+            raise HandOver()
+        headers = Headers()
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            if not colon or not name or name != name.strip() or "\r" in line or \
+                    "\n" in line or len(line) + 2 > config.max_header_line:
+                raise HandOver()
+            headers.add(name, value.strip())
+        if "Transfer-Encoding" in headers or "Expect" in headers:
+            raise HandOver()
+        lengths = headers.get_all("Content-Length")
+        if not lengths:
+            return method, target, headers, 0
+        if len(lengths) > 1 or not lengths[0].isdigit() or not lengths[0].isascii() or \
+                len(lengths[0]) > 15 or int(lengths[0]) > config.max_body:
+            raise HandOver()
+        return method, target, headers, int(lengths[0])
+
+    def start(self, conn, method, target, headers, body, close, raw):
+        exchange = Exchange(conn, method, target, headers, close or self.stopping)
+        self.server.begin_request()
+        try:
+            with self.store.collecting(self.wake) as jobs:
+                exchange.answer = self.server.answer_request(
+                    method, target, headers, lambda: body, conn.client[0], exchange.context)
+        except MustWait:
+            # It has to wait for something: a thread answers it, from the start.
+            self.server.end_request()
+            self.in_background(jobs)            # (an alert raised on the way, say)
+            conn.inbox[:0] = raw
+            self.hand_over(conn)
+            return
+        if jobs:
+            exchange.jobs = jobs
+            conn.exchange = exchange
+            self.parked.append(exchange)
+            self.collected(jobs)
+        else:
+            self.complete(exchange)
+
+    def in_background(self, jobs):
+        """Writes no answer waits for: their ``then`` runs once they committed."""
+        if jobs:
+            background = Exchange(None, None, None, None, False)
+            background.jobs = jobs
+            self.server.begin_request()
+            self.parked.append(background)
+            self.collected(jobs)
+
+    def settle(self):
+        """Answer the parked exchanges whose writes have their outcome."""
+        parked, self.parked = self.parked, []
+        for exchange in parked:
+            if any(job.done.locked() for job in exchange.jobs):
+                self.parked.append(exchange)
+                continue
+            conn = exchange.conn
+            try:
+                self.complete(exchange)
+                if conn is not None and conn in self.connections:
+                    self.serve(conn)            # what it sent meanwhile
+            except Exception:                   # answer the others all the same
+                traceback.print_exc()
+                if conn is not None:
+                    self.close(conn)
+
+    def complete(self, exchange):
+        """Answer as the handler would have, had it waited for its writes: a
+        failed write is the answer (an alert's failure fails no request);
+        otherwise the ``then`` of each runs, and the answer goes out."""
+        answered = True
+        try:
+            failed = next((job.error for job in exchange.jobs
+                           if job.error is not None and not job.best_effort), None)
+            if failed is not None:
+                with self.store.collecting(self.wake) as jobs:
+                    exchange.answer = self.server.failure_answer(failed)
+                self.in_background(jobs)        # the fault's alert: nobody waits for it
+                return
+            for job in exchange.jobs:
+                if job.then is not None and job.error is None:
+                    try:
+                        job.then(job.result)
+                    except Exception:           # committed all the same
+                        traceback.print_exc()
+            if self.hall.storage_fault_since is not None and exchange.method not in (None, "GET"):
+                with self.store.collecting(self.wake) as jobs:
+                    self.hall.storage_recovered()
+                if jobs:                        # answered once that alert is stored too
+                    exchange.jobs = jobs
+                    exchange.conn.exchange = exchange
+                    self.parked.append(exchange)
+                    self.collected(jobs)
+                    answered = False
+        finally:
+            if answered:
+                self.finish(exchange)
+
+    def finish(self, exchange):
+        self.server.end_request()
+        conn = exchange.conn
+        if conn is None:
+            return
+        conn.exchange = None
+        if conn not in self.connections:
+            return
+        status, payload, headers = exchange.answer
+        conn.closing = exchange.close
+        self.send(conn, response_bytes(self.config, status, payload, headers, exchange.headers,
+                                       exchange.close))
+        self.server.log_request(conn.client[0], exchange.method, exchange.target, status,
+                                exchange.started, exchange.context)
 
 
 def tls_context(config):

@@ -14,6 +14,7 @@ import os
 import queue
 import re
 import shutil
+import signal
 import socket
 import sqlite3
 import ssl
@@ -750,6 +751,130 @@ class HttpBehaviourTest(ServerCase):
         response = self.client.conn.getresponse()
         self.assertEqual(response.status, 200)
         self.assertEqual(response.read(), b"")
+
+
+class EventLoopTest(ServerCase):
+    """Plain HTTP is served by one event loop; it answers the inline routes
+    itself and hands everything else, bytes read so far included, to a
+    thread of its own."""
+
+    def exchange_on(self, sock, data, answers):
+        """Send ``data`` on an open socket; return the raw bytes of ``answers`` responses."""
+        sock.sendall(data)
+        raw = b""
+        while len(statuses(raw)) < answers or not raw.endswith(b"}"):
+            chunk = sock.recv(65536)
+            self.assertTrue(chunk, "the hall closed the connection after %r" % raw[-200:])
+            raw += chunk
+        return raw
+
+    def test_pipelined_requests_are_answered_in_order_across_a_hand_over(self):
+        ingest = json.dumps({"decision_id": "piped"}).encode()
+        data = (b"GET /health HTTP/1.1\r\n\r\n"
+                b"POST /decisions/ingest HTTP/1.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(ingest), ingest) +
+                b"GET /openapi.json HTTP/1.1\r\n\r\n"       # not inline: a thread takes over
+                b"GET /status HTTP/1.1\r\n\r\n")
+        host, port = self.server.server_address[:2]
+        with socket.create_connection((host, port), timeout=5) as sock:
+            raw = self.exchange_on(sock, data, 4)
+            self.assertEqual(statuses(raw), [200, 201, 200, 200])
+            self.assertIn(b'"recorded": true', raw)
+            self.assertIn(b'"openapi": "3.0', raw)
+            self.assertIn(b'"decisions_total": 1', raw)
+            # The thread keeps the connection: more requests are still answered.
+            raw = self.exchange_on(sock, b"GET /health HTTP/1.1\r\n\r\n", 1)
+            self.assertEqual(statuses(raw), [200])
+        self.assertEqual(self.db_rows("SELECT decision_id FROM decisions"), [("piped",)])
+
+    def test_a_logged_write_is_answered_once_committed_and_others_are_served_meanwhile(self):
+        host, port = self.server.server_address[:2]
+        body = json.dumps({"decision_id": "held"}).encode()
+        with self.hall.store._write_lock:      # the writer cannot commit
+            sock = socket.create_connection((host, port), timeout=5)
+            try:
+                sock.sendall(b"POST /decisions/ingest HTTP/1.1\r\nContent-Type: "
+                             b"application/json\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+                # The loop is free: another connection is answered at once.
+                self.assertEqual(self.call("GET", "/health")[0], 200)
+                self.assertEqual(self.call("GET", "/status")[0], 200)
+                sock.settimeout(0.3)
+                with self.assertRaises(socket.timeout):
+                    sock.recv(65536)            # no answer before the commit
+                self.assertEqual(self.db_rows("SELECT count(*) FROM decisions"), [(0,)])
+            except BaseException:
+                sock.close()
+                raise
+        with sock:
+            sock.settimeout(5)
+            raw = self.exchange_on(sock, b"", 1)
+        self.assertEqual(statuses(raw), [201])
+        self.assertEqual(self.db_rows("SELECT decision_id FROM decisions"), [("held",)])
+
+    def test_a_decision_is_announced_only_once_stored(self):
+        subscription = self.hall.subscribe(types={"decision"})
+        body = json.dumps(route_body()).encode()
+        host, port = self.server.server_address[:2]
+        try:
+            with socket.create_connection((host, port), timeout=5) as sock:
+                with self.hall.store._write_lock:
+                    sock.sendall(b"POST /api/route HTTP/1.1\r\nContent-Type: application/json"
+                                 b"\r\nAuthorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
+                                 % (self.router_token.encode(), len(body), body))
+                    with self.assertRaises(queue.Empty):
+                        subscription.queue.get(timeout=0.3)
+                event = subscription.queue.get(timeout=5)
+                raw = self.exchange_on(sock, b"", 1)
+        finally:
+            self.hall.events.unsubscribe(subscription)
+        self.assertEqual(statuses(raw), [200])
+        decision_id = json.loads(raw.split(b"\r\n\r\n", 1)[1])["decision_id"]
+        self.assertEqual(event[1:], ("decision", event[2]))
+        self.assertEqual(event[2]["decision_id"], decision_id)
+        self.assertEqual(self.db_rows("SELECT decision_id FROM decisions"), [(decision_id,)])
+
+    def test_a_route_that_must_wait_for_a_write_is_answered_by_a_thread(self):
+        self.enroll(worker_record())
+        body = json.dumps(route_body(env="prod", data_label="SECRET", qos_class="P0")).encode()
+        host, port = self.server.server_address[:2]
+        with socket.create_connection((host, port), timeout=5) as sock:
+            with self.hall.store._write_lock:   # opening its approval cannot commit yet
+                sock.sendall(b"POST /api/route HTTP/1.1\r\nContent-Type: application/json"
+                             b"\r\nAuthorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
+                             % (self.router_token.encode(), len(body), body))
+                self.assertEqual(poll(lambda: self.server._in_flight == 1), True)
+                # The loop did not wait for it: another connection is answered.
+                self.assertEqual(self.call("GET", "/health")[0], 200)
+            raw = self.exchange_on(sock, b"", 1)
+        self.assertEqual(statuses(raw), [200])
+        self.assertIn(b'"DENY_REQUIRES_HUMAN"', raw)
+        self.assertEqual(self.db_rows("SELECT status FROM approvals"), [("pending",)])
+        self.assertEqual(self.db_rows("SELECT count(*) FROM decisions"), [(1,)])
+
+    def test_requests_it_does_not_read_itself_get_the_same_answers(self):
+        cases = [
+            # HTTP/1.0, chunked, Expect and a long head are read by a thread.
+            (b"GET /health HTTP/1.0\r\n\r\n", [200]),
+            (b"POST /decisions/ingest HTTP/1.1\r\nContent-Type: application/json\r\n"
+             b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", [201]),
+            (b"GET /health HTTP/1.1\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n", [431]),
+            (b"GET /health HTTP/1.1\r\nBad-Header : x\r\n\r\n", [400]),
+            (b"GET /health HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxx", [400]),
+            (b"POST /decisions/ingest HTTP/1.1\r\nContent-Length: %d\r\n\r\n"
+             % (hall.DEFAULT_MAX_BODY + 1), [413]),
+            (b"GET /health HTTP/1.1\n\n", [200]),
+            (b"GET /health HTTP/1.1\r\nHost: x\n\r\n", [200]),
+            (b"POST /decisions/ingest HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+             [413]),
+            (b"POST /decisions/ingest HTTP/1.1\r\nContent-Type: application/json\r\n"
+             b"Content-Length: 10\r\n\r\n{}", [400]),        # then the client stops sending
+        ]
+        for data, expected in cases:
+            self.assertEqual(statuses(raw_exchange(self.server, data)), expected, data[:60])
+        self.assertEqual(self.db_rows("SELECT count(*) FROM decisions"), [(1,)])
+        self.assertEqual(poll(lambda: self.server._connections == 0), True)
+        self.assertEqual(self.server._in_flight, 0)
 
 
 class OpenApiTest(ServerCase):
@@ -3642,8 +3767,9 @@ class DashboardBrowserTest(ServerCase):
              "--no-default-browser-check", "--remote-debugging-port=0",
              "--user-data-dir=" + profile, "--window-size=1280,800", "about:blank"],
             stdout=subprocess.DEVNULL, stderr=self.browser_log,
-            env=dict(os.environ, TMPDIR=self.tmp.name))     # its own temporary files too
-        self.addCleanup(reap, self.browser)     # even if the set-up fails from here on
+            env=dict(os.environ, TMPDIR=self.tmp.name),     # its own temporary files too
+            start_new_session=True)             # its helpers in its process group
+        self.addCleanup(self.stop_browser)      # even if the set-up fails from here on
         self.addCleanup(self.browser_log.close)
         self.page = None
 
@@ -3664,8 +3790,30 @@ class DashboardBrowserTest(ServerCase):
     def tearDown(self):
         if self.page is not None:
             self.page.close()
-        reap(self.browser)                      # before the hall stops: no stream left open
+        self.stop_browser()                     # before the hall stops: no stream left open
         ServerCase.tearDown(self)
+
+    def stop_browser(self):
+        """Stop Chromium and every helper it started, and remove its profile
+        (a helper may still be writing there for a moment after the stop)."""
+        if self.browser.returncode is not None:
+            return                              # stopped already: its group id may be reused
+        if self.browser.poll() is None:
+            with contextlib.suppress(OSError):
+                os.killpg(self.browser.pid, signal.SIGTERM)
+            try:
+                self.browser.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(OSError):
+            os.killpg(self.browser.pid, signal.SIGKILL)
+        reap(self.browser)
+        profile = os.path.join(self.tmp.name, "chromium")
+
+        def removed():
+            shutil.rmtree(profile, ignore_errors=True)
+            return not os.path.exists(profile)
+        self.assertTrue(poll(removed), "Chromium's profile could not be removed")
 
     def wait_for(self, expression, what, timeout=20.0):
         deadline = time.monotonic() + timeout
