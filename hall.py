@@ -754,6 +754,10 @@ class Store(object):
     SQLite calls, would wait for them.  It tells at once when no write waits,
     or when another connection holds the write lock (see _begin).
 
+    The HTTP event loop writes its own requests' appends instead, the same
+    way but on its own thread (collecting, commit_here), and hands them to
+    the writer thread only when that would mean waiting for a lock.
+
     Reads: a small pool of read connections (WAL lets them read beside the
     writer).  The pool is bounded: each connection has its own page cache.
 
@@ -4830,9 +4834,10 @@ class Route(namedtuple("Route", "method path handler scope open_on_loopback summ
     open_on_loopback: the reference documents it without auth, so on a
     loopback bind it stays open to existing scripts and the Monitor.
     inline: a hot path, answered on the HTTP event loop's own thread.  Its
-    handler never waits long: it reads cached answers or rows by key, and its
-    log appends are waited for by the loop, not by the handler.  (Not
-    /dispatches: a filter on an unindexed column may scan the whole log.)"""
+    handler never waits: it reads cached answers or rows by key, and its log
+    appends are committed by the loop, which holds the answer until then
+    (anything else that would wait raises MustWait, and a thread answers).
+    Not /dispatches: a filter on an unindexed column may scan the whole log."""
 
 
 def route(method, path, handler, scope, summary, open_on_loopback=False, query=(),

@@ -812,6 +812,27 @@ class EventLoopTest(ServerCase):
         self.assertEqual(statuses(raw), [201])
         self.assertEqual(self.db_rows("SELECT decision_id FROM decisions"), [("held",)])
 
+    def test_a_database_locked_by_another_connection_does_not_stop_the_loop(self):
+        blocker = sqlite3.connect(self.db, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        host, port = self.server.server_address[:2]
+        body = json.dumps({"decision_id": "waited"}).encode()
+        try:
+            with socket.create_connection((host, port), timeout=10) as sock:
+                sock.sendall(b"POST /decisions/ingest HTTP/1.1\r\nContent-Type: "
+                             b"application/json\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+                self.assertEqual(poll(lambda: self.server._in_flight == 1), True)
+                # The write waits for the lock in the writer thread, not in the loop.
+                self.assertEqual(self.call("GET", "/status")[0], 200)
+                self.assertEqual(self.call("GET", "/health")[0], 200)
+                blocker.execute("ROLLBACK")
+                raw = self.exchange_on(sock, b"", 1)
+        finally:
+            blocker.close()
+        self.assertEqual(statuses(raw), [201])
+        self.assertEqual(self.db_rows("SELECT decision_id FROM decisions"), [("waited",)])
+
     def test_a_decision_is_announced_only_once_stored(self):
         subscription = self.hall.subscribe(types={"decision"})
         body = json.dumps(route_body()).encode()
