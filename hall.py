@@ -990,7 +990,7 @@ class Store(object):
     def _release(jobs):
         notify = set()
         for job in jobs:
-            if job.done is not None:
+            if job.done is not None and job.done.locked():
                 job.done.release()
             if job.notify is not None:
                 notify.add(job.notify)
@@ -1021,11 +1021,12 @@ class Store(object):
                                                         "head_mac": mac}))
 
     def _abandon(self, batch, exc):
+        """A batch whose _commit raised (and rolled back): fail its jobs (those
+        not told their outcome already)."""
         self._tell()
-        with contextlib.suppress(sqlite3.Error):
-            self._writer.execute("ROLLBACK")
         for job in batch:
-            job.error = Unavailable("the write failed: %s" % type(exc).__name__)
+            if job.done is None or job.done.locked():
+                job.error = Unavailable("the write failed: %s" % type(exc).__name__)
         self._release(batch)
         _complain("[hall-api] a write batch failed: %r" % exc)
 
@@ -1100,6 +1101,11 @@ class Store(object):
                             self.on_audit(entry)
                         except Exception as exc:    # the batch committed all the same
                             _complain("[hall-api] announcing an audit entry failed: %r" % exc)
+        except BaseException:                   # (the caller fails the batch: _abandon)
+            with contextlib.suppress(sqlite3.Error):
+                if self._writer.in_transaction:
+                    self._writer.execute("ROLLBACK")
+            raise
         finally:
             self._write_lock.release()
         self._tell()
@@ -3450,6 +3456,8 @@ class Hall(object):
                 self.registry_changed()
                 snapshot = None
         if snapshot is None:
+            if not self.store.may_wait():
+                raise MustWait()                # a rebuild takes a while: a thread does it
             with self._registry_lock:
                 snapshot = self._registry
                 if snapshot is None:
@@ -5186,7 +5194,10 @@ def dispatch(hall, method, target, headers, body, client="-", limiter=None, cont
             raise HallError(403, "a change made with a session cookie needs its X-CSRF-Token "
                                  "header", "CSRF_FAILED")
     if limiter is not None and path not in UNLIMITED_PATHS:
-        wait = limiter.wait_time(principal.token_id if principal else client)
+        charged = principal.token_id if principal else client
+        wait = limiter.wait_time(charged)
+        if context is not None and not wait:
+            context["charged"] = charged        # (given back if a thread asks again)
         if wait:
             raise HallError(429, "rate limit exceeded; retry in %.1f s" % wait, "RATE_LIMITED",
                             {"Retry-After": str(max(1, int(math.ceil(wait))))})
@@ -5579,6 +5590,12 @@ class RateLimiter(object):
             self._buckets[client] = (tokens, moment)
             return (1 - tokens) / self.rate
 
+    def refund(self, client):
+        """Give back the request ``client`` was charged for: it is asked again."""
+        with self._lock:
+            tokens, last = self._buckets.get(client, (self.burst, time.monotonic()))
+            self._buckets[client] = (min(self.burst, tokens + 1), last)
+
 
 UNLIMITED_PATHS = ("/health", "/healthz", "/ready", "/readyz")
 _BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; "
@@ -5873,7 +5890,10 @@ class EventLoop(object):
                 if self.pending and (not events or len(self.pending) >= self.MAX_PENDING or
                                      time.monotonic() > self.pending_since +
                                      self.MAX_PENDING_SECONDS):
-                    self.commit()
+                    try:
+                        self.commit()
+                    except Exception:           # a fault here must not stop the loop
+                        traceback.print_exc()
                 for key, _ in events:
                     try:
                         self.ready(key.data, listener)
@@ -6142,6 +6162,8 @@ class EventLoop(object):
         except MustWait:
             # It has to wait for something: a thread answers it, from the start.
             self.server.end_request()
+            if "charged" in exchange.context and self.server.limiter is not None:
+                self.server.limiter.refund(exchange.context["charged"])
             self.in_background(jobs)            # (an alert raised on the way, say)
             conn.inbox[:0] = raw
             self.hand_over(conn)

@@ -873,6 +873,14 @@ class EventLoopTest(ServerCase):
         self.assertEqual(self.db_rows("SELECT status FROM approvals"), [("pending",)])
         self.assertEqual(self.db_rows("SELECT count(*) FROM decisions"), [(1,)])
 
+    def test_a_request_a_thread_answers_instead_is_rate_limited_once(self):
+        self.restart(rate_limit=1, rate_burst=2)
+        self.hall.enroll(worker_record())       # (over HTTP, a thread would keep the connection)
+        gated = dict(env="prod", data_label="SECRET", qos_class="P0")
+        for n in range(2):                      # each opens its approval: a thread answers
+            status, _, body = self.route(request={"n": n}, **gated)
+            self.assertEqual((status, body["deny_reason"]), (200, "DENY_REQUIRES_HUMAN"))
+
     def test_requests_it_does_not_read_itself_get_the_same_answers(self):
         cases = [
             # HTTP/1.0, chunked, Expect and a long head are read by a thread.
