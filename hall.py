@@ -5851,6 +5851,8 @@ class EventLoop(object):
         self.parked = []                        # exchanges waiting for their writes
         self.pending = []                       # collected appends not yet committed
         self.pending_since = 0.0
+        self.in_threads = set()                 # exchanges a thread answers (MustWait)
+        self.answered = queue.SimpleQueue()     # ... and has answered
         self.stopping = False
         self.stopped = threading.Event()
         self.stopped.set()                      # until run() starts
@@ -5909,9 +5911,9 @@ class EventLoop(object):
         finally:
             for job in self.pending:            # never answered, but not lost either
                 self.store._submit(job)
-            for exchange in self.parked:        # cut off by the drain deadline
+            for exchange in self.parked + list(self.in_threads):    # cut off by the deadline
                 self.server.end_request()
-            self.parked = []
+            self.parked, self.in_threads = [], set()
             for conn in list(self.connections):
                 self.close(conn)
             self.selector.close()
@@ -6102,9 +6104,9 @@ class EventLoop(object):
                    else selectors.EVENT_READ)
 
     def parse(self, conn):
-        """(method, target, headers, body, close, its bytes) of the first
-        request in the inbox; None until all of it has arrived; HandOver if it
-        is not one the loop answers itself."""
+        """(method, target, headers, body, close) of the first request in the
+        inbox; None until all of it has arrived; HandOver if it is not one
+        the loop answers itself."""
         inbox = conn.inbox
         end = inbox.find(b"\r\n\r\n")
         if end < 0 or inbox[:1] in (b"\r", b"\n"):
@@ -6117,11 +6119,10 @@ class EventLoop(object):
         method, target, headers, size = conn.head
         if len(inbox) < end + 4 + size:
             return None
-        raw = bytes(inbox[:end + 4 + size])
+        body = bytes(inbox[end + 4:end + 4 + size])
         del inbox[:end + 4 + size]
         conn.head = None
-        return (method, target, headers, raw[end + 4:],
-                "close" in (headers.get("Connection") or "").lower(), raw)
+        return method, target, headers, body, "close" in (headers.get("Connection") or "").lower()
 
     def parse_head(self, head):
         config = self.config
@@ -6152,7 +6153,7 @@ class EventLoop(object):
             raise HandOver()
         return method, target, headers, int(lengths[0])
 
-    def start(self, conn, method, target, headers, body, close, raw):
+    def start(self, conn, method, target, headers, body, close):
         exchange = Exchange(conn, method, target, headers, close or self.stopping)
         self.server.begin_request()
         try:
@@ -6160,13 +6161,17 @@ class EventLoop(object):
                 exchange.answer = self.server.answer_request(
                     method, target, headers, lambda: body, conn.client[0], exchange.context)
         except MustWait:
-            # It has to wait for something: a thread answers it, from the start.
-            self.server.end_request()
+            # It has to wait for something: a thread answers it, from the
+            # start, and gives the answer back for the loop to send.
             if "charged" in exchange.context and self.server.limiter is not None:
                 self.server.limiter.refund(exchange.context["charged"])
             self.in_background(jobs)            # (an alert raised on the way, say)
-            conn.inbox[:0] = raw
-            self.hand_over(conn)
+            exchange.context = {}
+            exchange.answer = (500, {"error": "internal error"}, {})
+            conn.exchange = exchange
+            self.in_threads.add(exchange)
+            threading.Thread(target=self.answer_in_thread, args=(exchange, body),
+                             name="hall-request", daemon=True).start()
             return
         if jobs:
             exchange.jobs = jobs
@@ -6175,6 +6180,15 @@ class EventLoop(object):
             self.collected(jobs)
         else:
             self.complete(exchange)
+
+    def answer_in_thread(self, exchange, body):
+        try:
+            exchange.answer = self.server.answer_request(
+                exchange.method, exchange.target, exchange.headers, lambda: body,
+                exchange.conn.client[0], exchange.context)
+        finally:
+            self.answered.put(exchange)
+            self.wake()
 
     def in_background(self, jobs):
         """Writes no answer waits for: their ``then`` runs once they committed."""
@@ -6186,21 +6200,33 @@ class EventLoop(object):
             self.collected(jobs)
 
     def settle(self):
-        """Answer the parked exchanges whose writes have their outcome."""
+        """Send the answers threads made, and those of the parked exchanges
+        whose writes have their outcome."""
+        while True:
+            try:
+                exchange = self.answered.get_nowait()
+            except queue.Empty:
+                break
+            self.in_threads.discard(exchange)
+            self.go_on(exchange, self.finish)
         parked, self.parked = self.parked, []
         for exchange in parked:
             if any(job.done.locked() for job in exchange.jobs):
                 self.parked.append(exchange)
-                continue
-            conn = exchange.conn
-            try:
-                self.complete(exchange)
-                if conn is not None and conn in self.connections:
-                    self.serve(conn)            # what it sent meanwhile
-            except Exception:                   # answer the others all the same
-                traceback.print_exc()
-                if conn is not None:
-                    self.close(conn)
+            else:
+                self.go_on(exchange, self.complete)
+
+    def go_on(self, exchange, answer):
+        """Answer the exchange, then serve what its connection sent meanwhile."""
+        conn = exchange.conn
+        try:
+            answer(exchange)
+            if conn is not None and conn in self.connections:
+                self.serve(conn)
+        except Exception:                       # answer the others all the same
+            traceback.print_exc()
+            if conn is not None:
+                self.close(conn)
 
     def complete(self, exchange):
         """Answer as the handler would have, had it waited for its writes: a
