@@ -5832,9 +5832,11 @@ class EventLoop(object):
     and the loop goes on to other connections.  When none has anything more
     for it, it commits all the appends collected meanwhile in one transaction
     (Store.commit_here) and only then sends their answers -- so many requests
-    share one commit, and nothing is answered before it is durable.  (When
-    the database is busy the writer thread commits them instead, and tells
-    the loop.)"""
+    share one commit, and nothing is answered before it is durable.  The
+    loop waits for that fsync, but never for a lock: when the database is
+    busy the writer thread commits them instead, and tells the loop.  A
+    request that would wait in any other way (MustWait) is answered by a
+    thread of its own, which gives the answer back for the loop to send."""
 
     SWEEP_SECONDS = 0.25                        # how often deadlines are checked
     MAX_HEAD = 65536                            # a longer head: the thread reads it
