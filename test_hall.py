@@ -868,6 +868,9 @@ class EventLoopTest(ServerCase):
                 # The loop did not wait for it: another connection is answered.
                 self.assertEqual(self.call("GET", "/health")[0], 200)
             raw = self.exchange_on(sock, b"", 1)
+            # The connection itself stays with the loop.
+            port = sock.getsockname()[1]
+            self.assertTrue(any(c.client[1] == port for c in self.server.loop.connections))
         self.assertEqual(statuses(raw), [200])
         self.assertIn(b'"DENY_REQUIRES_HUMAN"', raw)
         self.assertEqual(self.db_rows("SELECT status FROM approvals"), [("pending",)])
