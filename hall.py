@@ -5874,6 +5874,8 @@ class EventLoop(object):
 
     def run(self):
         self.stopped.clear()
+        with contextlib.suppress(HallError):
+            self.hall.registry()                # built here, not by the first requests' threads
         listener = self.server.socket
         listener.setblocking(False)
         self.selector.register(listener, selectors.EVENT_READ, "accept")
