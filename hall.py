@@ -733,7 +733,8 @@ class WriteJob(object):
             self.done.acquire()
         self.result = self.error = self.notify = None
         self.then = then
-        self.best_effort = False                # an alert: its failure fails no request
+        # An alert: its failure fails no request (see EventLoop.complete).
+        self.best_effort = append is not None and append[0] == "alerts"
 
 
 # What Store.upsert_enrollment did: ``registry_version`` is read only when
@@ -796,6 +797,8 @@ class Store(object):
             # acknowledged write survives a crash of the process or the host.
             self._writer.execute("PRAGMA synchronous=FULL")
             self._migrate()
+            # A batch tries for the write lock without waiting first (_begin).
+            self._writer.execute("PRAGMA busy_timeout=0")
         except sqlite3.DatabaseError as exc:
             raise StoreError("cannot use database %s: %s" % (path, exc))
 
@@ -833,6 +836,7 @@ class Store(object):
         with self._write_lock:
             if not self.memory:
                 with contextlib.suppress(sqlite3.Error):
+                    self._writer.execute("PRAGMA busy_timeout=%d" % self.busy_timeout_ms)
                     self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._writer.close()
         while True:
@@ -892,7 +896,6 @@ class Store(object):
         needs the append committed puts that step in ``then``.  Any other
         write raises MustWait there."""
         job = WriteJob(work, append, then=then)
-        job.best_effort = append is not None and append[0] == "alerts"
         collector = getattr(self._collecting, "into", None)
         if collector is not None:
             if append is None:
@@ -1126,20 +1129,22 @@ class Store(object):
         """BEGIN IMMEDIATE; True once begun.  If another connection holds the
         write lock: False at once unless ``wait``; else the last batch's
         requests are woken first (their transaction committed) and only then
-        is the lock waited for, as long as busy_timeout allows."""
-        conn.execute("PRAGMA busy_timeout=0")
+        is the lock waited for, as long as busy_timeout allows.  (The write
+        connection's own busy timeout is 0: the wait is set here alone.)"""
         try:
             conn.execute("BEGIN IMMEDIATE")
             return True
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) and "busy" not in str(exc):
                 raise
-        finally:
-            conn.execute("PRAGMA busy_timeout=%d" % self.busy_timeout_ms)
         if not wait:
             return False
         self._tell()
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("PRAGMA busy_timeout=%d" % self.busy_timeout_ms)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        finally:
+            conn.execute("PRAGMA busy_timeout=0")
         return True
 
     def _run_alone(self, conn, job):
