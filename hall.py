@@ -3008,7 +3008,7 @@ def receipt_key_id(secret):
 def _receipt_mac(decision, key_id, secret):
     signed = {field: decision.get(field) for field in RECEIPT_FIELDS}
     signed["key_id"] = key_id
-    return hmac.new(secret, canonical_json(signed).encode("utf-8"), hashlib.sha256).hexdigest()
+    return hmac.digest(secret, canonical_json(signed).encode("utf-8"), "sha256").hex()
 
 
 def sign_receipt(decision, key_id, secret):
