@@ -775,11 +775,23 @@ class Store(object):
     Reads: a small pool of read connections (WAL lets them read beside the
     writer).  The pool is bounded: each connection has its own page cache.
 
+    Checkpoints (copying the WAL back into the database file) are made by a
+    thread of their own (_checkpoint_loop), not by the commit that fills the
+    WAL: that commit's requests, and every request queued behind them, would
+    wait the milliseconds a checkpoint takes -- the slowest percent of all
+    answers.  The write connection still checkpoints by itself should the WAL
+    grow far past its size (CHECKPOINT_BACKSTOP pages), so it stays bounded
+    whatever happens to that thread.
+
     ``generation`` counts committed batches, so callers can cache what they
     read until the next write."""
 
     MAX_BATCH = 512
     MAX_READERS = 4
+    CHECKPOINT_EVERY = 8                        # commits between two checkpoints
+    CHECKPOINT_RESTART = 2000                   # WAL pages: start the WAL over
+    CHECKPOINT_BACKSTOP = 8000                  # WAL pages: the writer checkpoints
+    CHECKPOINT_WAIT_MS = 10                     # the longest a restart holds writes
 
     def __init__(self, path, busy_timeout_ms=5000, keyring=None):
         self.path = path
@@ -803,6 +815,10 @@ class Store(object):
         self._untold = []                       # the last batch's jobs, not yet woken
         self._tell_lock = threading.Lock()      # _untold is told by the writer or the loop
         self._collecting = threading.local()    # .into = (jobs, notify): see collecting
+        self._commits = 0                       # committed batches, for checkpoints
+        self._checkpoint_due = threading.Event()
+        self._checkpointer = None               # its thread, from the first commit on
+        self._closing = False
         try:
             self._writer = self._connect()
             self._writer.execute("PRAGMA journal_mode=WAL").fetchone()
@@ -812,6 +828,7 @@ class Store(object):
             self._migrate()
             # A batch tries for the write lock without waiting first (_begin).
             self._writer.execute("PRAGMA busy_timeout=0")
+            self._writer.execute("PRAGMA wal_autocheckpoint=%d" % self.CHECKPOINT_BACKSTOP)
         except sqlite3.DatabaseError as exc:
             raise StoreError("cannot use database %s: %s" % (path, exc))
 
@@ -842,10 +859,50 @@ class Store(object):
                 conn.execute("ROLLBACK")
                 raise
 
+    def _committed(self):
+        """After each commit: now and then, a checkpoint (see the class)."""
+        self.generation += 1
+        self._commits += 1
+        if self._commits % self.CHECKPOINT_EVERY or self.memory:
+            return
+        if self._checkpointer is None:
+            self._checkpointer = threading.Thread(target=self._checkpoint_loop,
+                                                  name="hall-checkpointer", daemon=True)
+            self._checkpointer.start()
+        self._checkpoint_due.set()
+
+    def _checkpoint_loop(self):
+        """Copy what the WAL holds into the file, without stopping writers
+        (PASSIVE); once the WAL is long, make the next commit start it over
+        from its beginning (RESTART, which holds writes back for at most
+        CHECKPOINT_WAIT_MS while readers finish with the old WAL)."""
+        conn = self._connect()
+        conn.execute("PRAGMA busy_timeout=%d" % self.CHECKPOINT_WAIT_MS)
+        complained = False
+        while True:
+            self._checkpoint_due.wait()
+            self._checkpoint_due.clear()
+            if self._closing:
+                conn.close()
+                return
+            try:
+                _busy, pages, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                if pages >= self.CHECKPOINT_RESTART:
+                    conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                complained = False
+            except sqlite3.Error as exc:        # the writer's own checkpoints still bound it
+                if not complained:
+                    _complain("[hall-api] a checkpoint failed: %s" % exc)
+                complained = True
+
     def close(self):
         if self._writer_thread is not None:
             self._jobs.put(None)
             self._writer_thread.join()
+        if self._checkpointer is not None:
+            self._closing = True
+            self._checkpoint_due.set()
+            self._checkpointer.join()
         with self._write_lock:
             if not self.memory:
                 with contextlib.suppress(sqlite3.Error):
@@ -1103,7 +1160,7 @@ class Store(object):
                         conn.execute("UPDATE chain SET seq = ?, head = ?, head_mac = ? "
                                      "WHERE id = 1", self._chain + (self.sign_head(*self._chain),))
                     conn.execute("COMMIT")
-                    self.generation += 1
+                    self._committed()
                 except Exception as exc:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")

@@ -2854,6 +2854,32 @@ class WriterTest(TempDirCase):
         self.assertEqual(answers.get(timeout=5), "second")
 
 
+    def test_checkpoints_are_made_beside_the_commits_and_start_the_wal_over(self):
+        store = hall.Store(self.db)
+        self.addCleanup(store.close)
+        store.CHECKPOINT_EVERY, store.CHECKPOINT_RESTART = 2, 30
+        # Commits leave checkpoints to the thread, up to the backstop.
+        self.assertEqual(store._writer.execute("PRAGMA wal_autocheckpoint").fetchone(),
+                         (hall.Store.CHECKPOINT_BACKSTOP,))
+        columns = hall.CHAINED_COLUMNS["decisions"]
+        wal, largest = self.db + "-wal", 0
+        for number in range(300):
+            row = dict.fromkeys(columns, None)
+            row.update(decision_id=hall.new_id(), decided_at=hall.now_iso(), tenant_id="t",
+                       capability_id="cap.%d" % (number % 7), env="dev", denied=0)
+            self.assertTrue(store.write(append=("decisions", [row[c] for c in columns])))
+            largest = max(largest, os.path.getsize(wal))
+        self.assertEqual(store.count_by("decisions", "env"), {"dev": 300})
+        # 300 commits of several pages each make a WAL of some 2,500 pages
+        # unless it is started over (then a few hundred at most).
+        page = store._writer.execute("PRAGMA page_size").fetchone()[0]
+        self.assertLess(largest, 1000 * page)
+        checkpointer = store._checkpointer
+        self.assertTrue(checkpointer.is_alive())
+        store.close()
+        self.assertFalse(checkpointer.is_alive())
+
+
 class ReferenceDatabaseTest(TempDirCase):
     """A hall.db written by the reference server opens and is served without loss."""
 
