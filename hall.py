@@ -863,7 +863,7 @@ class Store(object):
         """After each commit: now and then, a checkpoint (see the class)."""
         self.generation += 1
         self._commits += 1
-        if self._commits % self.CHECKPOINT_EVERY or self.memory:
+        if self._commits % self.CHECKPOINT_EVERY or self.memory or self._closing:
             return
         if self._checkpointer is None:
             self._checkpointer = threading.Thread(target=self._checkpoint_loop,
@@ -876,8 +876,12 @@ class Store(object):
         (PASSIVE); once the WAL is long, make the next commit start it over
         from its beginning (RESTART, which holds writes back for at most
         CHECKPOINT_WAIT_MS while readers finish with the old WAL)."""
-        conn = self._connect()
-        conn.execute("PRAGMA busy_timeout=%d" % self.CHECKPOINT_WAIT_MS)
+        try:
+            conn = self._connect()
+            conn.execute("PRAGMA busy_timeout=%d" % self.CHECKPOINT_WAIT_MS)
+        except sqlite3.Error as exc:
+            _complain("[hall-api] no checkpoints beside the commits: %s" % exc)
+            return
         complained = False
         while True:
             self._checkpoint_due.wait()
@@ -896,11 +900,11 @@ class Store(object):
                 complained = True
 
     def close(self):
+        self._closing = True
         if self._writer_thread is not None:
             self._jobs.put(None)
             self._writer_thread.join()
         if self._checkpointer is not None:
-            self._closing = True
             self._checkpoint_due.set()
             self._checkpointer.join()
         with self._write_lock:
