@@ -41,6 +41,7 @@ import bisect
 import collections
 import contextlib
 import datetime
+import errno
 import functools
 import hashlib
 import heapq
@@ -791,7 +792,6 @@ class Store(object):
     CHECKPOINT_EVERY = 8                        # commits between two checkpoints
     CHECKPOINT_RESTART = 2000                   # WAL pages: start the WAL over
     CHECKPOINT_BACKSTOP = 8000                  # WAL pages: the writer checkpoints
-    CHECKPOINT_WAIT_MS = 10                     # the longest a restart holds writes
 
     def __init__(self, path, busy_timeout_ms=5000, keyring=None):
         self.path = path
@@ -860,29 +860,43 @@ class Store(object):
                 raise
 
     def _committed(self):
-        """After each commit: now and then, a checkpoint (see the class)."""
+        """After each commit (the write lock held): now and then, a
+        checkpoint (see the class)."""
         self.generation += 1
         self._commits += 1
-        if self._commits % self.CHECKPOINT_EVERY or self.memory or self._closing:
+        if self._commits % self.CHECKPOINT_EVERY or self.memory or self._closing or \
+                self._checkpointer is False:
             return
         if self._checkpointer is None:
-            self._checkpointer = threading.Thread(target=self._checkpoint_loop,
-                                                  name="hall-checkpointer", daemon=True)
-            self._checkpointer.start()
+            thread = threading.Thread(target=self._checkpoint_loop, name="hall-checkpointer",
+                                      daemon=True)
+            try:
+                thread.start()
+            except RuntimeError as exc:         # out of threads: checkpoint as SQLite would
+                _complain("[hall-api] checkpoints stay with the commits: %s" % exc)
+                self._checkpointer = False
+                with contextlib.suppress(sqlite3.Error):
+                    self._writer.execute("PRAGMA wal_autocheckpoint=1000")
+                return
+            self._checkpointer = thread
         self._checkpoint_due.set()
 
     def _checkpoint_loop(self):
         """Copy what the WAL holds into the file, without stopping writers
-        (PASSIVE); once the WAL is long, make the next commit start it over
-        from its beginning (RESTART, which holds writes back for at most
-        CHECKPOINT_WAIT_MS while readers finish with the old WAL)."""
+        (PASSIVE).  Once the WAL is long, finish the copy while holding this
+        hall's write lock, so that the next commit starts the WAL over from
+        its beginning (RESTART); this hall's writes wait for the lock
+        meanwhile, and a reader still using the WAL is not waited for (the
+        restart is tried again later)."""
         try:
+            if not os.path.exists(self.path):   # (connecting would make an empty one)
+                raise sqlite3.OperationalError("%s is gone" % self.path)
             conn = self._connect()
-            conn.execute("PRAGMA busy_timeout=%d" % self.CHECKPOINT_WAIT_MS)
+            conn.execute("PRAGMA busy_timeout=0")
         except sqlite3.Error as exc:
-            _complain("[hall-api] no checkpoints beside the commits: %s" % exc)
+            _complain("[hall-api] checkpoints stay with the commits: %s" % exc)
             return
-        complained = False
+        complained = 0.0
         while True:
             self._checkpoint_due.wait()
             self._checkpoint_due.clear()
@@ -891,22 +905,26 @@ class Store(object):
                 return
             try:
                 _busy, pages, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                if pages >= self.CHECKPOINT_RESTART:
-                    conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-                complained = False
+                if pages >= self.CHECKPOINT_RESTART and self._write_lock.acquire(timeout=0.1):
+                    try:
+                        conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                    finally:
+                        self._write_lock.release()
             except sqlite3.Error as exc:        # the writer's own checkpoints still bound it
-                if not complained:
+                if time.monotonic() - complained > 60:
+                    complained = time.monotonic()
                     _complain("[hall-api] a checkpoint failed: %s" % exc)
-                complained = True
 
     def close(self):
-        self._closing = True
+        with self._write_lock:                  # (_committed runs under it)
+            self._closing = True
+            checkpointer = self._checkpointer
         if self._writer_thread is not None:
             self._jobs.put(None)
             self._writer_thread.join()
-        if self._checkpointer is not None:
+        if checkpointer:
             self._checkpoint_due.set()
-            self._checkpointer.join()
+            checkpointer.join()
         with self._write_lock:
             if not self.memory:
                 with contextlib.suppress(sqlite3.Error):
@@ -1164,7 +1182,6 @@ class Store(object):
                         conn.execute("UPDATE chain SET seq = ?, head = ?, head_mac = ? "
                                      "WHERE id = 1", self._chain + (self.sign_head(*self._chain),))
                     conn.execute("COMMIT")
-                    self._committed()
                 except Exception as exc:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
@@ -1173,6 +1190,7 @@ class Store(object):
                             job.error = Unavailable("the database cannot take writes now: %s"
                                                     % exc)
                 else:
+                    self._committed()
                     for entry in self._batch_audit if self.on_audit is not None else ():
                         try:
                             self.on_audit(entry)
@@ -5684,6 +5702,20 @@ _BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/
                                       "code": "BUSY"}).encode().ljust(72))
 
 
+# accept() failing for want of a file descriptor (or of kernel memory) is
+# retried after a pause, not at once: the connection stays queued.
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+ACCEPT_PAUSE_SECONDS = 0.1
+_DESCRIPTOR_COMPLAINT = [0.0]                   # when it was last said
+
+
+def _complain_out_of_descriptors(exc):
+    if time.monotonic() - _DESCRIPTOR_COMPLAINT[0] > 10:
+        _DESCRIPTOR_COMPLAINT[0] = time.monotonic()
+        _complain("[hall-api] cannot accept connections: %s (raise the file limit, "
+                  "ulimit -n, or lower HALL_MAX_CONNECTIONS)" % exc)
+
+
 class HallHTTPServer(ThreadingHTTPServer):
     """A Hall's HTTP server: at most ``max_connections`` connections at once
     (more are answered 503 at once), a rate limit per client, and a count of
@@ -5717,6 +5749,18 @@ class HallHTTPServer(ThreadingHTTPServer):
         self._connections = 0
         self._in_flight = 0
         self._thread = None
+
+    def get_request(self):
+        """(The thread-per-connection path, TLS.)  Out of descriptors: pause
+        before the server's loop, which would find the listener ready again
+        at once, tries again."""
+        try:
+            return ThreadingHTTPServer.get_request(self)
+        except OSError as exc:
+            if exc.errno in OUT_OF_DESCRIPTORS:
+                _complain_out_of_descriptors(exc)
+                time.sleep(ACCEPT_PAUSE_SECONDS)
+            raise
 
     @property
     def url(self):
@@ -5936,6 +5980,7 @@ class EventLoop(object):
         self.in_threads = set()                 # exchanges a thread answers (MustWait)
         self.answered = queue.SimpleQueue()     # ... and has answered
         self.stopping = False
+        self.accepting_again = None             # when, after running out of descriptors
         self.stopped = threading.Event()
         self.stopped.set()                      # until run() starts
         self._wake_reader, self._wake_writer = socket.socketpair()
@@ -5965,7 +6010,9 @@ class EventLoop(object):
             while True:
                 if self.stopping and drain_until is None:
                     drain_until = time.monotonic() + self.config.drain_seconds
-                    self.selector.unregister(listener)
+                    if self.accepting_again is None:
+                        self.selector.unregister(listener)
+                    self.accepting_again = None
                     for conn in list(self.connections):
                         if not conn.busy:
                             self.close(conn)
@@ -5992,6 +6039,9 @@ class EventLoop(object):
                 if moment >= next_sweep:
                     next_sweep = moment + self.SWEEP_SECONDS
                     self.sweep(moment)
+                if self.accepting_again is not None and moment >= self.accepting_again:
+                    self.accepting_again = None
+                    self.selector.register(listener, selectors.EVENT_READ, "accept")
         finally:
             for job in self.pending:            # never answered, but not lost either
                 self.store._submit(job)
@@ -6043,7 +6093,13 @@ class EventLoop(object):
         while True:
             try:
                 sock, client = listener.accept()
-            except OSError:                     # none waiting (or a failed accept)
+            except OSError as exc:              # none waiting (or a failed accept)
+                if exc.errno in OUT_OF_DESCRIPTORS:
+                    # The connection stays queued and the listener readable:
+                    # watched now, it would wake the loop again at once.
+                    self.selector.unregister(listener)
+                    self.accepting_again = time.monotonic() + ACCEPT_PAUSE_SECONDS
+                    _complain_out_of_descriptors(exc)
                 return
             if not self.server.admit():
                 with contextlib.suppress(OSError):

@@ -30,6 +30,7 @@ import urllib.parse
 import urllib.request
 import uuid
 import warnings
+from unittest import mock
 
 import hall
 
@@ -2351,6 +2352,50 @@ class GracefulStopTest(unittest.TestCase):
                 conn.close()
 
 
+@unittest.skipUnless(sys.platform.startswith("linux"), "reads the hall's CPU time in /proc")
+class DescriptorLimitTest(unittest.TestCase):
+
+    def cpu_seconds(self, pid):
+        with open("/proc/%d/stat" % pid) as handle:
+            fields = handle.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def test_out_of_descriptors_the_hall_waits_to_accept_and_then_serves_again(self):
+        import resource
+        with tempfile.TemporaryDirectory() as tmp:
+            environ = hall_environ(HALL_API_PORT="0", HALL_ACCESS_LOG="off")
+            process = subprocess.Popen(
+                [sys.executable, "-u", HALL_PY, "--db", os.path.join(tmp, "hall.db")], cwd=tmp,
+                env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+            clients = []
+            try:
+                port = int(process.stdout.readline().split(" on ")[1].strip().rsplit(":", 1)[1])
+                said = queue.Queue()
+                threading.Thread(target=lambda: said.put(process.stderr.readline()),
+                                 daemon=True).start()
+                for _ in range(80):             # more than the hall has descriptors for
+                    clients.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+                complaint = said.get(timeout=10)
+                self.assertIn("cannot accept connections", complaint)
+                self.assertIn("ulimit -n", complaint)
+                # The refused connections stay queued: retrying only now and
+                # then, the hall is idle meanwhile rather than spinning.
+                before = self.cpu_seconds(process.pid)
+                time.sleep(1.0)
+                self.assertLess(self.cpu_seconds(process.pid) - before, 0.5)
+                for client in clients:
+                    client.close()
+                clients = []
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                    self.assertTrue(sock.recv(65536).startswith(b"HTTP/1.1 200"))
+            finally:
+                for client in clients:
+                    client.close()
+                reap(process)
+
+
 class TokenCommandTest(unittest.TestCase):
 
     def test_create_list_revoke_from_the_command_line(self):
@@ -2861,13 +2906,9 @@ class WriterTest(TempDirCase):
         # Commits leave checkpoints to the thread, up to the backstop.
         self.assertEqual(store._writer.execute("PRAGMA wal_autocheckpoint").fetchone(),
                          (hall.Store.CHECKPOINT_BACKSTOP,))
-        columns = hall.CHAINED_COLUMNS["decisions"]
         wal, largest = self.db + "-wal", 0
         for number in range(300):
-            row = dict.fromkeys(columns, None)
-            row.update(decision_id=hall.new_id(), decided_at=hall.now_iso(), tenant_id="t",
-                       capability_id="cap.%d" % (number % 7), env="dev", denied=0)
-            self.assertTrue(store.write(append=("decisions", [row[c] for c in columns])))
+            self.assertTrue(store.write(append=("decisions", self.decision_values(number))))
             largest = max(largest, os.path.getsize(wal))
         self.assertEqual(store.count_by("decisions", "env"), {"dev": 300})
         # 300 commits of several pages each make a WAL of some 2,500 pages
@@ -2878,6 +2919,47 @@ class WriterTest(TempDirCase):
         self.assertTrue(checkpointer.is_alive())
         store.close()
         self.assertFalse(checkpointer.is_alive())
+
+
+    def decision_values(self, number):
+        row = dict.fromkeys(hall.CHAINED_COLUMNS["decisions"], None)
+        row.update(decision_id=hall.new_id(), decided_at=hall.now_iso(), tenant_id="t",
+                   capability_id="cap.%d" % (number % 7), env="dev", denied=0)
+        return [row[c] for c in hall.CHAINED_COLUMNS["decisions"]]
+
+    def test_restarting_the_wal_never_makes_this_halls_own_writes_fail(self):
+        # No busy timeout at all: a checkpoint that took SQLite's write lock
+        # from under the hall's own writer would fail writes at once.
+        store = hall.Store(self.db, busy_timeout_ms=0)
+        self.addCleanup(store.close)
+        store.CHECKPOINT_EVERY, store.CHECKPOINT_RESTART = 1, 1
+        reader = sqlite3.connect(self.db, isolation_level=None)
+        self.addCleanup(reader.close)
+        for number in range(300):
+            if number % 50 == 0:                # a reader on the old WAL now and then
+                reader.execute("COMMIT" if reader.in_transaction else "BEGIN")
+                reader.execute("SELECT count(*) FROM decisions").fetchone()
+            self.assertTrue(store.write(append=("decisions", self.decision_values(number))))
+        self.assertEqual(store.count_by("decisions", "env"), {"dev": 300})
+
+    def test_without_a_checkpoint_thread_the_commits_checkpoint_and_nothing_fails(self):
+        start = threading.Thread.start
+
+        def out_of_threads(thread):
+            if thread.name == "hall-checkpointer":
+                raise RuntimeError("can't start new thread")
+            start(thread)
+        store = hall.Store(self.db)
+        store.CHECKPOINT_EVERY = 1
+        with mock.patch.object(threading.Thread, "start", out_of_threads), \
+                contextlib.redirect_stderr(io.StringIO()) as said:
+            for number in range(3):
+                self.assertTrue(store.write(append=("decisions", self.decision_values(number))))
+        self.assertIn("checkpoints stay with the commits", said.getvalue())
+        self.assertIs(store._checkpointer, False)
+        self.assertEqual(store._writer.execute("PRAGMA wal_autocheckpoint").fetchone(), (1000,))
+        store.close()                           # (checkpoints and removes the WAL)
+        self.assertFalse(os.path.exists(self.db + "-wal"))
 
 
 class ReferenceDatabaseTest(TempDirCase):
