@@ -819,6 +819,7 @@ class Store(object):
         self._checkpoint_due = threading.Event()
         self._checkpointer = None               # its thread, from the first commit on
         self._closing = False
+        self._submit_lock = threading.Lock()    # _closing and the writer thread's start
         try:
             self._writer = self._connect()
             self._writer.execute("PRAGMA journal_mode=WAL").fetchone()
@@ -916,12 +917,15 @@ class Store(object):
                     _complain("[hall-api] a checkpoint failed: %s" % exc)
 
     def close(self):
-        with self._write_lock:                  # (_committed runs under it)
+        # Nothing is committed (_committed) or queued (_submit) meanwhile:
+        # whatever comes later fails at once rather than wait for ever.
+        with self._write_lock, self._submit_lock:
             self._closing = True
-            checkpointer = self._checkpointer
-        if self._writer_thread is not None:
-            self._jobs.put(None)
-            self._writer_thread.join()
+            checkpointer, writer = self._checkpointer, self._writer_thread
+            if writer is not None:
+                self._jobs.put(None)
+        if writer is not None:
+            writer.join()
         if checkpointer:
             self._checkpoint_due.set()
             checkpointer.join()
@@ -1044,14 +1048,17 @@ class Store(object):
         self._submit(WriteJob(work, wait=False))
 
     def _submit(self, job):
-        if self._writer_thread is None:
-            with self._write_lock:
-                if self._writer_thread is None:
-                    thread = threading.Thread(target=self._write_loop, name="hall-writer",
-                                              daemon=True)
-                    thread.start()
-                    self._writer_thread = thread
-        self._jobs.put(job)
+        with self._submit_lock:
+            if self._closing:                   # (the writer is gone, or going)
+                job.error = Unavailable("the hall is stopping")
+                self._release([job])
+                return
+            if self._writer_thread is None:
+                thread = threading.Thread(target=self._write_loop, name="hall-writer",
+                                          daemon=True)
+                thread.start()
+                self._writer_thread = thread
+            self._jobs.put(job)
 
     def _write_loop(self):
         while True:

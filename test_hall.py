@@ -2962,6 +2962,15 @@ class WriterTest(TempDirCase):
         self.assertFalse(os.path.exists(self.db + "-wal"))
 
 
+    def test_a_write_after_close_fails_at_once_and_starts_no_thread(self):
+        store = hall.Store(self.db)
+        store.close()
+        with self.assertRaises(hall.Unavailable) as raised:
+            store.write(lambda conn: "late", timeout=10)
+        self.assertIn("stopping", str(raised.exception))
+        self.assertIsNone(store._writer_thread)
+
+
 class ReferenceDatabaseTest(TempDirCase):
     """A hall.db written by the reference server opens and is served without loss."""
 
