@@ -3901,6 +3901,12 @@ class Hall(object):
         with contextlib.suppress(HallError, sqlite3.Error):
             self.raise_alert("critical", "STORAGE_UNAVAILABLE", error.message)
 
+    def recovers_storage(self, method):
+        """True if a request with ``method`` that succeeded shows that writes
+        work again after a storage fault (then call storage_recovered)."""
+        return self.storage_fault_since is not None and method in ("POST", "PUT", "DELETE",
+                                                                   "PATCH")
+
     def storage_recovered(self):
         fault, self.storage_fault_since = self.storage_fault_since, None
         if fault is not None:
@@ -5837,7 +5843,7 @@ class HallHTTPServer(ThreadingHTTPServer):
             raise
         except Exception as exc:
             return self.failure_answer(exc)
-        if hall.storage_fault_since is not None and method != "GET" and hall.store.may_wait():
+        if hall.recovers_storage(method) and hall.store.may_wait():
             hall.storage_recovered()            # (the event loop: once its writes committed)
         return answer
 
@@ -6394,7 +6400,7 @@ class EventLoop(object):
                         job.then(job.result)
                     except Exception:           # committed all the same
                         traceback.print_exc()
-            if self.hall.storage_fault_since is not None and exchange.method not in (None, "GET"):
+            if self.hall.recovers_storage(exchange.method):
                 with self.store.collecting(self.wake) as jobs:
                     self.hall.storage_recovered()
                 if jobs:                        # answered once that alert is stored too
