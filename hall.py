@@ -1324,11 +1324,12 @@ class Store(object):
     def enrollments(self):
         """Every enrollment, newest first."""
         with self.reading() as conn:
-            rows = conn.execute("SELECT enrollment_id, worker_id, worker_species_id, capabilities, "
-                                "risk_tier, enrolled_at, artifact_hash, record_json "
-                                "FROM enrollments ORDER BY enrolled_at DESC, rowid DESC").fetchall()
-        return [Enrollment(r[0], r[1], r[2], _json_list(r[3]), r[4], r[5], r[6], _json_object(r[7]))
-                for r in rows]
+            rows = conn.execute(
+                "SELECT enrollment_id, worker_id, worker_species_id, capabilities, risk_tier, "
+                "enrolled_at, artifact_hash, record_json "
+                "FROM enrollments ORDER BY enrolled_at DESC, rowid DESC").fetchall()
+        return [Enrollment(r[0], r[1], r[2], _json_list(r[3]), r[4], r[5], r[6],
+                           _json_object(r[7])) for r in rows]
 
     def delete_enrollment(self, worker_id, audit):
         def work(conn):
@@ -1516,7 +1517,8 @@ class Store(object):
 
     def count_tokens(self):
         with self.reading() as conn:
-            return conn.execute("SELECT count(*) FROM tokens WHERE revoked_at IS NULL").fetchone()[0]
+            return conn.execute("SELECT count(*) FROM tokens WHERE revoked_at IS NULL"
+                                ).fetchone()[0]
 
     def list_tokens(self):
         with self.reading() as conn:
@@ -2081,7 +2083,8 @@ def compile_conditions(match, where, prefix_keys=()):
             continue
         elif isinstance(spec, dict) and list(spec) == ["in"]:
             values = spec["in"]
-            if not (isinstance(values, list) and values and all(isinstance(v, str) for v in values)):
+            if not (isinstance(values, list) and values and
+                    all(isinstance(v, str) for v in values)):
                 raise RulesError('%s: {"in": [...]} needs a non-empty list of strings' % label)
         else:
             raise RulesError('%s must be a string, {"in": [...]} or {"any": true}' % label)
@@ -2766,7 +2769,8 @@ def _run_pipeline(inp, decision, events, rules, registry, policy, floor, approva
     decision["matched_rule_id"] = rule.rule_id
     if rule.capability is not None and rule.candidates:
         # auto rules are named after the species they select (the first until then)
-        decision["matched_rule_id"] = "%s.%s" % (rule.rule_id, rule.candidates[0].worker_species_id)
+        decision["matched_rule_id"] = "%s.%s" % (rule.rule_id,
+                                                 rule.candidates[0].worker_species_id)
     decision["candidate_workers_ranked"] = [
         {"worker_species_id": c.worker_species_id, "score_hint": c.score_hint}
         for c in rule.candidates[:MAX_LISTED_CANDIDATES]]
@@ -3083,7 +3087,8 @@ RECEIPT_ALGORITHM = "HMAC-SHA256"
 LOGGED_FIELDS = {"timestamp": "decided_at", "correlation_id": "correlation_id",
                  "tenant_id": "tenant_id", "capability_id": "capability_id",
                  "selected_worker_species_id": "selected_worker", "worker_id": "worker_id",
-                 "denied": "denied", "deny_reason": "deny_reason", "artifact_hash": "artifact_hash"}
+                 "denied": "denied", "deny_reason": "deny_reason",
+                 "artifact_hash": "artifact_hash"}
 
 
 def receipt_key_id(secret):
@@ -3966,8 +3971,9 @@ class Hall(object):
         if changed:
             self.raise_alert("critical" if on else "info",
                              "SAFE_MODE_ENTERED" if on else "SAFE_MODE_EXITED",
-                             "safe mode %s by %s: %s" % ("entered" if on else "left",
-                                                        principal.name, reason or "no reason given"),
+                             "safe mode %s by %s: %s" % (
+                                 "entered" if on else "left", principal.name,
+                                 reason or "no reason given"),
                              dedup=state["since"])
         return self.safe_mode_view()
 
@@ -4129,8 +4135,8 @@ class Hall(object):
         next_cursor = None
         if more:
             rowid, last = rows[-1]
-            next_cursor = base64.urlsafe_b64encode(
-                ("%s|%d" % (last["decided_at"], rowid)).encode("utf-8")).decode("ascii").rstrip("=")
+            next_cursor = base64.urlsafe_b64encode(("%s|%d" % (last["decided_at"], rowid)
+                                                    ).encode("utf-8")).decode("ascii").rstrip("=")
         return {"dispatches": [row for _rowid, row in rows], "count": len(rows),
                 "next_cursor": next_cursor}
 
