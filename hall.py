@@ -889,22 +889,21 @@ class Store(object):
         its beginning (RESTART); this hall's writes wait for the lock
         meanwhile, and a reader still using the WAL is not waited for (the
         restart is tried again later)."""
-        try:
-            if not os.path.exists(self.path):   # (connecting would make an empty one)
-                raise sqlite3.OperationalError("%s is gone" % self.path)
-            conn = self._connect()
-            conn.execute("PRAGMA busy_timeout=0")
-        except sqlite3.Error as exc:
-            _complain("[hall-api] checkpoints stay with the commits: %s" % exc)
-            return
-        complained = 0.0
+        conn, complained = None, None
         while True:
             self._checkpoint_due.wait()
             self._checkpoint_due.clear()
             if self._closing:
-                conn.close()
+                if conn is not None:
+                    conn.close()
                 return
             try:
+                if conn is None:                # (tried again next time if it fails:
+                    if not os.path.exists(self.path):   # out of descriptors, say)
+                        raise sqlite3.OperationalError("%s is gone" % self.path)
+                    opened = self._connect()    # (connecting would make an empty one)
+                    opened.execute("PRAGMA busy_timeout=0")
+                    conn = opened
                 _busy, pages, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 if pages >= self.CHECKPOINT_RESTART and self._write_lock.acquire(timeout=0.1):
                     try:
@@ -912,7 +911,7 @@ class Store(object):
                     finally:
                         self._write_lock.release()
             except sqlite3.Error as exc:        # the writer's own checkpoints still bound it
-                if time.monotonic() - complained > 60:
+                if complained is None or time.monotonic() - complained > 60:
                     complained = time.monotonic()
                     _complain("[hall-api] a checkpoint failed: %s" % exc)
 
@@ -5725,11 +5724,11 @@ _BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/
 # retried after a pause, not at once: the connection stays queued.
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 ACCEPT_PAUSE_SECONDS = 0.1
-_DESCRIPTOR_COMPLAINT = [0.0]                   # when it was last said
+_DESCRIPTOR_COMPLAINT = [None]                  # when it was last said
 
 
 def _complain_out_of_descriptors(exc):
-    if time.monotonic() - _DESCRIPTOR_COMPLAINT[0] > 10:
+    if _DESCRIPTOR_COMPLAINT[0] is None or time.monotonic() - _DESCRIPTOR_COMPLAINT[0] > 10:
         _DESCRIPTOR_COMPLAINT[0] = time.monotonic()
         _complain("[hall-api] cannot accept connections: %s (raise the file limit, "
                   "ulimit -n, or lower HALL_MAX_CONNECTIONS)" % exc)
@@ -6038,7 +6037,10 @@ class EventLoop(object):
                 if drain_until is not None and (time.monotonic() > drain_until or not (
                         self.parked or any(conn.busy for conn in self.connections))):
                     return
-                events = self.selector.select(0 if self.pending else self.SWEEP_SECONDS)
+                timeout = 0 if self.pending else self.SWEEP_SECONDS
+                if self.accepting_again is not None:
+                    timeout = max(0, min(timeout, self.accepting_again - time.monotonic()))
+                events = self.selector.select(timeout)
                 if self.pending and (not events or len(self.pending) >= self.MAX_PENDING or
                                      time.monotonic() > self.pending_since +
                                      self.MAX_PENDING_SECONDS):

@@ -2962,6 +2962,29 @@ class WriterTest(TempDirCase):
         self.assertFalse(os.path.exists(self.db + "-wal"))
 
 
+    def test_a_checkpointer_that_cannot_connect_tries_again(self):
+        store = hall.Store(self.db)
+        self.addCleanup(store.close)
+        store.CHECKPOINT_EVERY, store.CHECKPOINT_RESTART = 1, 30
+        connect, refused = store._connect, []
+
+        def out_of_descriptors_once():
+            if threading.current_thread().name == "hall-checkpointer" and not refused:
+                refused.append(True)
+                raise sqlite3.OperationalError("unable to open database file")
+            return connect()
+        store._connect = out_of_descriptors_once
+        largest = 0
+        with contextlib.redirect_stderr(io.StringIO()) as said:
+            for number in range(300):
+                self.assertTrue(store.write(append=("decisions", self.decision_values(number))))
+                largest = max(largest, os.path.getsize(self.db + "-wal"))
+        self.assertEqual(refused, [True])
+        self.assertIn("a checkpoint failed: unable to open database file", said.getvalue())
+        self.assertTrue(store._checkpointer.is_alive())
+        page = store._writer.execute("PRAGMA page_size").fetchone()[0]
+        self.assertLess(largest, 1000 * page)   # (some 2,500 pages without checkpoints)
+
     def test_a_write_after_close_fails_at_once_and_starts_no_thread(self):
         store = hall.Store(self.db)
         store.close()
