@@ -1055,7 +1055,12 @@ class Store(object):
             if self._writer_thread is None:
                 thread = threading.Thread(target=self._write_loop, name="hall-writer",
                                           daemon=True)
-                thread.start()
+                try:
+                    thread.start()
+                except RuntimeError as exc:     # out of threads: a 503, tried again later
+                    job.error = Unavailable("the database cannot take writes now: %s" % exc)
+                    self._release([job])
+                    return
                 self._writer_thread = thread
             self._jobs.put(job)
 

@@ -2985,6 +2985,21 @@ class WriterTest(TempDirCase):
         page = store._writer.execute("PRAGMA page_size").fetchone()[0]
         self.assertLess(largest, 1000 * page)   # (some 2,500 pages without checkpoints)
 
+    def test_out_of_threads_a_write_is_refused_503_and_works_once_threads_are_back(self):
+        store = hall.Store(self.db)
+        self.addCleanup(store.close)
+        start = threading.Thread.start
+
+        def out_of_threads(thread):
+            if thread.name == "hall-writer":
+                raise RuntimeError("can't start new thread")
+            start(thread)
+        with mock.patch.object(threading.Thread, "start", out_of_threads):
+            with self.assertRaises(hall.Unavailable) as raised:
+                store.write(lambda conn: "first", timeout=10)
+        self.assertIn("can't start new thread", str(raised.exception))
+        self.assertEqual(store.write(lambda conn: "second", timeout=10), "second")
+
     def test_a_write_after_close_fails_at_once_and_starts_no_thread(self):
         store = hall.Store(self.db)
         store.close()
