@@ -4055,6 +4055,9 @@ class DashboardBrowserTest(ServerCase):
         self.assertEqual(self.hall.safe_mode_state.get("reason"), "drill from the page")
         self.wait_for("document.querySelector('#safe-mode').dataset.safeMode == 'on'",
                       "safe mode on")
+        # (the live stream may show it on before the page's own request has
+        # come back and given the button back)
+        self.wait_for("!document.querySelector('#sm-toggle').disabled", "the toggle again")
         page.evaluate("document.querySelector('#sm-toggle').click()")
         self.assertTrue(poll(lambda: not self.hall.floor.safe_mode), "safe mode was not left")
         # every request the page made went to this hall
