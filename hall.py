@@ -898,10 +898,10 @@ class Store(object):
                     conn.close()
                 return
             try:
-                if conn is None:                # (tried again next time if it fails:
-                    if not os.path.exists(self.path):   # out of descriptors, say)
+                if conn is None:                # (again next time if this fails)
+                    if not os.path.exists(self.path):   # connecting would make it, empty
                         raise sqlite3.OperationalError("%s is gone" % self.path)
-                    opened = self._connect()    # (connecting would make an empty one)
+                    opened = self._connect()
                     opened.execute("PRAGMA busy_timeout=0")
                     conn = opened
                 _busy, pages, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
