@@ -1048,21 +1048,20 @@ class Store(object):
 
     def _submit(self, job):
         with self._submit_lock:
-            if self._closing:                   # (the writer is gone, or going)
-                job.error = Unavailable("the hall is stopping")
-                self._release([job])
-                return
-            if self._writer_thread is None:
+            refusal = "the hall is stopping" if self._closing else None  # (writer gone, or going)
+            if refusal is None and self._writer_thread is None:
                 thread = threading.Thread(target=self._write_loop, name="hall-writer",
                                           daemon=True)
                 try:
                     thread.start()
+                    self._writer_thread = thread
                 except RuntimeError as exc:     # out of threads: a 503, tried again later
-                    job.error = Unavailable("the database cannot take writes now: %s" % exc)
-                    self._release([job])
-                    return
-                self._writer_thread = thread
-            self._jobs.put(job)
+                    refusal = "the database cannot take writes now: %s" % exc
+            if refusal is None:
+                self._jobs.put(job)
+                return
+        job.error = Unavailable(refusal)
+        self._release([job])
 
     def _write_loop(self):
         while True:
@@ -7205,8 +7204,9 @@ def build_parser():
                "HALL_TOKEN_FILE, HALL_RECEIPT_KEYS, HALL_CORS_ORIGINS, HALL_MAX_BODY, "
                "HALL_ACCESS_LOG, HALL_APPROVAL_TTL, HALL_TENANTS, HALL_ATTEST_DIRS, "
                "HALL_REQUIRE_ATTESTATION, HALL_IDLE_TIMEOUT, HALL_REQUEST_TIMEOUT, "
-               "HALL_MAX_CONNECTIONS, HALL_RATE_LIMIT, HALL_RATE_BURST, HALL_BUSY_TIMEOUT_MS, HALL_DRAIN_SECONDS, HALL_MAX_HEADER_LINE, "
-               "HALL_MAX_HEADERS, HALL_EVENTS_RETAINED, HALL_RETENTION_DAYS (see the README).")
+               "HALL_MAX_CONNECTIONS, HALL_RATE_LIMIT, HALL_RATE_BURST, HALL_BUSY_TIMEOUT_MS, "
+               "HALL_DRAIN_SECONDS, HALL_MAX_HEADER_LINE, HALL_MAX_HEADERS, "
+               "HALL_EVENTS_RETAINED, HALL_RETENTION_DAYS (see the README).")
     commands = parser.add_subparsers(dest="command", metavar="[command]")
     commands.add_parser("serve", parents=[serving], help="serve the HTTP API (the default)")
     hash_cmd = commands.add_parser("hash", help="print the artifact_hash of a worker record")
