@@ -5755,9 +5755,9 @@ class HallHTTPServer(ThreadingHTTPServer):
         self.hall = hall
         config = hall.config
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.loop = None                        # (server_close runs if the bind fails)
         ThreadingHTTPServer.__init__(self, address, HallRequestHandler)
         self.scheme = "http"
-        self.loop = None
         if config.tls_cert:
             self.socket = tls_context(config).wrap_socket(
                 self.socket, server_side=True, do_handshake_on_connect=False)

@@ -4162,6 +4162,12 @@ class CommandLineTest(unittest.TestCase):
                      (["--policy", bad_json], {}, "policy file"),
                      (["--db", not_db], {}, "cannot use database"),
                      (["--tls-cert", bad_json], {}, "TLS needs both")]
+            taken = socket.socket()
+            self.addCleanup(taken.close)
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            cases.append(([], {"HALL_API_PORT": str(taken.getsockname()[1])},
+                          "cannot listen on 127.0.0.1:%d" % taken.getsockname()[1]))
             for args, env, message in cases:
                 result = run_hall(args + ["--db", os.path.join(tmp, "h.db")]
                                   if "--db" not in args else args, env, cwd=tmp)
