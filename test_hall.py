@@ -2858,6 +2858,24 @@ class StorageTest(ServerCase):
         self.assertIn("decisions_by_time", plan)
         self.assertNotIn("TEMP B-TREE", plan)
 
+    def test_ids_are_version_4_uuids_that_begin_with_the_time(self):
+        before = int(time.time() * 1000)
+        ids = [hall.new_id() for _ in range(5000)]
+        after = int(time.time() * 1000)
+        self.assertEqual(len(set(ids)), len(ids))
+        for text in ids:
+            parsed = uuid.UUID(text)
+            self.assertEqual((str(parsed), parsed.version, parsed.variant),
+                             (text, 4, uuid.RFC_4122))
+            self.assertTrue(before <= int(text[:8] + text[9:13], 16) <= after, text)
+        self.assertGreater(len({text[14:] for text in ids}), 4990)     # the rest is random
+        self.enroll(worker_record())
+        routed = [self.route()[2]["decision_id"] for _ in range(3)]
+        stored = [r[0] for r in self.db_rows("SELECT decision_id FROM decisions "
+                                             "ORDER BY chain_seq")]
+        self.assertEqual(stored[-3:], routed)
+        self.assertEqual(sorted(routed, key=lambda text: text[:13]), routed)
+
     def test_tokens_are_stored_only_as_hashes(self):
         rows = self.db_rows("SELECT token_hash, scopes FROM tokens")
         self.assertEqual(len(rows), 3)
