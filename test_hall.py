@@ -2876,6 +2876,56 @@ class StorageTest(ServerCase):
         self.assertEqual(stored[-3:], routed)
         self.assertEqual(sorted(routed, key=lambda text: text[:13]), routed)
 
+    def test_day_counts_follow_the_log_through_shared_commits_and_failures(self):
+        self.assertEqual(self.db_rows("SELECT name FROM sqlite_master WHERE type = 'trigger' "
+                                      "AND name = 'decisions_counted'"), [])
+        self.enroll(worker_record())
+        url = self.server.url
+
+        def ingest(index):      # 12 ids over two days, each sent twice, a third denied
+            client = Client(url)
+            try:
+                return client.request("POST", "/decisions/ingest", {
+                    "decision_id": "d%d" % (index % 12), "denied": index % 3 == 0,
+                    "decided_at": "2020-01-0%dT23:59:59.000000+00:00" % (1 + index % 2)},
+                    token=self.admin)[0]
+            finally:
+                client.close()
+        threads = [threading.Thread(target=ingest, args=(i,)) for i in range(24)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.route()
+        self.route(capability_id="cap.unknown")
+
+        def appends_then_fails(conn):
+            self.hall.store._append(conn, "decisions", ["lost", hall.now_iso(), "cap", "t",
+                                                        "dev", 1] + [None] * 8)
+            raise ValueError("after the append")
+        with self.assertRaises(ValueError):
+            self.hall.store.write(appends_then_fails)
+        self.assertEqual(self.db_rows("SELECT count(*) FROM decisions WHERE decision_id = "
+                                      "'lost'"), [(0,)])
+        counted = ("SELECT day, total, denied FROM decision_days WHERE total > 0 ORDER BY day",
+                   "SELECT substr(decided_at, 1, 10), count(*), sum(denied != 0) "
+                   "FROM decisions GROUP BY 1 ORDER BY 1")
+        today = hall.utc_day()
+        self.assertEqual(self.db_rows(counted[0]), [("2020-01-01", 6, 2), ("2020-01-02", 6, 2),
+                                                    (today, 2, 1)])
+        self.assertEqual(self.db_rows(counted[0]), self.db_rows(counted[1]))
+        status = self.call("GET", "/status")[2]
+        self.assertEqual((status["decisions_total"], status["decisions_today"],
+                          status["denials_today"]), (14, 2, 1))
+        conn = sqlite3.connect(self.db)                 # edits still recount (triggers)
+        with conn:
+            conn.execute("DELETE FROM decisions WHERE decision_id = 'd0'")
+            conn.execute("UPDATE decisions SET denied = 1 WHERE decision_id = 'd1'")
+        conn.close()
+        self.assertEqual(self.db_rows(counted[0]), [("2020-01-01", 5, 1), ("2020-01-02", 6, 3),
+                                                    (today, 2, 1)])
+        self.assertEqual(self.db_rows(counted[0]), self.db_rows(counted[1]))
+
     def test_tokens_are_stored_only_as_hashes(self):
         rows = self.db_rows("SELECT token_hash, scopes FROM tokens")
         self.assertEqual(len(rows), 3)
