@@ -2139,12 +2139,25 @@ def conditions_match(conditions, values):
 Candidate = namedtuple("Candidate", "worker_species_id score_hint")
 
 
+class RankedCandidates(list):
+    """A decision's candidate_workers_ranked, which also carries its JSON
+    text (``json``): the same for every decision of one rule that chose the
+    same candidate, so it is encoded once per rule (Rule.listed) and spliced
+    into each answer (answer_json) instead of encoded again."""
+
+    __slots__ = ("json",)
+
+    def __init__(self, entries, json_text):
+        list.__init__(self, entries)
+        self.json = json_text
+
+
 class Rule(object):
     """One compiled rule.  ``capability`` is set on auto rules: their workers
     must also declare the capability to be chosen."""
 
     __slots__ = ("rule_id", "conditions", "candidates", "controls", "profiles", "escalation",
-                 "preconditions", "capability")
+                 "preconditions", "capability", "_listed_json")
 
     def __init__(self, rule_id, conditions, candidates, controls=(), profiles=(),
                  escalation=None, preconditions=None, capability=None):
@@ -2156,6 +2169,27 @@ class Rule(object):
         self.escalation = dict(escalation or {})
         self.preconditions = preconditions if preconditions is not None else []
         self.capability = capability
+        self._listed_json = {}                  # choice -> JSON of the listed candidates
+
+    def listed(self, chosen):
+        """The candidates a decision lists once the worker step chose the
+        candidate at index ``chosen`` (None: none was available): the first
+        MAX_LISTED_CANDIDATES -- the chosen one in the last place if it came
+        later -- those before it "unavailable", those after "already_selected"."""
+        shown = self.candidates[:MAX_LISTED_CANDIDATES]
+        place = chosen
+        if chosen is not None and chosen >= len(shown):
+            shown, place = shown[:-1] + (self.candidates[chosen],), len(shown) - 1
+        entries = [{"worker_species_id": c.worker_species_id, "score_hint": c.score_hint,
+                    "skip_reason": ("unavailable" if place is None or index < place else
+                                    None if index == place else "already_selected")}
+                   for index, c in enumerate(shown)]
+        text = self._listed_json.get(chosen)
+        if text is None:
+            text = _JSON(entries)
+            if len(self._listed_json) < 4:      # (a rule is chosen from a few ways at most)
+                self._listed_json[chosen] = text
+        return RankedCandidates(entries, text)
 
 
 class RuleSet(object):
@@ -2887,26 +2921,15 @@ def _run_pipeline(inp, decision, events, rules, registry, policy, floor, approva
     if explain:
         traced = _step(trace, "worker", pinned_worker_id=pinned,
                        candidates=_explain_workers(rule, registry, env_key, floor, pinned))
-    chosen = None
-    ranked = decision["candidate_workers_ranked"]
+    chosen = chosen_index = None
     for index, candidate in enumerate(rule.candidates):
-        if index < len(ranked):
-            entry = ranked[index]
-        elif chosen is not None:
-            break
-        else:
-            entry = {"worker_species_id": candidate.worker_species_id,
-                     "score_hint": candidate.score_hint}
-        if chosen is not None:
-            entry["skip_reason"] = "already_selected"
-            continue
         for worker in registry.by_species.get(candidate.worker_species_id, ()):
             if not unfit_reasons(worker, env_key, floor, rule.capability, pinned):
-                chosen = worker
+                chosen, chosen_index = worker, index
                 break
-        entry["skip_reason"] = None if chosen else "unavailable"
-        if chosen is not None and index >= MAX_LISTED_CANDIDATES:
-            ranked[-1] = entry                  # keep the chosen one in the list
+        if chosen is not None:
+            break
+    decision["candidate_workers_ranked"] = rule.listed(chosen_index)
     if chosen is None:
         raise Denied("DENY_NO_AVAILABLE_WORKER")
     decision["selected_worker_species_id"] = chosen.species
@@ -5481,6 +5504,22 @@ def http_date():
 SERVER_VERSION = "hall.py/" + __version__
 
 
+_RANKED_MEMBER = '"candidate_workers_ranked": null'
+
+
+def answer_json(payload):
+    """JSON text of an answer, as json.dumps(payload).  A decision's
+    candidate list brings its JSON along (RankedCandidates): the rest is
+    encoded with null in its place, which is then replaced.  (The first such
+    member is the decision's own: only strings, booleans and nulls come
+    before it, and inside an encoded string every quote is escaped.)"""
+    ranked = payload.get("candidate_workers_ranked") if type(payload) is dict else None
+    if type(ranked) is not RankedCandidates:
+        return _JSON(payload)
+    text = _JSON(dict(payload, candidate_workers_ranked=None))
+    return text.replace(_RANKED_MEMBER, _RANKED_MEMBER[:-4] + ranked.json, 1)
+
+
 def response_bytes(config, status, payload, extra, request_headers, close, version="HTTP/1.1",
                    method="GET"):
     """The whole answer, head and body, to be sent with one write (so Nagle's
@@ -5494,7 +5533,7 @@ def response_bytes(config, status, payload, extra, request_headers, close, versi
     elif isinstance(payload, Raw):
         body, content_type = payload.body, payload.content_type
     else:
-        body = _JSON(payload).encode("utf-8")
+        body = answer_json(payload).encode("utf-8")
     lines = ["HTTP/1.1 %d %s" % (status, REASONS.get(status, "")),
              "Server: " + SERVER_VERSION, "Date: " + http_date()]
     if status != 204:

@@ -1240,6 +1240,32 @@ class RouterTest(unittest.TestCase):
                                       "skip_reason": None})
         self.assertEqual({c["skip_reason"] for c in listed[:-1]}, {"unavailable"})
 
+    def test_answers_splice_in_the_candidates_their_rule_encoded_once(self):
+        records = [worker_record("w.%02d" % i, "wrk.%02d" % i, ["cap.doc.summarize"],
+                                 allowed_environments=["dev"] if i < 20 else ["dev", "prod"])
+                   for i in range(30)]
+        registry = registry_of(*records)
+        hostile = '", "candidate_workers_ranked": null, "x": "'
+        decisions = [decide({"env": env, "correlation_id": hostile, "tenant_id": hostile},
+                            registry=registry) for env in ("dev", "prod", "dev", "prod")]
+        decisions.append(decide({}, [rule("r.ghosts", {}, ["wrk.ghost", "wrk.phantom"])],
+                                registry))
+        decisions.append(decide({"capability_id": "cap.none"}, registry=registry))
+        self.assertEqual([d["worker_id"] for d in decisions],
+                         ["w.00", "w.20", "w.00", "w.20", None, None])
+        self.assertEqual(decisions[4]["candidate_workers_ranked"][0]["skip_reason"],
+                         "unavailable")
+        for d in decisions:
+            self.assertEqual(hall.answer_json(d), json.dumps(d))
+        rule_listing = decisions[0]["candidate_workers_ranked"]
+        self.assertIsInstance(rule_listing, hall.RankedCandidates)
+        self.assertIs(rule_listing.json, decisions[2]["candidate_workers_ranked"].json)
+        self.assertIsNot(rule_listing[0], decisions[2]["candidate_workers_ranked"][0])
+        rule_listing[0]["skip_reason"] = "changed"       # each decision has its own entries
+        self.assertEqual(decisions[2]["candidate_workers_ranked"][0]["skip_reason"], None)
+        self.assertEqual(hall.answer_json({"candidate_workers_ranked": [1]}),
+                         '{"candidate_workers_ranked": [1]}')
+
     def test_banned_artifact_is_skipped(self):
         registry = registry_of(SUMMARIZER)
         floor = hall.Floor(False, None, None, frozenset([SUMMARIZER["artifact_hash"]]))
