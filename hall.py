@@ -688,7 +688,7 @@ MIGRATIONS = [
     # (Store._count_days), not by a trigger once a row: the trigger was
     # nearly half the cost of inserting a decision.  Deleting or editing
     # decisions still recounts through the triggers.
-    ["DROP TRIGGER decisions_counted"],
+    ["DROP TRIGGER IF EXISTS decisions_counted"],
 ]
 
 DECISION_COLUMNS = ("decision_id", "decided_at", "capability_id", "tenant_id", "env", "denied",
