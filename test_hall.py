@@ -6,6 +6,7 @@ SQLite file, driven with http.client, plus direct calls of the pure router.
 
 import base64
 import contextlib
+import datetime
 import hashlib
 import http.client
 import io
@@ -4173,6 +4174,21 @@ class DashboardBrowserTest(ServerCase):
 # -- embedding and command line ----------------------------------------------------
 
 class EmbeddingTest(unittest.TestCase):
+
+    def test_timestamps_are_datetimes_isoformat_of_now(self):
+        epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+        moments = [0, 1767225599999999999, 1767225600000000000, 1767225600000000999,
+                   1767225599000001000, 1790000000123456789, 4102444799999999000]
+        for ns in moments:
+            with mock.patch("time.time_ns", return_value=ns):
+                text = hall.now_iso()
+            expected = (epoch + datetime.timedelta(microseconds=ns // 1000)).isoformat(
+                timespec="microseconds")
+            self.assertEqual(text, expected)
+        before = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
+        now = hall.now_iso()
+        after = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
+        self.assertTrue(before <= now <= after, (before, now, after))
 
     def test_in_process_hall_gives_the_same_answers(self):
         h = hall.Hall(":memory:")
