@@ -695,9 +695,27 @@ MIGRATIONS = [
     ],
     # 7 -- new decisions are counted per day by the writer, once a batch
     # (Store._count_days), not by a trigger once a row: the trigger was
-    # nearly half the cost of inserting a decision.  Deleting or editing
-    # decisions still recounts through the triggers.
-    ["DROP TRIGGER IF EXISTS decisions_counted"],
+    # nearly half the cost of inserting a decision.  So only a hall inserts
+    # decisions (another program's rows are not counted, nor chained).
+    # Deleting or editing decisions still recounts through triggers, which
+    # now make the day's row first: a batch may delete a decision it wrote
+    # before that day has its row (the counts are added at its end).
+    ["DROP TRIGGER IF EXISTS decisions_counted",
+     "DROP TRIGGER decisions_uncounted",
+     "DROP TRIGGER decisions_recounted",
+     """CREATE TRIGGER decisions_uncounted AFTER DELETE ON decisions BEGIN
+            INSERT OR IGNORE INTO decision_days(day) VALUES (substr(OLD.decided_at, 1, 10));
+            UPDATE decision_days SET total = total - 1, denied = denied - (OLD.denied != 0)
+                WHERE day = substr(OLD.decided_at, 1, 10);
+        END""",
+     """CREATE TRIGGER decisions_recounted AFTER UPDATE OF decided_at, denied ON decisions BEGIN
+            INSERT OR IGNORE INTO decision_days(day) VALUES (substr(OLD.decided_at, 1, 10));
+            UPDATE decision_days SET total = total - 1, denied = denied - (OLD.denied != 0)
+                WHERE day = substr(OLD.decided_at, 1, 10);
+            INSERT OR IGNORE INTO decision_days(day) VALUES (substr(NEW.decided_at, 1, 10));
+            UPDATE decision_days SET total = total + 1, denied = denied + (NEW.denied != 0)
+                WHERE day = substr(NEW.decided_at, 1, 10);
+        END"""],
 ]
 
 DECISION_COLUMNS = ("decision_id", "decided_at", "capability_id", "tenant_id", "env", "denied",
@@ -5521,14 +5539,18 @@ _RANKED_MEMBER = '"candidate_workers_ranked": null'
 def answer_json(payload):
     """JSON text of an answer, as json.dumps(payload).  A decision's
     candidate list brings its JSON along (RankedCandidates): the rest is
-    encoded with null in its place, which is then replaced.  (The first such
-    member is the decision's own: only strings, booleans and nulls come
-    before it, and inside an encoded string every quote is escaped.)"""
+    encoded with null in its place, which is then replaced -- if no object
+    or array opens before it, so that it is surely the decision's own
+    member (inside an encoded string every quote is escaped)."""
     ranked = payload.get("candidate_workers_ranked") if type(payload) is dict else None
     if type(ranked) is not RankedCandidates:
         return _JSON(payload)
     text = _JSON(dict(payload, candidate_workers_ranked=None))
-    return text.replace(_RANKED_MEMBER, _RANKED_MEMBER[:-4] + ranked.json, 1)
+    at = text.find(_RANKED_MEMBER)
+    if at < 0 or "{" in text[1:at] or "[" in text[:at]:
+        return _JSON(payload)
+    end = at + len(_RANKED_MEMBER)
+    return text[:end - 4] + ranked.json + text[end:]
 
 
 def response_bytes(config, status, payload, extra, request_headers, close, version="HTTP/1.1",

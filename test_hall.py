@@ -1266,6 +1266,9 @@ class RouterTest(unittest.TestCase):
         self.assertEqual(decisions[2]["candidate_workers_ranked"][0]["skip_reason"], None)
         self.assertEqual(hall.answer_json({"candidate_workers_ranked": [1]}),
                          '{"candidate_workers_ranked": [1]}')
+        nested_first = dict([("detail", {"candidate_workers_ranked": None, "x": "{["})] +
+                            list(decisions[1].items()))
+        self.assertEqual(hall.answer_json(nested_first), json.dumps(nested_first))
 
     def test_banned_artifact_is_skipped(self):
         registry = registry_of(SUMMARIZER)
@@ -2934,6 +2937,13 @@ class StorageTest(ServerCase):
             self.hall.store.write(appends_then_fails)
         self.assertEqual(self.db_rows("SELECT count(*) FROM decisions WHERE decision_id = "
                                       "'lost'"), [(0,)])
+
+        def appends_then_deletes(conn):     # (as a prune sharing the batch of an old ingest)
+            self.hall.store._append(conn, "decisions", ["gone", "2001-02-03T04:05:06.000000"
+                                                        "+00:00", "cap", "t", "dev", 1] +
+                                    [None] * 8)
+            conn.execute("DELETE FROM decisions WHERE decision_id = 'gone'")
+        self.hall.store.write(appends_then_deletes)
         counted = ("SELECT day, total, denied FROM decision_days WHERE total > 0 ORDER BY day",
                    "SELECT substr(decided_at, 1, 10), count(*), sum(denied != 0) "
                    "FROM decisions GROUP BY 1 ORDER BY 1")
