@@ -5550,7 +5550,7 @@ def answer_json(payload):
     if at < 0 or "{" in text[1:at] or "[" in text[:at]:
         return _JSON(payload)
     end = at + len(_RANKED_MEMBER)
-    return text[:end - 4] + ranked.json + text[end:]
+    return text[:end - len("null")] + ranked.json + text[end:]
 
 
 def response_bytes(config, status, payload, extra, request_headers, close, version="HTTP/1.1",
