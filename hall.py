@@ -1066,7 +1066,7 @@ class Store(object):
         """False on a thread collecting its writes (see MustWait)."""
         return getattr(self._collecting, "into", None) is None
 
-    def commit_here(self, jobs):
+    def commit_here(self, jobs, meanwhile=None):
         """Commit collected appends on the calling thread, the event loop,
         if that needs no waiting: the write connection is free and no other
         process holds the database's write lock.  Else they go to the writer
@@ -1074,8 +1074,11 @@ class Store(object):
 
         Committing on the loop spares the writer thread's wait for the
         interpreter after each SQLite call, which the busy loop holds: it
-        doubled the cost of a write.  The loop pays the fsync instead."""
-        if self._commit(jobs, wait=False):
+        doubled the cost of a write.  The loop waits for the fsync instead;
+        but ``meanwhile()``, called just before the COMMIT (which lets go of
+        the interpreter while SQLite writes and syncs), can hand work to
+        another thread, to be done during it."""
+        if self._commit(jobs, wait=False, meanwhile=meanwhile):
             return True
         for job in jobs:
             self._submit(job)
@@ -1174,7 +1177,7 @@ class Store(object):
         self._release(batch)
         _complain("[hall-api] a write batch failed: %r" % exc)
 
-    def _commit(self, batch, wait=True):
+    def _commit(self, batch, wait=True, meanwhile=None):
         """One transaction for the batch.  The chain entries are appended
         first, one INSERT each (a savepoint around them would cost more than
         the inserts); everything else, and the entries from a failed INSERT
@@ -1231,6 +1234,8 @@ class Store(object):
                     if self._chain != start:
                         conn.execute("UPDATE chain SET seq = ?, head = ?, head_mac = ? "
                                      "WHERE id = 1", self._chain + (self.sign_head(*self._chain),))
+                    if meanwhile is not None:
+                        meanwhile()
                     conn.execute("COMMIT")
                 except Exception as exc:
                     with contextlib.suppress(sqlite3.Error):
@@ -5520,14 +5525,15 @@ class BadRequest(Exception):
 KNOWN_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 REASONS = {status: phrase for status, (phrase, _) in BaseHTTPRequestHandler.responses.items()}
 _CHUNK_SIZE = re.compile(rb"^([0-9A-Fa-f]{1,8})(?:;[^\r\n]*)?\r?\n$")
-_HTTP_DATE = [0, ""]                        # [second, Date header value]: made once a second
+_HTTP_DATE = [(None, "")]                # (second, Date header value): made once a second
 
 
 def http_date():
     second = int(time.time())
-    if _HTTP_DATE[0] != second:
-        _HTTP_DATE[:] = [second, formatdate(second, usegmt=True)]
-    return _HTTP_DATE[1]
+    cached = _HTTP_DATE[0]                  # (one read: another thread may replace it)
+    if cached[0] != second:
+        cached = _HTTP_DATE[0] = (second, formatdate(second, usegmt=True))
+    return cached[1]
 
 
 SERVER_VERSION = "hall.py/" + __version__
@@ -6050,7 +6056,7 @@ class Exchange(object):
     """One request the event loop answers, from dispatch to its last byte."""
 
     __slots__ = ("conn", "method", "target", "headers", "close", "started", "context",
-                 "answer", "jobs")
+                 "answer", "jobs", "encoded")
 
     def __init__(self, conn, method, target, headers, close):
         self.conn, self.method, self.target, self.headers = conn, method, target, headers
@@ -6059,6 +6065,7 @@ class Exchange(object):
         self.context = {}
         self.answer = None                      # (status, payload, headers)
         self.jobs = ()
+        self.encoded = None                     # (answer, its bytes), made during the commit
 
 
 class EventLoop(object):
@@ -6077,7 +6084,10 @@ class EventLoop(object):
     (Store.commit_here) and only then sends their answers -- so many requests
     share one commit, and nothing is answered before it is durable.  The
     loop waits for that fsync, but never for a lock: when the database is
-    busy the writer thread commits them instead, and tells the loop.  A
+    busy the writer thread commits them instead, and tells the loop.  While
+    SQLite syncs, the encoder thread makes the batch's answers (the COMMIT
+    lets go of the interpreter): they are sent as made unless the commit's
+    outcome changed them (a ``then`` never changes an answer).  A
     request that would wait in any other way (MustWait) is answered by a
     thread of its own, which gives the answer back for the loop to send."""
 
@@ -6105,6 +6115,9 @@ class EventLoop(object):
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
+        self.encoder = None                     # the thread that makes answers ahead
+        self.to_encode = queue.SimpleQueue()    # [exchanges] whose COMMIT is syncing; None: stop
+        self.encoded = queue.SimpleQueue()      # ... and their answers are made
 
     def wake(self):
         """From any thread: have the loop look at its parked exchanges."""
@@ -6125,6 +6138,10 @@ class EventLoop(object):
         self.selector.register(listener, selectors.EVENT_READ, "accept")
         self.selector.register(self._wake_reader, selectors.EVENT_READ, "wake")
         next_sweep, drain_until = 0.0, None
+        encoder = threading.Thread(target=self.encode_ahead, name="hall-encoder", daemon=True)
+        with contextlib.suppress(RuntimeError):   # out of threads: answers are made after
+            encoder.start()
+            self.encoder = encoder
         try:
             while True:
                 if self.stopping and drain_until is None:
@@ -6165,6 +6182,9 @@ class EventLoop(object):
                     self.accepting_again = None
                     self.selector.register(listener, selectors.EVENT_READ, "accept")
         finally:
+            if self.encoder is not None:
+                self.to_encode.put(None)
+                self.encoder = None
             for job in self.pending:            # never answered, but not lost either
                 self.store._submit(job)
             for exchange in self.parked + list(self.in_threads):    # cut off by the deadline
@@ -6177,13 +6197,41 @@ class EventLoop(object):
 
     def commit(self):
         jobs, self.pending = self.pending, []
+        handed = []                             # to the encoder, once the COMMIT begins
+
+        def meanwhile():
+            batch = set(jobs)
+            handed.append([exchange for exchange in self.parked if exchange.conn is not None
+                           and exchange.jobs and exchange.jobs[0] in batch])
+            self.to_encode.put(handed[0])
         try:
-            committed = self.store.commit_here(jobs)
+            committed = self.store.commit_here(jobs, meanwhile if self.encoder else None)
         except Exception as exc:                # as the writer thread would
             self.store._abandon(jobs, exc)
             committed = True
+        finally:
+            if handed:                          # no exchange is touched while it works
+                self.encoded.get()
         if committed:
             self.settle()
+
+    def encode_ahead(self):
+        """The encoder thread: the answers of exchanges whose COMMIT is
+        syncing, made meanwhile.  One that fails here is made (and fails)
+        again by finish."""
+        while True:
+            exchanges = self.to_encode.get()
+            if exchanges is None:
+                return
+            try:
+                for exchange in exchanges:
+                    with contextlib.suppress(Exception):
+                        status, payload, headers = answer = exchange.answer
+                        exchange.encoded = (answer, response_bytes(
+                            self.config, status, payload, headers, exchange.headers,
+                            exchange.close))
+            finally:
+                self.encoded.put(None)
 
     def collected(self, jobs):
         """Appends a request made: to be committed by the loop."""
@@ -6532,8 +6580,10 @@ class EventLoop(object):
             return
         status, payload, headers = exchange.answer
         conn.closing = exchange.close
-        self.send(conn, response_bytes(self.config, status, payload, headers, exchange.headers,
-                                       exchange.close))
+        made = exchange.encoded
+        self.send(conn, made[1] if made is not None and made[0] is exchange.answer else
+                  response_bytes(self.config, status, payload, headers, exchange.headers,
+                                 exchange.close))
         self.server.log_request(conn.client[0], exchange.method, exchange.target, status,
                                 exchange.started, exchange.context)
 

@@ -814,6 +814,48 @@ class EventLoopTest(ServerCase):
         self.assertEqual(statuses(raw), [201])
         self.assertEqual(self.db_rows("SELECT decision_id FROM decisions"), [("held",)])
 
+    def test_an_answer_made_while_its_commit_fails_is_not_sent(self):
+        self.enroll(worker_record())
+        loop, store = self.server.loop, self.hall.store
+        writer, made = store._writer, []
+
+        class CommitFails(object):            # the write connection, but its COMMIT fails
+            def __getattr__(self, name):
+                return getattr(writer, name)
+
+            def execute(self, sql, *args):
+                if sql == "COMMIT" and not made and loop.parked:
+                    # The encoder has made the decision's answer meanwhile.
+                    made.extend(poll(lambda: [e.encoded for e in loop.parked if e.encoded]))
+                    raise sqlite3.OperationalError("disk I/O error")
+                return writer.execute(sql, *args)
+        body = json.dumps(route_body()).encode()
+        request = (b"POST /api/route HTTP/1.1\r\nContent-Type: application/json\r\n"
+                   b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
+                   % (self.router_token.encode(), len(body), body))
+        host, port = self.server.server_address[:2]
+        with socket.create_connection((host, port), timeout=5) as sock:
+            self.assertEqual(statuses(self.exchange_on(sock, request, 1)), [200])
+            # (The token's last use is written now, by the writer thread.)
+            self.assertTrue(poll(lambda: self.db_rows(
+                "SELECT last_used_at FROM tokens WHERE name = 'test router'") != [(None,)]))
+            store._writer = CommitFails()
+            try:
+                failed = self.exchange_on(sock, request, 1)
+            finally:
+                store._writer = writer
+            self.assertEqual(len(made), 1)
+            self.assertEqual(statuses(made[0][1]), [200])   # made, but not sent:
+            self.assertEqual(statuses(failed), [503])
+            self.assertIn(b'"code": "DB_UNAVAILABLE"', failed)
+            self.assertEqual(self.db_rows("SELECT count(*) FROM decisions"), [(1,)])
+            # The next commit succeeds, and its answer is the one made meanwhile.
+            raw = self.exchange_on(sock, request, 1)
+        self.assertEqual(statuses(raw), [200])
+        decision_id = json.loads(raw.split(b"\r\n\r\n", 1)[1])["decision_id"]
+        self.assertEqual(self.db_rows("SELECT count(*) FROM decisions WHERE decision_id = ?",
+                                      (decision_id,)), [(1,)])
+
     def test_a_database_locked_by_another_connection_does_not_stop_the_loop(self):
         blocker = sqlite3.connect(self.db, isolation_level=None)
         blocker.execute("BEGIN IMMEDIATE")
