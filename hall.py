@@ -772,8 +772,10 @@ class WriteJob(object):
     evidence chain says so with ``append=(table, values, digest)`` instead,
     and the writer appends all of a batch's entries first, without a savepoint
     each.  ``done`` is a lock held until the job's transaction has committed
-    (or failed).  ``then(result)`` runs once it committed; ``notify`` is
-    called (by the writer) when a job nobody waits for has its outcome."""
+    (or failed).  ``then(result)`` runs once it committed, and must not
+    change the answer of the request that wrote (the event loop may have
+    encoded it already); ``notify`` is called (by the writer) when a job
+    nobody waits for has its outcome."""
 
     __slots__ = ("work", "append", "done", "result", "error", "then", "notify", "best_effort")
 
@@ -6201,9 +6203,10 @@ class EventLoop(object):
 
         def meanwhile():
             batch = set(jobs)
-            handed.append([exchange for exchange in self.parked if exchange.conn is not None
-                           and exchange.jobs and exchange.jobs[0] in batch])
-            self.to_encode.put(handed[0])
+            exchanges = [exchange for exchange in self.parked if exchange.conn is not None
+                         and exchange.jobs and exchange.jobs[0] in batch]
+            self.to_encode.put(exchanges)
+            handed.append(exchanges)
         try:
             committed = self.store.commit_here(jobs, meanwhile if self.encoder else None)
         except Exception as exc:                # as the writer thread would
@@ -6211,9 +6214,22 @@ class EventLoop(object):
             committed = True
         finally:
             if handed:                          # no exchange is touched while it works
-                self.encoded.get()
+                self.wait_for_encoder()
         if committed:
             self.settle()
+
+    def wait_for_encoder(self):
+        """Until the encoder has made what it was handed -- or, should that
+        thread be gone, no longer hand it anything (rather than wait for ever)."""
+        while True:
+            try:
+                return self.encoded.get(timeout=1.0)
+            except queue.Empty:
+                if not self.encoder.is_alive():
+                    _complain("[hall-api] the encoder thread is gone: answers are made "
+                              "after their commit")
+                    self.encoder = None
+                    return
 
     def encode_ahead(self):
         """The encoder thread: the answers of exchanges whose COMMIT is
@@ -6561,7 +6577,7 @@ class EventLoop(object):
                 with self.store.collecting(self.wake) as jobs:
                     self.hall.storage_recovered()
                 if jobs:                        # answered once that alert is stored too
-                    exchange.jobs = jobs
+                    exchange.jobs, exchange.encoded = jobs, None    # (its Date, then)
                     exchange.conn.exchange = exchange
                     self.parked.append(exchange)
                     self.collected(jobs)

@@ -824,7 +824,8 @@ class EventLoopTest(ServerCase):
                 return getattr(writer, name)
 
             def execute(self, sql, *args):
-                if sql == "COMMIT" and not made and loop.parked:
+                if sql == "COMMIT" and not made and threading.current_thread() is not \
+                        store._writer_thread and any(e.conn for e in loop.parked):
                     # The encoder has made the decision's answer meanwhile.
                     made.extend(poll(lambda: [e.encoded for e in loop.parked if e.encoded]))
                     raise sqlite3.OperationalError("disk I/O error")
@@ -849,12 +850,33 @@ class EventLoopTest(ServerCase):
             self.assertEqual(statuses(failed), [503])
             self.assertIn(b'"code": "DB_UNAVAILABLE"', failed)
             self.assertEqual(self.db_rows("SELECT count(*) FROM decisions"), [(1,)])
-            # The next commit succeeds, and its answer is the one made meanwhile.
+            # The next commits succeed (the decision, and STORAGE_RECOVERED).
             raw = self.exchange_on(sock, request, 1)
         self.assertEqual(statuses(raw), [200])
         decision_id = json.loads(raw.split(b"\r\n\r\n", 1)[1])["decision_id"]
         self.assertEqual(self.db_rows("SELECT count(*) FROM decisions WHERE decision_id = ?",
                                       (decision_id,)), [(1,)])
+
+    def test_the_loop_answers_without_its_encoder(self):
+        loop = self.server.loop
+        encoder = loop.encoder
+        loop.to_encode.put(None)                # (how a stop ends it)
+        encoder.join(5)
+        self.assertFalse(encoder.is_alive())
+        host, port = self.server.server_address[:2]
+        request = (b"POST /decisions/ingest HTTP/1.1\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n%s")
+        with socket.create_connection((host, port), timeout=10) as sock, \
+                contextlib.redirect_stderr(io.StringIO()) as said:
+            body = json.dumps({"decision_id": "first"}).encode()
+            first = self.exchange_on(sock, request % (len(body), body), 1)
+            body = json.dumps({"decision_id": "second"}).encode()
+            second = self.exchange_on(sock, request % (len(body), body), 1)
+        self.assertEqual((statuses(first), statuses(second)), ([201], [201]))
+        self.assertIn("the encoder thread is gone", said.getvalue())
+        self.assertIsNone(loop.encoder)
+        self.assertEqual(self.db_rows("SELECT decision_id FROM decisions ORDER BY decision_id"),
+                         [("first",), ("second",)])
 
     def test_a_database_locked_by_another_connection_does_not_stop_the_loop(self):
         blocker = sqlite3.connect(self.db, isolation_level=None)
