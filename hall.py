@@ -3559,6 +3559,7 @@ class Hall(object):
         # database at most once a second (a revocation here clears them at once)
         self._known_tokens = {}
         self.storage_fault_since = None         # (when, why) while writes fail
+        self._generation_at_fault = None        # the store's commits counted at the last failure
         self.events = EventBus(config.events_retained)
         self.metrics = Metrics()
         self.sessions = Sessions()
@@ -3988,14 +3989,18 @@ class Hall(object):
         first write that works again raises STORAGE_RECOVERED."""
         if self.storage_fault_since is None:
             self.storage_fault_since = (now_iso(), error.message)
+        self._generation_at_fault = self.store.generation
         with contextlib.suppress(HallError, sqlite3.Error):
             self.raise_alert("critical", "STORAGE_UNAVAILABLE", error.message)
 
     def recovers_storage(self, method):
         """True if a request with ``method`` that succeeded shows that writes
-        work again after a storage fault (then call storage_recovered)."""
-        return self.storage_fault_since is not None and method in ("POST", "PUT", "DELETE",
-                                                                   "PATCH")
+        work again after a storage fault (then call storage_recovered): a
+        write request, with a commit made since the last failure (a POST
+        that writes nothing shows nothing)."""
+        return self.storage_fault_since is not None and \
+            method in ("POST", "PUT", "DELETE", "PATCH") and \
+            self.store.generation != self._generation_at_fault
 
     def storage_recovered(self):
         fault, self.storage_fault_since = self.storage_fault_since, None

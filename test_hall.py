@@ -2349,6 +2349,31 @@ class FaultTest(ServerCase):
         self.assertIn("STORAGE_RECOVERED", codes)
         self.assertEqual(self.db_rows("SELECT decision_id FROM decisions"), [("d2",)])
 
+    def test_only_a_write_that_commits_shows_storage_recovered(self):
+        self.assertEqual(self.route(dry_run=True)[0], 200)     # (its token's last use is
+        self.assertTrue(poll(lambda: self.db_rows(              # written now, not later)
+            "SELECT last_used_at FROM tokens WHERE name = 'test router'") != [(None,)]))
+        blocker = sqlite3.connect(self.db, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:                                    # (its alert cannot be written either)
+            self.hall.storage_fault(hall.Unavailable("the database cannot take writes now"))
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+
+        def recovered():
+            return [a for a in self.call("GET", "/alerts")[2]["alerts"]
+                    if a["code"] == "STORAGE_RECOVERED"]
+        # A POST that writes nothing shows nothing.
+        status, _, decision = self.route(dry_run=True)
+        self.assertEqual((status, decision["dry_run"]), (200, True))
+        self.assertEqual(recovered(), [])
+        self.assertIsNotNone(self.hall.storage_fault_since)
+        # One whose write commits does.
+        self.assertEqual(self.call("POST", "/decisions/ingest", {"decision_id": "d3"})[0], 201)
+        self.assertEqual(len(recovered()), 1)
+        self.assertIsNone(self.hall.storage_fault_since)
+
 
 class CrashSafetyTest(unittest.TestCase):
     """Acknowledged writes survive kill -9 in the middle of a write load."""
