@@ -6582,7 +6582,7 @@ class EventLoop(object):
                 with self.store.collecting(self.wake) as jobs:
                     self.hall.storage_recovered()
                 if jobs:                        # answered once that alert is stored too
-                    exchange.jobs, exchange.encoded = jobs, None    # (its Date, then)
+                    exchange.jobs, exchange.encoded = jobs, None    # (made anew, later)
                     exchange.conn.exchange = exchange
                     self.parked.append(exchange)
                     self.collected(jobs)
