@@ -6204,14 +6204,14 @@ class EventLoop(object):
 
     def commit(self):
         jobs, self.pending = self.pending, []
-        handed = []                             # to the encoder, once the COMMIT begins
+        handed = False                          # to the encoder, once the COMMIT begins
 
         def meanwhile():
+            nonlocal handed
             batch = set(jobs)
-            exchanges = [exchange for exchange in self.parked if exchange.conn is not None
-                         and exchange.jobs and exchange.jobs[0] in batch]
-            self.to_encode.put(exchanges)
-            handed.append(exchanges)
+            self.to_encode.put([exchange for exchange in self.parked if exchange.conn is not None
+                                and exchange.jobs and exchange.jobs[0] in batch])
+            handed = True
         try:
             committed = self.store.commit_here(jobs, meanwhile if self.encoder else None)
         except Exception as exc:                # as the writer thread would
