@@ -863,14 +863,18 @@ class Store(object):
         self._submit_lock = threading.Lock()    # _closing and the writer thread's start
         try:
             self._writer = self._connect()
-            self._writer.execute("PRAGMA journal_mode=WAL").fetchone()
-            # FULL: a commit is on disk before the hall answers 2xx, so an
-            # acknowledged write survives a crash of the process or the host.
-            self._writer.execute("PRAGMA synchronous=FULL")
-            self._migrate()
-            # A batch tries for the write lock without waiting first (_begin).
-            self._writer.execute("PRAGMA busy_timeout=0")
-            self._writer.execute("PRAGMA wal_autocheckpoint=%d" % self.CHECKPOINT_BACKSTOP)
+            try:
+                self._writer.execute("PRAGMA journal_mode=WAL").fetchone()
+                # FULL: a commit is on disk before the hall answers 2xx, so an
+                # acknowledged write survives a crash of the process or the host.
+                self._writer.execute("PRAGMA synchronous=FULL")
+                self._migrate()
+                # A batch tries for the write lock without waiting first (_begin).
+                self._writer.execute("PRAGMA busy_timeout=0")
+                self._writer.execute("PRAGMA wal_autocheckpoint=%d" % self.CHECKPOINT_BACKSTOP)
+            except BaseException:
+                self._writer.close()            # a file refused is not held open
+                raise
         except sqlite3.DatabaseError as exc:
             raise StoreError("cannot use database %s: %s" % (path, exc))
 
@@ -3537,11 +3541,11 @@ class Hall(object):
         if config.attest_dirs or config.require_attestation:
             self.attestor = Attestor(config.attest_dirs, config.require_attestation)
         self.keyring = Keyring(config.receipt_keys_path)
+        self.hall_hash = file_sha256(os.path.abspath(__file__))
         try:
             self.store = Store(config.db_path, config.busy_timeout, self.keyring)
         except StoreError as exc:
             raise ConfigError(str(exc))
-        self.hall_hash = file_sha256(os.path.abspath(__file__))
         self.started_at = now_iso()
         self._registry = None
         self._registry_generation = 0           # bumped by every enrollment change
@@ -3567,7 +3571,11 @@ class Hall(object):
         self.stopping = False                   # set when the server drains
         self.started_monotonic = time.monotonic()
         self.store.on_audit = lambda entry: self.events.publish("admin", entry)
-        self.load_governance()
+        try:
+            self.load_governance()
+        except BaseException:                   # (a stored policy that no longer compiles)
+            self.store.close()
+            raise
 
     def close(self):
         self.store.close()

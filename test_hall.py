@@ -3203,6 +3203,19 @@ class WriterTest(TempDirCase):
         self.assertIsNone(store._writer_thread)
 
 
+def files_held_open(path):
+    """The descriptors of this process open on ``path`` or its -wal/-shm files."""
+    if not os.path.isdir("/proc/self/fd"):
+        raise unittest.SkipTest("needs /proc/self/fd")
+    names = {os.path.realpath(path + suffix) for suffix in ("", "-wal", "-shm")}
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink("/proc/self/fd/" + fd) in names:
+                held.append(int(fd))
+    return held
+
+
 class ReferenceDatabaseTest(TempDirCase):
     """A hall.db written by the reference server opens and is served without loss."""
 
@@ -3274,6 +3287,19 @@ class ReferenceDatabaseTest(TempDirCase):
         with self.assertRaises(hall.ConfigError) as caught:
             hall.Hall(hall.Config(db_path=self.db))
         self.assertIn("newer hall", str(caught.exception))
+        self.assertEqual(files_held_open(self.db), [])
+
+    def test_a_stored_policy_that_does_not_compile_is_refused_and_lets_go_of_the_file(self):
+        hall.Hall(hall.Config(db_path=self.db, access_log=False)).close()
+        conn = sqlite3.connect(self.db)
+        conn.execute("INSERT INTO settings (key, value, updated_at) VALUES ('policy', ?, ?)",
+                     (json.dumps({"rules": "not a list"}), hall.now_iso()))
+        conn.commit()
+        conn.close()
+        with self.assertRaises(hall.ConfigError) as caught:
+            hall.Hall(hall.Config(db_path=self.db, access_log=False))
+        self.assertIn("stored policy", str(caught.exception))
+        self.assertEqual(files_held_open(self.db), [])
 
     def test_existing_rows_are_sealed_at_migration_and_reported_so(self):
         h = hall.Hall(hall.Config(db_path=self.db, access_log=False))
