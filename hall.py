@@ -1937,6 +1937,22 @@ def _vouched_link(vouched, first, end):
 
 # -- receipt keys ---------------------------------------------------------------
 
+def log_is_signed(path):
+    """Whether the database at ``path`` holds a chain head signed with a
+    receipt key (so that a missing key file is lost, not yet to be made)."""
+    if path == ":memory:" or not os.path.isfile(path):
+        return False
+    try:
+        conn = sqlite3.connect(path)
+        try:
+            row = conn.execute("SELECT head_mac FROM chain").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:                       # not a hall's database (yet): Store says why
+        return False
+    return bool(row and row[0])
+
+
 class Keyring(object):
     """The secrets that sign decision receipts (HMAC-SHA256).  The newest
     key signs; every older one is kept so that receipts given out before a
@@ -1947,7 +1963,7 @@ class Keyring(object):
     and ``current`` is set after it: a reader without the lock always finds
     the current key in the dict it reads."""
 
-    def __init__(self, path):
+    def __init__(self, path, may_create=True):
         self.path = path
         self.keys, self.current = {}, None      # key_id -> {"secret": bytes, "created_at"}
         self._lock = threading.Lock()
@@ -1955,6 +1971,11 @@ class Keyring(object):
         if path is None:
             self.keys, self.current = self._with_new_key()
         elif not self._refresh():
+            if not may_create:
+                raise ConfigError(
+                    "receipt key file %s does not exist, but the database's log was signed "
+                    "with a key: set HALL_RECEIPT_KEYS to the hall's key file (a new key "
+                    "would make the log look tampered with)" % path)
             self._save(*self._with_new_key(), create=True)
 
     def signing_key(self):
@@ -2011,6 +2032,8 @@ class Keyring(object):
             stat = os.stat(self.path)
         except FileNotFoundError:
             return False
+        except OSError as exc:
+            raise ConfigError("receipt key file %s cannot be read: %s" % (self.path, exc))
         if (stat.st_mtime_ns, stat.st_size) == self._stamp:
             return True
         if os.name == "posix" and stat.st_mode & 0o077:
@@ -2024,6 +2047,9 @@ class Keyring(object):
                     for entry in document["keys"]}
             if document["current"] not in keys:
                 raise KeyError("current")
+            for key_id, key in keys.items():    # (a short or mislabelled secret is no key)
+                if len(key["secret"]) < 16 or receipt_key_id(key["secret"]) != key_id:
+                    raise ValueError("key %s is not the key its secret names" % key_id)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ConfigError("receipt key file %s cannot be used (%s: %s)"
                               % (self.path, type(exc).__name__, exc))
@@ -2041,23 +2067,29 @@ class Keyring(object):
         directory = os.path.dirname(self.path) or "."
         temporary = os.path.join(directory, ".%s.%s" % (os.path.basename(self.path),
                                                         secrets.token_hex(4)))
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                json.dump(document, handle, indent=1)
-                handle.flush()
-                os.fsync(handle.fileno())
-            if create:
-                try:
-                    os.link(temporary, self.path)
-                except FileExistsError:
-                    self._refresh()             # another process made it first: use that
-            else:
-                os.replace(temporary, self.path)
+            self._write(document, temporary, create)
+        except OSError as exc:
+            raise ConfigError("cannot write receipt key file %s: %s" % (self.path, exc))
         finally:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 os.unlink(temporary)
         self._refresh()
+
+    def _write(self, document, temporary, create):
+        """_save's file work (an OSError leaves the old file as it was)."""
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            json.dump(document, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if create:
+            try:
+                os.link(temporary, self.path)
+            except FileExistsError:
+                self._refresh()                 # another process made it first: use that
+        else:
+            os.replace(temporary, self.path)
 
 
 def _json_list(text):
@@ -3540,7 +3572,8 @@ class Hall(object):
         self.attestor = None
         if config.attest_dirs or config.require_attestation:
             self.attestor = Attestor(config.attest_dirs, config.require_attestation)
-        self.keyring = Keyring(config.receipt_keys_path)
+        self.keyring = Keyring(config.receipt_keys_path,
+                               may_create=not log_is_signed(config.db_path))
         self.hall_hash = file_sha256(os.path.abspath(__file__))
         try:
             self.store = Store(config.db_path, config.busy_timeout, self.keyring)
@@ -4251,8 +4284,8 @@ class Hall(object):
 
     def prune(self, older_than_days, principal=TRUSTED):
         """Remove decisions older than the given number of days (audited)."""
-        if not (_is_int(older_than_days) and older_than_days >= 1):
-            raise HallError(400, "older than must be at least one day")
+        if not (_is_int(older_than_days) and 1 <= older_than_days <= 3650000):
+            raise HallError(400, "older than must be from one day to 10,000 years")
         before = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(
             days=older_than_days)).isoformat(timespec="microseconds")
         removed, kept = self.store.prune_decisions(before, (
@@ -4385,7 +4418,10 @@ class Hall(object):
     def rotate_receipt_key(self, principal=TRUSTED):
         """A new signing key; receipts made with the old ones still verify."""
         def work(conn):                         # under the database's write lock
-            key_id = self.keyring.rotate()
+            try:
+                key_id = self.keyring.rotate()
+            except ConfigError as exc:          # (the key file cannot be written)
+                raise HallError(500, str(exc), "RECEIPT_KEYS_UNWRITABLE")
             self.store._audit(conn, (principal.token_id, "receipts.rotate", key_id, {}))
         self.store.write(work)
         return self.receipt_keys()
@@ -7356,10 +7392,13 @@ CLI = Principal("cli", "command line", ALL_SCOPES, None)    # who the audit trai
 
 
 def build_parser():
-    database = argparse.ArgumentParser(add_help=False)
+    # Absent flags are left out (SUPPRESS), not set to None: `hall.py --db x token list`
+    # must not have the command's own --db, absent, undo the one given before it.
+    database = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     database.add_argument("--db", dest="db_path",
                           help="SQLite file (HALL_DB_PATH, default hall.db)")
-    serving = argparse.ArgumentParser(add_help=False, parents=[database])
+    serving = argparse.ArgumentParser(add_help=False, parents=[database],
+                                      argument_default=argparse.SUPPRESS)
     serving.add_argument("--host", help="bind address (HALL_API_HOST, default 127.0.0.1)")
     serving.add_argument("--port", help="TCP port (HALL_API_PORT, default 8765; 0 = any free)")
     serving.add_argument("--rules", dest="rules_path", help="operator rules JSON (HALL_RULES_PATH)")
@@ -7805,7 +7844,8 @@ def cmd_prune(args):
 
 
 def cmd_token(args):
-    hall = Hall(Config.load(args))
+    # A first token may make the database; listing or revoking needs it to exist.
+    hall = Hall(Config.load(args)) if args.token_command == "create" else existing_hall(args)
     try:
         if args.token_command == "create":
             token_id, secret = hall.create_token(args.name, sorted(set(args.scope)),
@@ -8117,6 +8157,12 @@ def main(argv=None):
         print("hall.py: error: %s" % (exc.message if isinstance(exc, HallError) else exc),
               file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:                     # `hall.py export | head`: the reader is done
+        # (stdout is pointed at /dev/null so that its flush at exit does not fail again)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

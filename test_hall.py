@@ -2517,6 +2517,21 @@ class DescriptorLimitTest(unittest.TestCase):
 
 class TokenCommandTest(unittest.TestCase):
 
+    def test_flags_before_the_command_count_and_a_listing_makes_no_database(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            db = os.path.join(tmp, "given.db")
+            created = run_hall(["--db", db, "token", "create", "--name", "ci", "--scope",
+                                "read"], cwd=tmp)
+            self.assertEqual(created.returncode, 0, created.stderr)
+            self.assertTrue(os.path.exists(db))
+            self.assertFalse(os.path.exists(os.path.join(tmp, "hall.db")))
+            typo = os.path.join(tmp, "typo.db")
+            for command in (["token", "list"], ["token", "revoke", "tok_x"]):
+                refused = run_hall(command + ["--db", typo], cwd=tmp)
+                self.assertEqual(refused.returncode, 2, refused.stderr)
+                self.assertIn("no database at", refused.stderr)
+            self.assertEqual(sorted(os.listdir(tmp)), ["given.db", "given.db.keys"])
+
     def test_create_list_revoke_from_the_command_line(self):
         with tempfile.TemporaryDirectory() as tmp:
             db = os.path.join(tmp, "hall.db")
@@ -2899,8 +2914,10 @@ class OperationsCommandLineTest(TempDirCase):
         for command in ("serve", "route", "enroll", "hash", "rules", "policy", "status",
                         "workers", "dispatches", "token", "export", "prune", "bench"):
             self.assertIn(command, result.stdout)
+        hall.Hall(hall.Config(db_path=self.db, access_log=False)).close()
         for args in (["route", "--blast-score", "x"], ["frobnicate"], ["prune"],
-                     ["prune", "--older-than", "soon", "--db", self.db]):
+                     ["prune", "--older-than", "soon", "--db", self.db],
+                     ["prune", "--older-than", "99999999999d", "--db", self.db]):
             result = self.hall_cli(*args)
             self.assertEqual(result.returncode, 2, args)
             self.assertNotIn("Traceback", result.stderr)
@@ -3806,6 +3823,45 @@ class ReceiptTest(ServerCase):
         with self.assertRaises(hall.ConfigError) as caught:
             hall.Hall(hall.Config(db_path=self.db))
         self.assertIn("cannot be used", str(caught.exception))
+
+    def test_a_key_that_is_not_the_key_its_secret_names_is_refused(self):
+        self.stop()
+        short = b"\x01" * 8
+        for key_id, secret in ((hall.receipt_key_id(short), short),     # too short
+                               ("rk_0000000000000000", b"\x02" * 32),   # mislabelled
+                               ("x", b"")):
+            with open(self.db + ".keys", "w") as handle:
+                json.dump({"current": key_id, "keys": [{"key_id": key_id, "secret": secret.hex(),
+                                                        "created_at": "t"}]}, handle)
+            with self.assertRaises(hall.ConfigError) as caught:
+                hall.Hall(hall.Config(db_path=self.db))
+            self.assertIn("is not the key its secret names", str(caught.exception))
+
+    def test_a_lost_key_file_is_refused_not_made_anew(self):
+        # Without its key the signed log cannot be checked; a new key would
+        # sign the next head and make the log look rewritten for ever.
+        self.stop()
+        keys = self.db + ".keys"
+        os.rename(keys, keys + ".elsewhere")
+        with self.assertRaises(hall.ConfigError) as caught:
+            hall.Hall(hall.Config(db_path=self.db, access_log=False))
+        self.assertIn("HALL_RECEIPT_KEYS", str(caught.exception))
+        self.assertFalse(os.path.exists(keys))
+        self.assertEqual(files_held_open(self.db), [])
+        os.rename(keys + ".elsewhere", keys)
+        h = hall.Hall(hall.Config(db_path=self.db, access_log=False))
+        try:
+            report = h.verify_log()
+            self.assertTrue(report["intact"], report["problems"])
+        finally:
+            h.close()
+
+    def test_a_key_file_that_cannot_be_written_is_a_clear_error(self):
+        self.stop()
+        missing = os.path.join(self.tmp.name, "no such directory", "hall.db")
+        with self.assertRaises(hall.ConfigError) as caught:
+            hall.Hall(hall.Config(db_path=missing))
+        self.assertIn("cannot write receipt key file", str(caught.exception))
 
 
 # Every deny code of the router, with the step that must deny it: explained
