@@ -902,7 +902,8 @@ class Store(object):
                 conn.execute("PRAGMA user_version=%d" % number)
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:         # (SQLite may have rolled back already)
+                    conn.execute("ROLLBACK")
                 raise
 
     def _committed(self):
@@ -3617,7 +3618,10 @@ class Hall(object):
         """(Re)read policy, safe mode, tenants and bans from the database into
         the immutable snapshot the router reads: ``self.policy``, ``self.floor``.
         Settings changed through the API win over the configuration files."""
-        settings = self.store.settings()
+        try:
+            settings = self.store.settings()
+        except ValueError as exc:
+            raise ConfigError("a stored setting is not JSON (the database was edited): %s" % exc)
         document, source = settings.get("policy"), "api"
         if document is None:
             document, source = self.file_policy, ("file" if self.file_policy else None)
@@ -3626,8 +3630,18 @@ class Hall(object):
         except RulesError as exc:
             raise ConfigError("stored policy: %s" % exc)
         # stored as {"tenants": [...] or null}: null (any tenant) must override the config too
-        tenants = settings["tenants"]["tenants"] if "tenants" in settings else self.config.tenants
+        tenants = self.config.tenants
+        if "tenants" in settings:
+            stored = settings["tenants"]
+            tenants = stored.get("tenants", False) if isinstance(stored, dict) else False
+            if tenants is not None and not (isinstance(tenants, list) and all(
+                    isinstance(tenant, str) for tenant in tenants)):
+                raise ConfigError("the stored tenants setting is not a list of tenant ids "
+                                  "or null (the database was edited)")
         safe_mode = settings.get("safe_mode") or {}
+        if not isinstance(safe_mode, dict):
+            raise ConfigError("the stored safe mode setting is not an object (the database "
+                              "was edited)")
         self.policy, self.policy_document, self.policy_source = policy, document, source
         self.safe_mode_state = safe_mode
         self.tenants_source = "api" if "tenants" in settings else (
@@ -4447,9 +4461,19 @@ class Hall(object):
                               "HALL_TOKEN_FILE) and start again" % (path, self.config.db_path))
         except OSError as exc:
             raise ConfigError("cannot write token file %s: %s" % (path, exc.strerror or exc))
-        with os.fdopen(fd, "w") as handle:
-            secret = self.create_token("first-start admin", ["admin"])[1]
-            handle.write(secret + "\n")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                secret = self.create_token("first-start admin", ["admin"])[1]
+                handle.write(secret + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException as exc:
+            os.unlink(path)                     # (an empty file would block the next start)
+            if isinstance(exc, OSError):
+                raise ConfigError("cannot write token file %s: %s (a token stored "
+                                  "meanwhile has a secret nobody knows: see `token list`)"
+                                  % (path, exc.strerror or exc))
+            raise
         return path, secret
 
     def authenticate(self, secret):
@@ -7599,22 +7623,32 @@ def existing_hall(args):
 
 def call_hall(args, method, path, body=None):
     """An HTTP call to the hall at --url; returns (status, parsed JSON)."""
+    import http.client
     import urllib.error
     import urllib.request
     token = args.url_token or os.environ.get("HALL_TOKEN")
-    request = urllib.request.Request(args.url.rstrip("/") + path, method=method,
-                                     data=json.dumps(body).encode() if body is not None else None)
-    request.add_header("Content-Type", "application/json")
-    if token:
-        request.add_header("Authorization", "Bearer " + token)
     try:
+        request = urllib.request.Request(
+            args.url.rstrip("/") + path, method=method,
+            data=json.dumps(body).encode() if body is not None else None)
+        request.add_header("Content-Type", "application/json")
+        if token:
+            request.add_header("Authorization", "Bearer " + token)
         with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read() or b"null")
+            status, text = response.status, response.read()
     except urllib.error.HTTPError as exc:
-        answer = json.loads(exc.read() or b"{}")
-        raise ConfigError("%s %s: %d %s" % (method, path, exc.code, answer.get("error", "")))
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+        with contextlib.suppress(OSError, HallError):
+            answer = parse_json_body(exc.read() or b"{}", "answer")
+            if isinstance(answer, dict) and answer.get("error"):
+                raise ConfigError("%s %s: %d %s" % (method, path, exc.code, answer["error"]))
+        raise ConfigError("%s %s: %d (not an answer of a hall)" % (method, path, exc.code))
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         raise ConfigError("cannot reach %s: %s" % (args.url, getattr(exc, "reason", exc)))
+    try:
+        return status, parse_json_body(text or b"null", "answer")
+    except HallError:
+        raise ConfigError("%s answered %s %s with something other than JSON: is it a hall?"
+                          % (args.url, method, path))
 
 
 def ask_hall(args, method, path, local, body=None):
@@ -8060,17 +8094,34 @@ def _peak_rss_mb(pid):
 
 
 def cmd_bench(args):
+    import http.client
     import multiprocessing                      # only the benchmark needs it
+    for name, low in (("decisions", 0), ("workers", 1), ("processes", 1),
+                      ("connections", args.processes)):
+        if getattr(args, name) < low:
+            raise ConfigError("--%s must be at least %d" % (name, low))
+    if not (0 < args.seconds <= 3600 and 0 <= args.warmup <= 3600):
+        raise ConfigError("--seconds must be above 0 and --warmup at least 0 (at most 3600)")
     token = args.token or os.environ.get("HALL_TOKEN") or "bench-" + secrets.token_hex(16)
     tmp, hall_process, records = None, None, []
     port_queue = multiprocessing.Queue()
     ceiling = multiprocessing.Process(target=_serve_ceiling, args=(port_queue,), daemon=True)
     try:
         if args.url:
-            split = urlsplit(args.url)
-            if split.scheme != "http" or not split.hostname:
+            try:
+                split = urlsplit(args.url)
+                host, port = split.hostname, split.port or 80
+            except ValueError:                  # (a bad port, an unclosed [)
+                split = host = None
+            if not host or split.scheme != "http":
                 raise ConfigError("--url must be an http:// URL of a running hall")
-            host, port = split.hostname, split.port or 80
+            try:
+                probe = http.client.HTTPConnection(host, port, timeout=10)
+                probe.request("GET", "/health")
+                probe.getresponse().read()
+                probe.close()
+            except (OSError, http.client.HTTPException) as exc:
+                raise ConfigError("cannot reach %s: %s" % (args.url, exc))
             print("bench: against %s (its own data)" % args.url)
         else:
             tmp = tempfile.mkdtemp(prefix="hall-bench-")

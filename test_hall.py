@@ -7,8 +7,10 @@ SQLite file, driven with http.client, plus direct calls of the pure router.
 import base64
 import contextlib
 import datetime
+import errno
 import hashlib
 import http.client
+import http.server
 import io
 import json
 import os
@@ -3306,6 +3308,37 @@ class ReferenceDatabaseTest(TempDirCase):
         self.assertIn("newer hall", str(caught.exception))
         self.assertEqual(files_held_open(self.db), [])
 
+    def test_stored_settings_edited_into_nonsense_are_refused_with_one_line(self):
+        hall.Hall(hall.Config(db_path=self.db, access_log=False)).close()
+        for key, value in (("policy", "not json"), ("tenants", "[1]"),
+                           ("tenants", '{"on": true}'), ("tenants", '{"tenants": [1]}'),
+                           ("safe_mode", "[1]")):
+            with contextlib.closing(sqlite3.connect(self.db)) as conn:
+                conn.execute("DELETE FROM settings")
+                conn.execute("INSERT INTO settings (key, value, updated_at) VALUES (?, ?, ?)",
+                             (key, value, hall.now_iso()))
+                conn.commit()
+            with self.assertRaises(hall.ConfigError) as caught:
+                hall.Hall(hall.Config(db_path=self.db, access_log=False))
+            self.assertIn("the database was edited", str(caught.exception), (key, value))
+            self.assertEqual(files_held_open(self.db), [])
+
+    def test_a_token_file_that_cannot_be_written_is_not_left_behind(self):
+        h = hall.Hall(hall.Config(db_path=self.db, access_log=False,
+                                  token_file=os.path.join(self.tmp.name, "hall.token")))
+        try:
+            with mock.patch.object(hall.Hall, "create_token",
+                                   side_effect=OSError(errno.ENOSPC, "No space left on device")):
+                with self.assertRaises(hall.ConfigError) as caught:
+                    h.ensure_admin_token()
+            self.assertIn("No space left on device", str(caught.exception))
+            self.assertFalse(os.path.exists(h.config.token_path))
+            path, secret = h.ensure_admin_token()       # the next start makes it
+            with open(path) as handle:
+                self.assertEqual(handle.read().strip(), secret)
+        finally:
+            h.close()
+
     def test_a_stored_policy_that_does_not_compile_is_refused_and_lets_go_of_the_file(self):
         hall.Hall(hall.Config(db_path=self.db, access_log=False)).close()
         conn = sqlite3.connect(self.db)
@@ -4433,6 +4466,38 @@ def run_hall(args, env=None, cwd=None, timeout=30):
 
 
 class CommandLineTest(unittest.TestCase):
+
+    def test_bad_urls_bench_arguments_and_non_halls_exit_2_with_one_line(self):
+        class NotAHall(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = b"<html>hello</html>"
+                self.send_response(404 if self.path.startswith("/workers") else 200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+        other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotAHall)
+        threading.Thread(target=other.serve_forever, daemon=True).start()
+        self.addCleanup(other.server_close)
+        self.addCleanup(other.shutdown)
+        url = "http://127.0.0.1:%d" % other.server_address[1]
+        cases = [(["status", "--url", "foo"], "cannot reach foo"),
+                 (["status", "--url", "http://[::1"], "cannot reach"),
+                 (["status", "--url", url], "other than JSON"),
+                 (["workers", "--url", url], "404 (not an answer of a hall)"),
+                 (["bench", "--processes", "0"], "--processes must be at least 1"),
+                 (["bench", "--seconds", "0"], "--seconds must be above 0"),
+                 (["bench", "--connections", "2"], "--connections must be at least 4"),
+                 (["bench", "--url", "http://127.0.0.1:abc"], "--url must be an http:// URL")]
+        with tempfile.TemporaryDirectory() as tmp:
+            for args, said in cases:
+                result = run_hall(args, cwd=tmp)
+                self.assertEqual(result.returncode, 2, (args, result.stderr))
+                self.assertIn(said, result.stderr, args)
+                self.assertNotIn("Traceback", result.stderr, args)
+            self.assertEqual(os.listdir(tmp), [])
 
     def test_bad_settings_exit_2_with_one_line(self):
         with tempfile.TemporaryDirectory() as tmp:
