@@ -5937,8 +5937,13 @@ class HallHTTPServer(ThreadingHTTPServer):
         ThreadingHTTPServer.__init__(self, address, HallRequestHandler)
         self.scheme = "http"
         if config.tls_cert:
-            self.socket = tls_context(config).wrap_socket(
-                self.socket, server_side=True, do_handshake_on_connect=False)
+            try:
+                context = tls_context(config)
+            except BaseException:               # (a certificate that cannot be loaded)
+                self.server_close()
+                raise
+            self.socket = context.wrap_socket(self.socket, server_side=True,
+                                              do_handshake_on_connect=False)
             self.scheme = "https"
         else:
             self.loop = EventLoop(self)
@@ -6065,7 +6070,7 @@ class HallHTTPServer(ThreadingHTTPServer):
     def server_close(self):
         ThreadingHTTPServer.server_close(self)
         if self.loop is not None and self.loop.stopped.is_set():
-            self.loop.close_wake_up()
+            self.loop.release_descriptors()
 
     def handle_error(self, request, client_address):
         if not isinstance(sys.exc_info()[1], OSError):  # a client gone or a bad TLS hello
@@ -6342,9 +6347,11 @@ class EventLoop(object):
         else:
             self.receive(what)
 
-    def close_wake_up(self):
+    def release_descriptors(self):
+        """Once it has stopped (or never ran): its wake-up pair and selector."""
         self._wake_reader.close()
         self._wake_writer.close()
+        self.selector.close()
 
     # -- connections -----------------------------------------------------------
 
@@ -7551,10 +7558,13 @@ def run_server(config):
                           "hall or an earlier database; move it away (or set HALL_TOKEN_FILE) "
                           "and start again" % (config.token_path, config.db_path))
     hall = Hall(config)
+    server = None
     try:
         server = make_server(hall, config.host, config.port)
         token_file, secret = hall.ensure_admin_token()
     except BaseException:
+        if server is not None:
+            server.server_close()
         hall.close()
         raise
     def stop(signum, frame):

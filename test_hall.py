@@ -2519,6 +2519,25 @@ class DescriptorLimitTest(unittest.TestCase):
 
 class TokenCommandTest(unittest.TestCase):
 
+    def test_a_start_that_fails_after_binding_lets_go_of_its_sockets(self):
+        if not os.path.isdir("/proc/self/fd"):
+            self.skipTest("needs /proc/self/fd")
+        with tempfile.TemporaryDirectory() as tmp:
+            junk = os.path.join(tmp, "junk.pem")
+            with open(junk, "w") as handle:
+                handle.write("not a certificate")
+            before = len(os.listdir("/proc/self/fd"))
+            h = hall.Hall(hall.Config(db_path=os.path.join(tmp, "a.db"), access_log=False,
+                                      tls_cert=junk, tls_key=junk))
+            with self.assertRaises(hall.ConfigError):
+                h.serve(port=0)
+            h.close()
+            with self.assertRaises(hall.ConfigError):     # the token file cannot be written
+                hall.run_server(hall.Config(db_path=os.path.join(tmp, "b.db"), port=0,
+                                            access_log=False, token_file=os.path.join(
+                                                tmp, "no such directory", "hall.token")))
+            self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+
     def test_flags_before_the_command_count_and_a_listing_makes_no_database(self):
         with tempfile.TemporaryDirectory() as tmp:
             db = os.path.join(tmp, "given.db")
