@@ -1021,6 +1021,9 @@ class Store(object):
         except sqlite3.OperationalError as exc:
             raise Unavailable("the database cannot be read now: %s" % exc)
         finally:
+            if self._closing and conn is not None:  # read while closing: close() has
+                conn.close()                        # emptied the pool already
+                conn = None
             self._readers.put(conn)
 
     def write(self, work=None, append=None, timeout=-1, then=None):
@@ -5856,7 +5859,10 @@ class HallRequestHandler(socketserver.StreamRequestHandler):
             parts.append(chunk)
 
     def answer(self, status, payload, headers):
-        """Write the whole response with one sendall."""
+        """Write the whole response with one sendall (the last one of its
+        connection while the hall stops, as the event loop does)."""
+        if self.server.hall.stopping:
+            self.close_connection = True
         try:
             self.connection.sendall(response_bytes(
                 self.server.hall.config, status, payload, headers, self.headers,

@@ -2442,6 +2442,28 @@ class CrashSafetyTest(unittest.TestCase):
 
 class GracefulStopTest(unittest.TestCase):
 
+    def test_a_connection_served_by_a_thread_is_let_go_once_the_hall_stops(self):
+        # (a keep-alive client kept busy would otherwise hold the drain to its end)
+        with tempfile.TemporaryDirectory() as tmp:
+            h = hall.Hall(hall.Config(db_path=os.path.join(tmp, "hall.db"), access_log=False))
+            server = h.serve(port=0)
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1],
+                                                  timeout=10)
+                for stopping in (False, True):
+                    h.stopping = stopping
+                    conn.request("GET", "/openapi.json")         # a path a thread answers
+                    response = conn.getresponse()
+                    response.read()
+                    self.assertEqual(response.status, 200)
+                    self.assertEqual(response.getheader("Connection"),
+                                     "close" if stopping else None)
+                self.assertEqual(conn.sock, None)           # closed, as the answer said
+            finally:
+                h.stopping = False
+                server.stop()
+                h.close()
+
     def test_sigterm_finishes_the_request_in_flight(self):
         with tempfile.TemporaryDirectory() as tmp:
             environ = hall_environ(HALL_API_PORT="0", HALL_ACCESS_LOG="off")
@@ -3357,6 +3379,15 @@ class ReferenceDatabaseTest(TempDirCase):
                 self.assertEqual(handle.read().strip(), secret)
         finally:
             h.close()
+
+    def test_a_read_during_or_after_close_does_not_keep_the_file_open(self):
+        store = hall.Store(self.db, keyring=hall.Keyring(self.db + ".keys"))
+        with store.reading() as conn:
+            store.close()
+            self.assertEqual(conn.execute("SELECT count(*) FROM decisions").fetchone(), (2,))
+        with store.reading() as conn:
+            conn.execute("SELECT count(*) FROM decisions").fetchone()
+        self.assertEqual(files_held_open(self.db), [])
 
     def test_a_stored_policy_that_does_not_compile_is_refused_and_lets_go_of_the_file(self):
         hall.Hall(hall.Config(db_path=self.db, access_log=False)).close()
