@@ -3610,7 +3610,7 @@ class Hall(object):
         self.store.on_audit = lambda entry: self.events.publish("admin", entry)
         try:
             self.load_governance()
-        except BaseException:                   # (a stored policy that no longer compiles)
+        except BaseException:                   # (stored settings it cannot use)
             self.store.close()
             raise
 
@@ -3621,10 +3621,12 @@ class Hall(object):
         """(Re)read policy, safe mode, tenants and bans from the database into
         the immutable snapshot the router reads: ``self.policy``, ``self.floor``.
         Settings changed through the API win over the configuration files."""
+        def edited(what):
+            return ConfigError("the stored %s (the database was edited)" % what)
         try:
             settings = self.store.settings()
         except ValueError as exc:
-            raise ConfigError("a stored setting is not JSON (the database was edited): %s" % exc)
+            raise edited("settings are not all JSON: %s" % exc)
         document, source = settings.get("policy"), "api"
         if document is None:
             document, source = self.file_policy, ("file" if self.file_policy else None)
@@ -3639,12 +3641,10 @@ class Hall(object):
             tenants = stored.get("tenants", False) if isinstance(stored, dict) else False
             if tenants is not None and not (isinstance(tenants, list) and all(
                     isinstance(tenant, str) for tenant in tenants)):
-                raise ConfigError("the stored tenants setting is not a list of tenant ids "
-                                  "or null (the database was edited)")
+                raise edited("tenants setting is not a list of tenant ids or null")
         safe_mode = settings.get("safe_mode") or {}
         if not isinstance(safe_mode, dict):
-            raise ConfigError("the stored safe mode setting is not an object (the database "
-                              "was edited)")
+            raise edited("safe mode setting is not an object")
         self.policy, self.policy_document, self.policy_source = policy, document, source
         self.safe_mode_state = safe_mode
         self.tenants_source = "api" if "tenants" in settings else (
@@ -7653,11 +7653,12 @@ def call_hall(args, method, path, body=None):
         with urllib.request.urlopen(request, timeout=30) as response:
             status, text = response.status, response.read()
     except urllib.error.HTTPError as exc:
+        answer = None
         with contextlib.suppress(OSError, HallError):
             answer = parse_json_body(exc.read() or b"{}", "answer")
-            if isinstance(answer, dict) and answer.get("error"):
-                raise ConfigError("%s %s: %d %s" % (method, path, exc.code, answer["error"]))
-        raise ConfigError("%s %s: %d (not an answer of a hall)" % (method, path, exc.code))
+        if not (isinstance(answer, dict) and answer.get("error")):
+            raise ConfigError("%s %s: %d (not an answer of a hall)" % (method, path, exc.code))
+        raise ConfigError("%s %s: %d %s" % (method, path, exc.code, answer["error"]))
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         raise ConfigError("cannot reach %s: %s" % (args.url, getattr(exc, "reason", exc)))
     try:
