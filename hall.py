@@ -7637,8 +7637,9 @@ def existing_hall(args):
     return Hall(config)
 
 
-def call_hall(args, method, path, body=None):
-    """An HTTP call to the hall at --url; returns (status, parsed JSON)."""
+def call_hall(args, method, path, body=None, fields=()):
+    """An HTTP call to the hall at --url; returns (status, parsed JSON), an
+    object carrying ``fields`` when any are named."""
     import http.client
     import urllib.error
     import urllib.request
@@ -7662,17 +7663,21 @@ def call_hall(args, method, path, body=None):
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         raise ConfigError("cannot reach %s: %s" % (args.url, getattr(exc, "reason", exc)))
     try:
-        return status, parse_json_body(text or b"null", "answer")
+        answer = parse_json_body(text or b"null", "answer")
     except HallError:
-        raise ConfigError("%s answered %s %s with something other than JSON: is it a hall?"
-                          % (args.url, method, path))
+        answer = None
+    if answer is None or fields and not (isinstance(answer, dict) and
+                                         all(name in answer for name in fields)):
+        raise ConfigError("%s answered %s %s with something other than a hall's answer: "
+                          "is it a hall?" % (args.url, method, path))
+    return status, answer
 
 
-def ask_hall(args, method, path, local, body=None):
-    """The answer of the running hall at --url, else ``local(hall)`` over the
-    database."""
+def ask_hall(args, method, path, local, fields, body=None):
+    """The answer (an object carrying ``fields``) of the running hall at
+    --url, else ``local(hall)`` over the database."""
     if args.url:
-        return call_hall(args, method, path, body)[1]
+        return call_hall(args, method, path, body, fields)[1]
     hall = existing_hall(args)
     try:
         return local(hall)
@@ -7701,7 +7706,9 @@ def cmd_route(args):
         body["dry_run"] = True
     if args.explain:
         body["explain"] = True
-    decision = ask_hall(args, "POST", "/api/route", lambda hall: hall.route(body, CLI), body)
+    decision = ask_hall(args, "POST", "/api/route", lambda hall: hall.route(body, CLI),
+                        ("allowed", "worker_id", "selected_worker_species_id",
+                         "matched_rule_id", "deny_reason_if_denied"), body)
     if args.json:
         print_json(decision)
         return 0 if decision["allowed"] else 1
@@ -7713,7 +7720,8 @@ def cmd_route(args):
                                              decision["matched_rule_id"]))
     else:
         reason = decision["deny_reason_if_denied"]
-        print("denied: %s: %s%s" % (reason["code"], reason["message"],
+        reason = reason if isinstance(reason, dict) else {}
+        print("denied: %s: %s%s" % (reason.get("code"), reason.get("message"),
                                     " (approval %s)" % reason["approval_id"]
                                     if reason.get("approval_id") else ""))
     return 0 if decision["allowed"] else 1
@@ -7731,7 +7739,8 @@ def print_trace(trace):
 
 
 def cmd_verify_log(args):
-    report = ask_hall(args, "GET", "/api/log/verify", Hall.verify_log)
+    report = ask_hall(args, "GET", "/api/log/verify", Hall.verify_log,
+                      ("intact", "sealed", "pruned", "entries", "length", "head", "problems"))
     sealed = report["sealed"]
     if report["intact"]:
         print("intact: %d entries, chain length %d, head %s" % (
@@ -7752,7 +7761,8 @@ def cmd_verify_log(args):
 def cmd_verify_receipt(args):
     decision = read_json_argument(args.file)
     answer = ask_hall(args, "POST", "/api/receipts/verify",
-                      lambda hall: hall.verify_receipt(decision), decision)
+                      lambda hall: hall.verify_receipt(decision), ("valid", "reason", "in_log"),
+                      decision)
     print("%s: %s%s" % ("valid" if answer["valid"] else "INVALID", answer["reason"],
                         "; in the decision log" if answer["in_log"] else
                         ("; not in the decision log (a dry run, or pruned)"

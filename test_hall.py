@@ -2908,6 +2908,21 @@ class OperationsCommandLineTest(TempDirCase):
         self.assertEqual(self.hall_cli("status", "--db", os.path.join(self.tmp.name, "no.db"))
                          .returncode, 2)
 
+    def test_a_closed_pipe_and_ctrl_c_end_a_command_without_a_traceback(self):
+        hall._preload(self.db, 3000, 1)         # an export far longer than a pipe holds
+        process = subprocess.Popen([sys.executable, HALL_PY, "export", "--db", self.db],
+                                   env=hall_environ(), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        try:
+            self.assertTrue(process.stdout.read(100).startswith(b'{"decision_id"'))
+            process.stdout.close()              # as `hall.py export | head -c 100` would
+            self.assertEqual(process.wait(30), 1)
+            self.assertEqual(process.stderr.read(), b"")
+        finally:
+            reap(process)
+        with mock.patch.object(hall, "read_json_argument", side_effect=KeyboardInterrupt):
+            self.assertEqual(hall.main(["verify-receipt", "-"]), 130)
+
     def test_route_and_status_against_a_running_hall(self):
         h = hall.Hall(hall.Config(db_path=self.db, access_log=False, token="cli-token"))
         server = h.serve(port=0)
@@ -3347,6 +3362,25 @@ class ReferenceDatabaseTest(TempDirCase):
         with self.assertRaises(hall.ConfigError) as caught:
             hall.Hall(hall.Config(db_path=self.db))
         self.assertIn("newer hall", str(caught.exception))
+        self.assertEqual(files_held_open(self.db), [])
+
+    def test_a_failed_migration_reports_its_own_error_and_changes_nothing(self):
+        hall.Hall(hall.Config(db_path=self.db, access_log=False)).close()
+        version = len(hall.MIGRATIONS)
+
+        def step(conn, store):                  # a step whose failure SQLite rolls back
+            conn.execute("CREATE TABLE half_made (x)")
+            conn.execute("CREATE TEMP TRIGGER refuse BEFORE INSERT ON half_made "
+                         "BEGIN SELECT RAISE(ROLLBACK, 'the step failed'); END")
+            conn.execute("INSERT INTO half_made VALUES (1)")
+        with mock.patch.object(hall, "MIGRATIONS", hall.MIGRATIONS + [[step]]):
+            with self.assertRaises(hall.ConfigError) as caught:
+                hall.Hall(hall.Config(db_path=self.db, access_log=False))
+        self.assertIn("the step failed", str(caught.exception))
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            self.assertEqual(conn.execute("PRAGMA user_version").fetchone(), (version,))
+            self.assertEqual(conn.execute("SELECT count(*) FROM sqlite_master WHERE "
+                                          "name = 'half_made'").fetchone(), (0,))
         self.assertEqual(files_held_open(self.db), [])
 
     def test_stored_settings_edited_into_nonsense_are_refused_with_one_line(self):
@@ -4510,21 +4544,25 @@ def reap(process):
             pipe.close()
 
 
-def run_hall(args, env=None, cwd=None, timeout=30):
+def run_hall(args, env=None, cwd=None, timeout=30, stdin=""):
     return subprocess.run([sys.executable, HALL_PY] + args, env=hall_environ(**(env or {})),
-                          cwd=cwd, capture_output=True, text=True, timeout=timeout)
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout, input=stdin)
 
 
 class CommandLineTest(unittest.TestCase):
 
     def test_bad_urls_bench_arguments_and_non_halls_exit_2_with_one_line(self):
         class NotAHall(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                body = b"<html>hello</html>"
+            def do_GET(self):                   # /api/...: JSON, but of another shape
+                body = b'{"ok": true}' if self.path.startswith("/api/") else b"<html>hi</html>"
                 self.send_response(404 if self.path.startswith("/workers") else 200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.do_GET()
 
             def log_message(self, *args):
                 pass
@@ -4535,7 +4573,10 @@ class CommandLineTest(unittest.TestCase):
         url = "http://127.0.0.1:%d" % other.server_address[1]
         cases = [(["status", "--url", "foo"], "cannot reach foo"),
                  (["status", "--url", "http://[::1"], "cannot reach"),
-                 (["status", "--url", url], "other than JSON"),
+                 (["status", "--url", url], "other than a hall's answer"),
+                 (["route", "--url", url, "--capability", "cap.x"], "other than a hall's answer"),
+                 (["verify-log", "--url", url], "other than a hall's answer"),
+                 (["verify-receipt", "-", "--url", url], "other than a hall's answer"),
                  (["workers", "--url", url], "404 (not an answer of a hall)"),
                  (["bench", "--processes", "0"], "--processes must be at least 1"),
                  (["bench", "--seconds", "0"], "--seconds must be above 0"),
@@ -4543,7 +4584,7 @@ class CommandLineTest(unittest.TestCase):
                  (["bench", "--url", "http://127.0.0.1:abc"], "--url must be an http:// URL")]
         with tempfile.TemporaryDirectory() as tmp:
             for args, said in cases:
-                result = run_hall(args, cwd=tmp)
+                result = run_hall(args, cwd=tmp, stdin="{}")
                 self.assertEqual(result.returncode, 2, (args, result.stderr))
                 self.assertIn(said, result.stderr, args)
                 self.assertNotIn("Traceback", result.stderr, args)
