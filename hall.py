@@ -1974,17 +1974,21 @@ class Keyring(object):
         self._stamp, self._checked = None, 0.0
         if path is None:
             self.keys, self.current = self._with_new_key()
-        elif not self._refresh():
-            if not may_create:
-                raise ConfigError(
-                    "receipt key file %s does not exist, but the database's log was signed "
-                    "with a key: set HALL_RECEIPT_KEYS to the hall's key file (a new key "
-                    "would make the log look tampered with)" % path)
-            self._save(*self._with_new_key(), create=True)
+        elif not self._refresh() and not may_create:
+            raise ConfigError(
+                "receipt key file %s does not exist, but the database's log was signed "
+                "with a key: set HALL_RECEIPT_KEYS to the hall's key file (a new key "
+                "would make the log look tampered with)" % path)
 
     def signing_key(self):
-        """(key_id, secret) of the key that signs now."""
-        if self.path is not None and time.monotonic() - self._checked > 1.0:
+        """(key_id, secret) of the key that signs now.  The first key is made
+        (its file written) when first asked for, so that a start refused on
+        the way leaves no key file behind."""
+        if self.current is None:
+            with self._lock:
+                if self.current is None and not self._refresh():
+                    self._save(*self._with_new_key(), create=True)
+        elif self.path is not None and time.monotonic() - self._checked > 1.0:
             with self._lock:
                 try:
                     self._refresh()
@@ -3610,7 +3614,8 @@ class Hall(object):
         self.store.on_audit = lambda entry: self.events.publish("admin", entry)
         try:
             self.load_governance()
-        except BaseException:                   # (stored settings it cannot use)
+            self.keyring.signing_key()          # made now, if new: a route must not fail on it
+        except BaseException:                   # (stored settings it cannot use, say)
             self.store.close()
             raise
 
@@ -6701,15 +6706,31 @@ def tls_context(config):
     return context
 
 
-def make_server(hall, host, port):
-    config = hall.config
+def check_can_listen(config, host, port):
+    """Refuse what would stop a hall listening on host:port -- plain HTTP
+    off loopback without leave, a certificate that does not load, an address
+    in use -- before a start has made any file (database, keys)."""
     if not is_loopback(host) and not config.tls_cert and not config.allow_plain_http:
         raise ConfigError("refusing to serve plain HTTP on %s, which is not a loopback address: "
                           "set HALL_TLS_CERT and HALL_TLS_KEY, or pass --allow-plain-http "
                           "when a TLS-terminating proxy is in front" % (host or "all addresses"))
+    if config.tls_cert:
+        tls_context(config)
+    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)    # as the server does
+        probe.bind((host, port))
+    except OSError as exc:
+        raise ConfigError("cannot listen on %s:%s: %s" % (host, port, exc.strerror or exc))
+    finally:
+        probe.close()
+
+
+def make_server(hall, host, port):
+    check_can_listen(hall.config, host, port)
     try:
         return HallHTTPServer(hall, (host, port))
-    except OSError as exc:
+    except OSError as exc:                      # (taken since the check)
         raise ConfigError("cannot listen on %s:%s: %s" % (host, port, exc.strerror or exc))
 
 
@@ -7563,6 +7584,7 @@ def run_server(config):
         raise ConfigError("token file %s exists but database %s does not: it belongs to another "
                           "hall or an earlier database; move it away (or set HALL_TOKEN_FILE) "
                           "and start again" % (config.token_path, config.db_path))
+    check_can_listen(config, config.host, config.port)
     hall = Hall(config)
     server = None
     try:

@@ -3975,10 +3975,12 @@ class ReceiptTest(ServerCase):
 
     def test_a_key_file_that_cannot_be_written_is_a_clear_error(self):
         self.stop()
-        missing = os.path.join(self.tmp.name, "no such directory", "hall.db")
+        db = os.path.join(self.tmp.name, "new.db")
+        keys = os.path.join(self.tmp.name, "no such directory", "hall.keys")
         with self.assertRaises(hall.ConfigError) as caught:
-            hall.Hall(hall.Config(db_path=missing))
+            hall.Hall(hall.Config(db_path=db, receipt_keys=keys))
         self.assertIn("cannot write receipt key file", str(caught.exception))
+        self.assertEqual(files_held_open(db), [])
 
 
 # Every deny code of the router, with the step that must deny it: explained
@@ -4608,7 +4610,10 @@ class CommandLineTest(unittest.TestCase):
                      (["--rules", bad_rules], {}, "'moon' is not one of"),
                      (["--policy", bad_json], {}, "policy file"),
                      (["--db", not_db], {}, "cannot use database"),
-                     (["--tls-cert", bad_json], {}, "TLS needs both")]
+                     (["--tls-cert", bad_json], {}, "TLS needs both"),
+                     (["--tls-cert", bad_json, "--tls-key", bad_json], {},
+                      "cannot load TLS certificate"),
+                     (["--host", "0.0.0.0"], {}, "refusing to serve plain HTTP")]
             taken = socket.socket()
             self.addCleanup(taken.close)
             taken.bind(("127.0.0.1", 0))
@@ -4625,6 +4630,8 @@ class CommandLineTest(unittest.TestCase):
                 self.assertNotIn("Traceback", result.stderr)
             with open(not_db, "rb") as handle:
                 self.assertTrue(handle.read().startswith(b"this is not a database"))
+            # refused before anything was made: no database, no key file, no token
+            self.assertEqual(sorted(os.listdir(tmp)), ["junk.db", "policy.json", "rules.json"])
 
     def test_serve_prints_start_line_writes_token_and_stops_on_sigterm(self):
         with tempfile.TemporaryDirectory() as tmp:
