@@ -832,6 +832,7 @@ class Store(object):
     CHECKPOINT_EVERY = 8                        # commits between two checkpoints
     CHECKPOINT_RESTART = 2000                   # WAL pages: start the WAL over
     CHECKPOINT_BACKSTOP = 8000                  # WAL pages: the writer checkpoints
+    WAIT_SLICE_MS = 100                         # a wait for the write lock, a slice at a time
 
     def __init__(self, path, busy_timeout_ms=5000, keyring=None):
         self.path = path
@@ -860,6 +861,7 @@ class Store(object):
         self._checkpoint_due = threading.Event()
         self._checkpointer = None               # its thread, from the first commit on
         self._closing = False
+        self._give_up_at = float("inf")         # when waits for the write lock end (close)
         self._submit_lock = threading.Lock()    # _closing and the writer thread's start
         try:
             self._writer = self._connect()
@@ -961,7 +963,13 @@ class Store(object):
                     complained = time.monotonic()
                     _complain("[hall-api] a checkpoint failed: %s" % exc)
 
-    def close(self):
+    def close(self, give_up_at=None):
+        """Finish the writes queued and close.  Writes still waiting for
+        another process's write lock at ``give_up_at`` (time.monotonic())
+        fail then, rather than wait out the busy timeout: a stop keeps to its
+        deadline."""
+        if give_up_at is not None:
+            self._give_up_at = give_up_at
         # Nothing is committed (_committed) or queued (_submit) meanwhile:
         # whatever comes later fails at once rather than wait for ever.
         with self._write_lock, self._submit_lock:
@@ -976,8 +984,9 @@ class Store(object):
             checkpointer.join()
         with self._write_lock:
             if not self.memory:
+                waiting = min(self.busy_timeout_ms / 1000.0, self._give_up_at - time.monotonic())
                 with contextlib.suppress(sqlite3.Error):
-                    self._writer.execute("PRAGMA busy_timeout=%d" % self.busy_timeout_ms)
+                    self._writer.execute("PRAGMA busy_timeout=%d" % max(0, waiting * 1000))
                     self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._writer.close()
         while True:
@@ -1297,12 +1306,20 @@ class Store(object):
         if not wait:
             return False
         self._tell()
-        conn.execute("PRAGMA busy_timeout=%d" % self.busy_timeout_ms)
+        # Waited for in slices, so that a stop (close) can cut the wait short.
+        wait_until = time.monotonic() + self.busy_timeout_ms / 1000.0
+        conn.execute("PRAGMA busy_timeout=%d" % min(self.busy_timeout_ms, self.WAIT_SLICE_MS))
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            while True:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    return True
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) and "busy" not in str(exc) or \
+                            time.monotonic() >= min(wait_until, self._give_up_at):
+                        raise
         finally:
             conn.execute("PRAGMA busy_timeout=0")
-        return True
 
     def _run_alone(self, conn, job):
         conn.execute("SAVEPOINT job")
@@ -3619,8 +3636,9 @@ class Hall(object):
             self.store.close()
             raise
 
-    def close(self):
-        self.store.close()
+    def close(self, give_up_at=None):
+        """Close the database (see Store.close for ``give_up_at``)."""
+        self.store.close(give_up_at)
 
     def load_governance(self):
         """(Re)read policy, safe mode, tenants and bans from the database into
@@ -5945,6 +5963,7 @@ class HallHTTPServer(ThreadingHTTPServer):
         config = hall.config
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.loop = None                        # (server_close runs if the bind fails)
+        self.stop_by = None                     # the stop's deadline (time.monotonic())
         ThreadingHTTPServer.__init__(self, address, HallRequestHandler)
         self.scheme = "http"
         if config.tls_cert:
@@ -5992,7 +6011,11 @@ class HallHTTPServer(ThreadingHTTPServer):
             self.loop.run()
 
     def shutdown(self):
-        """Stop serving; returns once serve_forever has."""
+        """Stop serving; returns once serve_forever has.  The stop has
+        HALL_DRAIN_SECONDS from now (``stop_by``) for the requests in flight:
+        the loop's drain, drain() and the store's close keep to it."""
+        if self.stop_by is None:
+            self.stop_by = time.monotonic() + self.hall.config.drain_seconds
         if self.loop is None:
             ThreadingHTTPServer.shutdown(self)
         else:
@@ -6095,15 +6118,16 @@ class HallHTTPServer(ThreadingHTTPServer):
         with self._lock:
             self._in_flight -= 1
 
-    def drain(self, deadline_seconds):
-        """Wait (up to a deadline) for requests in flight to finish."""
-        deadline = time.monotonic() + deadline_seconds
-        while time.monotonic() < deadline:
+    def drain(self):
+        """Wait, up to the stop's deadline, for the requests in flight; the
+        number that were cut off (the event loop's own included)."""
+        deadline = self.stop_by or time.monotonic() + self.hall.config.drain_seconds
+        while True:
             with self._lock:
-                if self._in_flight == 0:
-                    return True
+                running = self._in_flight
+            if running == 0 or time.monotonic() >= deadline:
+                return running + (self.loop.cut_off if self.loop is not None else 0)
             time.sleep(0.01)
-        return False
 
     def start_background(self):
         self._thread = threading.Thread(target=self.serve_forever, name="hall-http",
@@ -6113,7 +6137,7 @@ class HallHTTPServer(ThreadingHTTPServer):
     def stop(self):
         self.shutdown()
         self.server_close()
-        self.drain(self.hall.config.drain_seconds)
+        self.drain()
         if self._thread is not None:
             self._thread.join(5)
 
@@ -6200,6 +6224,7 @@ class EventLoop(object):
         self.in_threads = set()                 # exchanges a thread answers (MustWait)
         self.answered = queue.SimpleQueue()     # ... and has answered
         self.stopping = False
+        self.cut_off = 0                        # requests the stop's deadline cut off
         self.accepting_again = None             # when, after running out of descriptors
         self.stopped = threading.Event()
         self.stopped.set()                      # until run() starts
@@ -6236,7 +6261,7 @@ class EventLoop(object):
         try:
             while True:
                 if self.stopping and drain_until is None:
-                    drain_until = time.monotonic() + self.config.drain_seconds
+                    drain_until = self.server.stop_by
                     if self.accepting_again is None:
                         self.selector.unregister(listener)
                     self.accepting_again = None
@@ -6280,6 +6305,7 @@ class EventLoop(object):
                 self.store._submit(job)
             for exchange in self.parked + list(self.in_threads):    # cut off by the deadline
                 self.server.end_request()
+                self.cut_off += exchange.conn is not None   # (not: writes nobody waits for)
             self.parked, self.in_threads = [], set()
             for conn in list(self.connections):
                 self.close(conn)
@@ -7618,10 +7644,11 @@ def run_server(config):
     finally:
         hall.stopping = True                # ends event streams and the retention loop
         server.server_close()               # no new connections
-        if not server.drain(config.drain_seconds):
-            print("[hall-api] warning: requests still running after %ss were cut off"
-                  % config.drain_seconds, file=sys.stderr)
-        hall.close()                        # checkpoints the WAL into the database
+        cut_off = server.drain()
+        if cut_off:
+            print("[hall-api] warning: %d request(s) still running after %ss were cut off"
+                  % (cut_off, config.drain_seconds), file=sys.stderr)
+        hall.close(server.stop_by)          # checkpoints the WAL into the database
     print("[hall-api] stopped", flush=True)
     return 0
 

@@ -2464,6 +2464,37 @@ class GracefulStopTest(unittest.TestCase):
                 server.stop()
                 h.close()
 
+    def test_a_stop_keeps_to_its_deadline_while_another_process_holds_the_write_lock(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            db = os.path.join(tmp, "hall.db")
+            h = hall.Hall(hall.Config(db_path=db, access_log=False, drain_seconds=1,
+                                      busy_timeout=60000))
+            server = h.serve(port=0)
+            holder = sqlite3.connect(db, isolation_level=None)
+            try:
+                holder.execute("BEGIN IMMEDIATE")   # another program's long write
+                body = b'{"decision_id": "held"}'
+                sock = socket.create_connection(("127.0.0.1", server.server_address[1]),
+                                                timeout=60)
+                self.addCleanup(sock.close)
+                sock.sendall(b"POST /decisions/ingest HTTP/1.1\r\nContent-Type: application/"
+                             b"json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                self.assertTrue(poll(lambda: server._in_flight == 1))  # waiting for the lock
+                started = time.monotonic()
+                server.shutdown()
+                server.server_close()
+                cut_off = server.drain()
+                h.close(server.stop_by)
+                stopped_after = time.monotonic() - started
+            finally:
+                holder.close()
+            # a 1 s drain, not the 60 s busy timeout; the request was cut off, unanswered
+            self.assertLess(stopped_after, 30)
+            self.assertEqual(cut_off, 1)
+            self.assertEqual(sock.recv(65536), b"")
+            with contextlib.closing(sqlite3.connect(db)) as conn:
+                self.assertEqual(conn.execute("SELECT count(*) FROM decisions").fetchone(), (0,))
+
     def test_sigterm_finishes_the_request_in_flight(self):
         with tempfile.TemporaryDirectory() as tmp:
             environ = hall_environ(HALL_API_PORT="0", HALL_ACCESS_LOG="off")
