@@ -5720,8 +5720,12 @@ class HallRequestHandler(socketserver.StreamRequestHandler):
                                      self.server.handed_over.pop(self.connection, b""))
         self.rfile = io.BufferedReader(self.reader, 65536)
         self.method, self.target, self.version, self.headers = None, "", "HTTP/1.1", None
+        with self.server._lock:
+            self.server.thread_readers.add(self.reader)
 
     def finish(self):
+        with self.server._lock:
+            self.server.thread_readers.discard(self.reader)
         with contextlib.suppress(OSError):
             self.rfile.close()
 
@@ -5735,6 +5739,8 @@ class HallRequestHandler(socketserver.StreamRequestHandler):
     def handle_one_request(self):
         """Serve one request; True when the connection stays open for another."""
         self.reader.await_request()
+        if self.server.stop_by is not None and not self.reader.preread:
+            return False                        # stopping: no next request (let_idle_go)
         self.close_connection = False
         try:
             if not self.read_head():
@@ -5884,7 +5890,7 @@ class HallRequestHandler(socketserver.StreamRequestHandler):
     def answer(self, status, payload, headers):
         """Write the whole response with one sendall (the last one of its
         connection while the hall stops, as the event loop does)."""
-        if self.server.hall.stopping:
+        if self.server.stop_by is not None or self.server.hall.stopping:
             self.close_connection = True
         try:
             self.connection.sendall(response_bytes(
@@ -5980,6 +5986,7 @@ class HallHTTPServer(ThreadingHTTPServer):
         rate = config.requests_per_second
         self.limiter = RateLimiter(rate, config.rate_burst or 2 * rate) if rate else None
         self.handed_over = {}                   # socket -> bytes the loop had read from it
+        self.thread_readers = set()             # the DeadlineReader of each thread's connection
         self._lock = threading.Lock()
         self._connections = 0
         self._in_flight = 0
@@ -6122,12 +6129,26 @@ class HallHTTPServer(ThreadingHTTPServer):
         """Wait, up to the stop's deadline, for the requests in flight; the
         number that were cut off (the event loop's own included)."""
         deadline = self.stop_by or time.monotonic() + self.hall.config.drain_seconds
+        self.let_idle_go()
         while True:
             with self._lock:
                 running = self._in_flight
             if running == 0 or time.monotonic() >= deadline:
                 return running + (self.loop.cut_off if self.loop is not None else 0)
             time.sleep(0.01)
+
+    def let_idle_go(self):
+        """End the connections threads serve that wait for their next
+        request: each thread would otherwise live on to its idle timeout.
+        (Shut both ways, under any TLS: a TLS socket shut only for reading
+        answers the end it then reads with an alert; the client should see a
+        plain close, as at an idle timeout.)"""
+        with self._lock:
+            readers = list(self.thread_readers)
+        for reader in readers:
+            if reader.idle and not reader.preread:
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(reader.sock, socket.SHUT_RDWR)
 
     def start_background(self):
         self._thread = threading.Thread(target=self.serve_forever, name="hall-http",

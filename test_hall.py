@@ -2128,6 +2128,32 @@ class TlsTest(TempDirCase):
             server.stop()
             h.close()
 
+    def test_a_keep_alive_connection_a_thread_serves_ends_when_the_hall_stops(self):
+        for tls in (False, True):
+            h = hall.Hall(hall.Config(db_path=":memory:", access_log=False, idle_timeout=600,
+                                      tls_cert=self.cert if tls else None,
+                                      tls_key=self.key if tls else None))
+            server = h.serve(port=0)
+            try:
+                if tls:
+                    conn = http.client.HTTPSConnection(
+                        "127.0.0.1", server.server_address[1], timeout=10,
+                        context=ssl.create_default_context(cafile=self.cert))
+                else:
+                    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1],
+                                                      timeout=10)
+                self.addCleanup(conn.close)
+                conn.request("GET", "/openapi.json")    # (plain: a path a thread answers)
+                response = conn.getresponse()
+                response.read()
+                self.assertEqual((response.status, response.getheader("Connection")),
+                                 (200, None))
+            finally:
+                server.stop()
+                h.close()
+            # its thread let it go at the stop, not after the 600 s idle timeout
+            self.assertEqual(conn.sock.recv(1), b"", "tls" if tls else "plain")
+
     def test_bad_certificate_stops_start_up(self):
         result = run_hall(["--port", "0", "--db", ":memory:", "--tls-cert", self.key,
                            "--tls-key", self.key])
