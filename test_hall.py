@@ -4011,6 +4011,25 @@ class ReceiptTest(ServerCase):
                 hall.Hall(hall.Config(db_path=self.db))
             self.assertIn("is not the key its secret names", str(caught.exception))
 
+    def test_verify_log_on_the_file_with_a_wrong_key_file_changes_nothing(self):
+        self.route()
+        self.stop()
+        keys = self.db + ".keys"
+        os.rename(keys, keys + ".right")
+        hall.Hall(hall.Config(db_path=os.path.join(self.tmp.name, "other.db"),
+                              receipt_keys=keys, access_log=False)).close()  # another key
+        state = "SELECT (SELECT count(*) FROM alerts), (SELECT count(*) FROM audit), * FROM chain"
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            before = conn.execute(state).fetchall()
+        result = run_hall(["verify-log", "--db", self.db], env={"HALL_RECEIPT_KEYS": keys})
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn("not signed with this hall's keys", result.stdout)
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            self.assertEqual(conn.execute(state).fetchall(), before)
+        os.replace(keys + ".right", keys)
+        result = run_hall(["verify-log", "--db", self.db], env={"HALL_RECEIPT_KEYS": keys})
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+
     def test_a_lost_key_file_is_refused_not_made_anew(self):
         # Without its key the signed log cannot be checked; a new key would
         # sign the next head and make the log look rewritten for ever.
