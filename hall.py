@@ -1310,16 +1310,16 @@ class Store(object):
         wait_until = time.monotonic() + self.busy_timeout_ms / 1000.0
         conn.execute("PRAGMA busy_timeout=%d" % min(self.busy_timeout_ms, self.WAIT_SLICE_MS))
         try:
-            while True:
+            while time.monotonic() < min(wait_until, self._give_up_at):
                 try:
                     conn.execute("BEGIN IMMEDIATE")
                     return True
                 except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) and "busy" not in str(exc) or \
-                            time.monotonic() >= min(wait_until, self._give_up_at):
+                    if "locked" not in str(exc) and "busy" not in str(exc):
                         raise
         finally:
             conn.execute("PRAGMA busy_timeout=0")
+        raise sqlite3.OperationalError("database is locked")
 
     def _run_alone(self, conn, job):
         conn.execute("SAVEPOINT job")
@@ -1958,20 +1958,29 @@ def _vouched_link(vouched, first, end):
 
 # -- receipt keys ---------------------------------------------------------------
 
-def log_is_signed(path):
-    """Whether the database at ``path`` holds a chain head signed with a
-    receipt key (so that a missing key file is lost, not yet to be made)."""
-    if path == ":memory:" or not os.path.isfile(path):
-        return False
+def log_signature(path):
+    """What the database at ``path`` says of its receipt key: "signed" (its
+    chain head is signed: a missing key file is lost, not yet to be made),
+    "unsigned" (new, or no key signed it yet: a key is to be made), or
+    "refused" (not a database this hall can use: Store says why)."""
+    if path == ":memory:" or not os.path.exists(path):
+        return "unsigned"
+    if not os.path.isfile(path):
+        return "refused"
     try:
         conn = sqlite3.connect(path)
         try:
-            row = conn.execute("SELECT head_mac FROM chain").fetchone()
+            if conn.execute("PRAGMA user_version").fetchone()[0] > len(MIGRATIONS):
+                return "refused"
+            try:
+                row = conn.execute("SELECT head_mac FROM chain").fetchone()
+            except sqlite3.OperationalError:    # (no chain yet: a reference database)
+                row = None
         finally:
             conn.close()
-    except sqlite3.Error:                       # not a hall's database (yet): Store says why
-        return False
-    return bool(row and row[0])
+    except sqlite3.Error:
+        return "refused"
+    return "signed" if row and row[0] else "unsigned"
 
 
 class Keyring(object):
@@ -3597,8 +3606,10 @@ class Hall(object):
         self.attestor = None
         if config.attest_dirs or config.require_attestation:
             self.attestor = Attestor(config.attest_dirs, config.require_attestation)
-        self.keyring = Keyring(config.receipt_keys_path,
-                               may_create=not log_is_signed(config.db_path))
+        signature = log_signature(config.db_path)
+        self.keyring = Keyring(config.receipt_keys_path, may_create=signature != "signed")
+        if signature == "unsigned":             # its key made before the database changes:
+            self.keyring.signing_key()          # a key file that cannot be written stops it here
         self.hall_hash = file_sha256(os.path.abspath(__file__))
         try:
             self.store = Store(config.db_path, config.busy_timeout, self.keyring)
@@ -3631,8 +3642,7 @@ class Hall(object):
         self.store.on_audit = lambda entry: self.events.publish("admin", entry)
         try:
             self.load_governance()
-            self.keyring.signing_key()          # made now, if new: a route must not fail on it
-        except BaseException:                   # (stored settings it cannot use, say)
+        except BaseException:                   # (stored settings it cannot use)
             self.store.close()
             raise
 
@@ -5539,6 +5549,8 @@ class DeadlineReader(io.RawIOBase):
         self.idle_timeout = idle_timeout
         self.request_timeout = request_timeout
         self.armed = None                       # the kernel receive timeout now set
+        self.let_go = False                     # the hall stopped while it waited (let_go_if_idle)
+        self._lock = threading.Lock()           # idle and let_go, against the stopping thread
         self.kernel = not isinstance(sock, ssl.SSLSocket) and _set_receive_timeout(
             sock, request_timeout)
         if self.kernel:
@@ -5550,6 +5562,24 @@ class DeadlineReader(io.RawIOBase):
         self.deadline = time.monotonic() + self.idle_timeout
         self.idle = True
 
+    def begin_request(self):
+        """A request has begun (its first bytes are in): True, unless the
+        hall let the connection go first -- then it is not served at all."""
+        with self._lock:
+            if self.idle:
+                if self.let_go:
+                    return False
+                self.idle = False
+                self.deadline = time.monotonic() + self.request_timeout
+            return True
+
+    def let_go_if_idle(self):
+        """(From the stopping thread.)  True if no request has begun since
+        await_request: none will be served now."""
+        with self._lock:
+            self.let_go = self.let_go or self.idle and not self.preread
+            return self.let_go
+
     def readable(self):
         return True
 
@@ -5560,9 +5590,8 @@ class DeadlineReader(io.RawIOBase):
             self.preread = self.preread[count:]
         else:
             count = self._receive(buffer)
-        if self.idle and count:                 # a request has begun
-            self.idle = False
-            self.deadline = time.monotonic() + self.request_timeout
+        if count and self.idle and not self.begin_request():
+            return 0                            # (as if the client had closed)
         return count
 
     def _receive(self, buffer):
@@ -5761,7 +5790,7 @@ class HallRequestHandler(socketserver.StreamRequestHandler):
         line = self.rfile.readline(max_line + 1)
         if line in (b"\r\n", b"\n"):            # a stray line between requests is allowed
             line = self.rfile.readline(max_line + 1)
-        if not line:
+        if not line or not self.reader.begin_request():     # (already read, if pipelined)
             return False
         if len(line) > max_line:
             raise BadRequest(414, "the request line is too long")
@@ -5966,7 +5995,8 @@ class HallHTTPServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, hall, address):
+    def __init__(self, hall, address, tls=None):
+        """``tls``: the SSLContext to serve with (tls_context); None: plain HTTP."""
         self.hall = hall
         config = hall.config
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -5974,14 +6004,9 @@ class HallHTTPServer(ThreadingHTTPServer):
         self.stop_by = None                     # the stop's deadline (time.monotonic())
         ThreadingHTTPServer.__init__(self, address, HallRequestHandler)
         self.scheme = "http"
-        if config.tls_cert:
-            try:
-                context = tls_context(config)
-            except BaseException:               # (a certificate that cannot be loaded)
-                self.server_close()
-                raise
-            self.socket = context.wrap_socket(self.socket, server_side=True,
-                                              do_handshake_on_connect=False)
+        if tls is not None:
+            self.socket = tls.wrap_socket(self.socket, server_side=True,
+                                          do_handshake_on_connect=False)
             self.scheme = "https"
         else:
             self.loop = EventLoop(self)
@@ -6148,7 +6173,7 @@ class HallHTTPServer(ThreadingHTTPServer):
         with self._lock:
             readers = list(self.thread_readers)
         for reader in readers:
-            if reader.idle and not reader.preread:
+            if reader.let_go_if_idle():
                 with contextlib.suppress(OSError):
                     socket.socket.shutdown(reader.sock, socket.SHUT_RDWR)
 
@@ -6284,7 +6309,8 @@ class EventLoop(object):
         try:
             while True:
                 if self.stopping and drain_until is None:
-                    drain_until = self.server.stop_by
+                    drain_until = self.server.stop_by or (time.monotonic() +
+                                                          self.config.drain_seconds)
                     if self.accepting_again is None:
                         self.selector.unregister(listener)
                     self.accepting_again = None
@@ -6758,29 +6784,37 @@ def tls_context(config):
 def check_can_listen(config, host, port):
     """Refuse what would stop a hall listening on host:port -- plain HTTP
     off loopback without leave, a certificate that does not load, an address
-    in use -- before a start has made any file (database, keys)."""
+    in use -- before a start has made any file (database, keys).  Returns
+    the TLS context to serve with (None: plain HTTP)."""
     if not is_loopback(host) and not config.tls_cert and not config.allow_plain_http:
         raise ConfigError("refusing to serve plain HTTP on %s, which is not a loopback address: "
                           "set HALL_TLS_CERT and HALL_TLS_KEY, or pass --allow-plain-http "
                           "when a TLS-terminating proxy is in front" % (host or "all addresses"))
-    if config.tls_cert:
-        tls_context(config)
+    tls = tls_context(config) if config.tls_cert else None
     probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)    # as the server does
         probe.bind((host, port))
     except OSError as exc:
-        raise ConfigError("cannot listen on %s:%s: %s" % (host, port, exc.strerror or exc))
+        raise _cannot_listen(host, port, exc)
     finally:
         probe.close()
+    return tls
 
 
-def make_server(hall, host, port):
-    check_can_listen(hall.config, host, port)
+def make_server(hall, host, port, tls=False):
+    """The hall's server on host:port.  ``tls``: what check_can_listen
+    returned, when the caller has checked already."""
+    if tls is False:
+        tls = check_can_listen(hall.config, host, port)
     try:
-        return HallHTTPServer(hall, (host, port))
+        return HallHTTPServer(hall, (host, port), tls)
     except OSError as exc:                      # (taken since the check)
-        raise ConfigError("cannot listen on %s:%s: %s" % (host, port, exc.strerror or exc))
+        raise _cannot_listen(host, port, exc)
+
+
+def _cannot_listen(host, port, exc):
+    return ConfigError("cannot listen on %s:%s: %s" % (host, port, exc.strerror or exc))
 
 
 ###############################################################################
@@ -7633,11 +7667,11 @@ def run_server(config):
         raise ConfigError("token file %s exists but database %s does not: it belongs to another "
                           "hall or an earlier database; move it away (or set HALL_TOKEN_FILE) "
                           "and start again" % (config.token_path, config.db_path))
-    check_can_listen(config, config.host, config.port)
+    tls = check_can_listen(config, config.host, config.port)
     hall = Hall(config)
     server = None
     try:
-        server = make_server(hall, config.host, config.port)
+        server = make_server(hall, config.host, config.port, tls)
         token_file, secret = hall.ensure_admin_token()
     except BaseException:
         if server is not None:
@@ -7669,7 +7703,7 @@ def run_server(config):
         server.server_close()               # no new connections
         cut_off = server.drain()
         if cut_off:
-            print("[hall-api] warning: %d request(s) still running after %ss were cut off"
+            print("[hall-api] warning: %d request(s) not answered within %ss were cut off"
                   % (cut_off, config.drain_seconds), file=sys.stderr)
         hall.close(server.stop_by)          # checkpoints the WAL into the database
     print("[hall-api] stopped", flush=True)
