@@ -1958,28 +1958,32 @@ def _vouched_link(vouched, first, end):
 
 # -- receipt keys ---------------------------------------------------------------
 
-def log_signature(path):
+def log_signature(path, busy_timeout_ms=5000):
     """What the database at ``path`` says of its receipt key: "signed" (its
     chain head is signed: a missing key file is lost, not yet to be made),
     "unsigned" (new, or no key signed it yet: a key is to be made), or
-    "refused" (not a database this hall can use: Store says why)."""
-    if path == ":memory:" or not os.path.exists(path):
+    "refused" (a database this hall will not open: Store says why).  One
+    that cannot be read now (locked, say) is refused here: whether a key
+    signed it is not known."""
+    if path == ":memory:":
         return "unsigned"
+    if not os.path.exists(path):                # (new: only if it can be made)
+        return "unsigned" if os.path.isdir(os.path.dirname(os.path.abspath(path))) \
+            else "refused"
     if not os.path.isfile(path):
         return "refused"
     try:
-        conn = sqlite3.connect(path)
+        conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000.0)
         try:
             if conn.execute("PRAGMA user_version").fetchone()[0] > len(MIGRATIONS):
                 return "refused"
-            try:
-                row = conn.execute("SELECT head_mac FROM chain").fetchone()
-            except sqlite3.OperationalError:    # (no chain yet: a reference database)
-                row = None
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'chain'").fetchone():
+                return "unsigned"               # (a reference database: no chain yet)
+            row = conn.execute("SELECT head_mac FROM chain").fetchone()
         finally:
             conn.close()
-    except sqlite3.Error:
-        return "refused"
+    except sqlite3.Error as exc:
+        raise ConfigError("cannot use database %s: %s" % (path, exc))
     return "signed" if row and row[0] else "unsigned"
 
 
@@ -3606,7 +3610,7 @@ class Hall(object):
         self.attestor = None
         if config.attest_dirs or config.require_attestation:
             self.attestor = Attestor(config.attest_dirs, config.require_attestation)
-        signature = log_signature(config.db_path)
+        signature = log_signature(config.db_path, config.busy_timeout)
         self.keyring = Keyring(config.receipt_keys_path, may_create=signature != "signed")
         if signature == "unsigned":             # its key made before the database changes:
             self.keyring.signing_key()          # a key file that cannot be written stops it here
@@ -5585,6 +5589,8 @@ class DeadlineReader(io.RawIOBase):
 
     def readinto(self, buffer):
         if self.preread:
+            if self.idle and not self.begin_request():
+                return 0
             count = min(len(buffer), len(self.preread))
             buffer[:count] = self.preread[:count]
             self.preread = self.preread[count:]
@@ -5829,15 +5835,13 @@ class HallRequestHandler(socketserver.StreamRequestHandler):
     def serve_request(self):
         started = time.perf_counter()
         context = {}
-        self.server.begin_request()
-        try:
-            status, payload, headers = self.server.answer_request(
-                self.method, self.target, self.headers,
-                lambda: self.read_body(self.server.hall.config.max_body),
-                self.client_address[0], context)
-        finally:
-            self.server.end_request()
+        status, payload, headers = self.server.answer_request(
+            self.method, self.target, self.headers,
+            lambda: self.read_body(self.server.hall.config.max_body),
+            self.client_address[0], context)
         if isinstance(payload, EventStream):
+            with self.server._lock:             # (a stream is not waited for by a stop)
+                self.server.thread_readers.discard(self.reader)
             self.stream(payload)
         else:
             self.answer(status, payload, headers)
@@ -5995,7 +5999,7 @@ class HallHTTPServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, hall, address, tls=None):
+    def __init__(self, hall, address, tls):
         """``tls``: the SSLContext to serve with (tls_context); None: plain HTTP."""
         self.hall = hall
         config = hall.config
@@ -6016,7 +6020,7 @@ class HallHTTPServer(ThreadingHTTPServer):
         self.thread_readers = set()             # the DeadlineReader of each thread's connection
         self._lock = threading.Lock()
         self._connections = 0
-        self._in_flight = 0
+        self._in_flight = 0                     # requests the event loop is answering
         self._thread = None
 
     def get_request(self):
@@ -6153,13 +6157,15 @@ class HallHTTPServer(ThreadingHTTPServer):
             self._in_flight -= 1
 
     def drain(self):
-        """Wait, up to the stop's deadline, for the requests in flight; the
-        number that were cut off (the event loop's own included)."""
+        """Wait, up to the stop's deadline, for the requests in flight (the
+        event loop's, and each thread's from its first byte until its answer
+        is sent); the number that were cut off."""
         deadline = self.stop_by or time.monotonic() + self.hall.config.drain_seconds
         self.let_idle_go()
         while True:
             with self._lock:
-                running = self._in_flight
+                running = self._in_flight + sum(not reader.idle for reader in
+                                                self.thread_readers)
             if running == 0 or time.monotonic() >= deadline:
                 return running + (self.loop.cut_off if self.loop is not None else 0)
             time.sleep(0.01)

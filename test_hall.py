@@ -2561,6 +2561,57 @@ class GracefulStopTest(unittest.TestCase):
                 self.assertEqual(check.execute("SELECT count(*) FROM decisions").fetchone(),
                                  (0,))
 
+    def test_a_stop_waits_for_a_thread_request_from_its_first_byte_to_its_answer(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            h = hall.Hall(hall.Config(db_path=os.path.join(tmp, "hall.db"), access_log=False,
+                                      drain_seconds=10))
+            server = h.serve(port=0)
+            drained = queue.Queue()
+
+            def stop():
+                server.shutdown()
+                server.server_close()
+                drained.put(server.drain())
+            try:
+                with socket.create_connection(("127.0.0.1", server.server_address[1]),
+                                              timeout=10) as sock:
+                    sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")  # a thread's
+                    answer = http.client.HTTPResponse(sock)
+                    answer.begin()
+                    answer.read()
+                    sock.sendall(b"GET /openapi.json HTTP/1.1\r\n")    # half a head, then stop
+                    self.assertTrue(poll(lambda: any(not reader.idle
+                                                     for reader in server.thread_readers)))
+                    threading.Thread(target=stop, daemon=True).start()
+                    self.assertTrue(poll(lambda: server.stop_by is not None))
+                    self.assertFalse(poll(lambda: not drained.empty(), timeout=0.5))
+                    sock.sendall(b"Host: x\r\n\r\n")
+                    answer = http.client.HTTPResponse(sock)
+                    answer.begin()
+                    answer.read()
+                    self.assertEqual((answer.status, answer.getheader("Connection")),
+                                     (200, "close"))
+                self.assertEqual(drained.get(timeout=10), 0)
+            finally:
+                server.stop()
+                h.close()
+
+    def test_a_handed_over_request_is_claimed_before_its_bytes_are_taken(self):
+        first, second = socket.socketpair()
+        self.addCleanup(first.close)
+        self.addCleanup(second.close)
+        reader = hall.DeadlineReader(first, 5, 5, preread=b"GET /health HTTP/1.1\r\n\r\n")
+        self.assertFalse(reader.let_go_if_idle())   # bytes the loop read: served
+        begin = hall.DeadlineReader.begin_request
+        seen = []
+
+        def stop_arrives_now(self):             # a stop looks in right here
+            seen.append(self.let_go_if_idle())
+            return begin(self)
+        with mock.patch.object(hall.DeadlineReader, "begin_request", stop_arrives_now):
+            line = io.BufferedReader(reader, 65536).readline()
+        self.assertEqual((line, seen), (b"GET /health HTTP/1.1\r\n", [False]))
+
     def test_sigterm_finishes_the_request_in_flight(self):
         with tempfile.TemporaryDirectory() as tmp:
             environ = hall_environ(HALL_API_PORT="0", HALL_ACCESS_LOG="off")
@@ -4065,6 +4116,26 @@ class ReceiptTest(ServerCase):
                 hall.Hall(hall.Config(db_path=self.db))
             self.assertIn("is not the key its secret names", str(caught.exception))
 
+    def test_a_signed_log_that_cannot_be_read_at_start_is_refused_not_given_a_new_key(self):
+        self.stop()
+        os.rename(self.db + ".keys", self.db + ".keys.elsewhere")
+        holder = sqlite3.connect(self.db, isolation_level=None)
+        self.addCleanup(holder.close)
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")       # (whether a key signed it cannot be read)
+        read = hall.log_signature
+
+        def read_while_locked(*args):
+            try:
+                return read(*args)
+            finally:
+                holder.close()                  # ... and free once the store opens it
+        with mock.patch.object(hall, "log_signature", read_while_locked):
+            with self.assertRaises(hall.ConfigError) as caught:
+                hall.Hall(hall.Config(db_path=self.db, busy_timeout=100, access_log=False))
+        self.assertIn("database is locked", str(caught.exception))
+        self.assertFalse(os.path.exists(self.db + ".keys"))
+
     def test_verify_log_on_the_file_with_a_wrong_key_file_changes_nothing(self):
         self.route()
         self.stop()
@@ -4111,6 +4182,12 @@ class ReceiptTest(ServerCase):
             hall.Hall(hall.Config(db_path=db, receipt_keys=keys))
         self.assertIn("cannot write receipt key file", str(caught.exception))
         self.assertFalse(os.path.exists(db))    # refused before the database was made
+        # and the other way round: a database that cannot be made leaves no key file
+        db, keys = os.path.join(self.tmp.name, "no such directory", "new.db"), db + ".keys"
+        with self.assertRaises(hall.ConfigError) as caught:
+            hall.Hall(hall.Config(db_path=db, receipt_keys=keys))
+        self.assertIn("cannot use database", str(caught.exception))
+        self.assertFalse(os.path.exists(keys))
 
 
 # Every deny code of the router, with the step that must deny it: explained
