@@ -5753,11 +5753,11 @@ class HallRequestHandler(socketserver.StreamRequestHandler):
         if isinstance(self.connection, ssl.SSLSocket):
             self.connection.do_handshake()      # here, in this thread, not in accept()
         self.reader = DeadlineReader(self.connection, config.idle_timeout,
-                                     config.request_timeout,
-                                     self.server.handed_over.pop(self.connection, b""))
+                                     config.request_timeout)
         self.rfile = io.BufferedReader(self.reader, 65536)
         self.method, self.target, self.version, self.headers = None, "", "HTTP/1.1", None
-        with self.server._lock:
+        with self.server._lock:                 # (drain counts a handed-over request throughout)
+            self.reader.preread = self.server.handed_over.pop(self.connection, b"")
             self.server.thread_readers.add(self.reader)
 
     def finish(self):
@@ -6158,14 +6158,14 @@ class HallHTTPServer(ThreadingHTTPServer):
 
     def drain(self):
         """Wait, up to the stop's deadline, for the requests in flight (the
-        event loop's, and each thread's from its first byte until its answer
-        is sent); the number that were cut off."""
+        event loop's, those it handed to a thread, and each thread's from its
+        first byte until its answer is sent); the number that were cut off."""
         deadline = self.stop_by or time.monotonic() + self.hall.config.drain_seconds
         self.let_idle_go()
         while True:
             with self._lock:
-                running = self._in_flight + sum(not reader.idle for reader in
-                                                self.thread_readers)
+                running = self._in_flight + len(self.handed_over) + sum(
+                    not reader.idle or bool(reader.preread) for reader in self.thread_readers)
             if running == 0 or time.monotonic() >= deadline:
                 return running + (self.loop.cut_off if self.loop is not None else 0)
             time.sleep(0.01)

@@ -2468,6 +2468,40 @@ class CrashSafetyTest(unittest.TestCase):
 
 class GracefulStopTest(unittest.TestCase):
 
+    @contextlib.contextmanager
+    def served(self, **settings):
+        """(server, a connection to it) of a hall on a temporary database,
+        stopped and closed afterwards."""
+        with tempfile.TemporaryDirectory() as tmp:
+            h = hall.Hall(hall.Config(db_path=os.path.join(tmp, "hall.db"), access_log=False,
+                                      **settings))
+            server = h.serve(port=0)
+            try:
+                with socket.create_connection(("127.0.0.1", server.server_address[1]),
+                                              timeout=10) as sock:
+                    yield server, sock
+            finally:
+                server.stop()
+                h.close()
+
+    def stop_in_background(self, server):
+        """Stop the server from another thread; a queue that gets drain()'s count."""
+        drained = queue.Queue()
+
+        def stop():
+            server.shutdown()
+            server.server_close()
+            drained.put(server.drain())
+        threading.Thread(target=stop, daemon=True).start()
+        return drained
+
+    def answer_on(self, sock):
+        """(status, Connection header) of the next answer read from ``sock``."""
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        answer.read()
+        return answer.status, answer.getheader("Connection")
+
     def test_a_connection_served_by_a_thread_is_let_go_once_the_hall_stops(self):
         # (a keep-alive client kept busy would otherwise hold the drain to its end)
         with tempfile.TemporaryDirectory() as tmp:
@@ -2562,39 +2596,37 @@ class GracefulStopTest(unittest.TestCase):
                                  (0,))
 
     def test_a_stop_waits_for_a_thread_request_from_its_first_byte_to_its_answer(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            h = hall.Hall(hall.Config(db_path=os.path.join(tmp, "hall.db"), access_log=False,
-                                      drain_seconds=10))
-            server = h.serve(port=0)
-            drained = queue.Queue()
+        with self.served(drain_seconds=10) as (server, sock):
+            sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")   # (a thread's)
+            self.assertEqual(self.answer_on(sock), (200, None))
+            sock.sendall(b"GET /openapi.json HTTP/1.1\r\n")        # half a head, then stop
+            self.assertTrue(poll(lambda: any(not reader.idle
+                                             for reader in server.thread_readers)))
+            drained = self.stop_in_background(server)
+            self.assertTrue(poll(lambda: server.stop_by is not None))
+            self.assertFalse(poll(lambda: not drained.empty(), timeout=0.5))
+            sock.sendall(b"Host: x\r\n\r\n")
+            self.assertEqual(self.answer_on(sock), (200, "close"))
+            self.assertEqual(drained.get(timeout=10), 0)
 
-            def stop():
-                server.shutdown()
-                server.server_close()
-                drained.put(server.drain())
+    def test_a_stop_waits_for_a_request_handed_to_a_thread_not_yet_running(self):
+        go_on = threading.Event()
+        serve = hall.HallHTTPServer.process_request_thread
+
+        def late_thread(server, request, client_address):
+            go_on.wait(10)
+            serve(server, request, client_address)
+        with mock.patch.object(hall.HallHTTPServer, "process_request_thread", late_thread), \
+                self.served(drain_seconds=10) as (server, sock):
             try:
-                with socket.create_connection(("127.0.0.1", server.server_address[1]),
-                                              timeout=10) as sock:
-                    sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")  # a thread's
-                    answer = http.client.HTTPResponse(sock)
-                    answer.begin()
-                    answer.read()
-                    sock.sendall(b"GET /openapi.json HTTP/1.1\r\n")    # half a head, then stop
-                    self.assertTrue(poll(lambda: any(not reader.idle
-                                                     for reader in server.thread_readers)))
-                    threading.Thread(target=stop, daemon=True).start()
-                    self.assertTrue(poll(lambda: server.stop_by is not None))
-                    self.assertFalse(poll(lambda: not drained.empty(), timeout=0.5))
-                    sock.sendall(b"Host: x\r\n\r\n")
-                    answer = http.client.HTTPResponse(sock)
-                    answer.begin()
-                    answer.read()
-                    self.assertEqual((answer.status, answer.getheader("Connection")),
-                                     (200, "close"))
-                self.assertEqual(drained.get(timeout=10), 0)
+                sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")
+                self.assertTrue(poll(lambda: server.handed_over))
+                drained = self.stop_in_background(server)
+                self.assertFalse(poll(lambda: not drained.empty(), timeout=0.5))
             finally:
-                server.stop()
-                h.close()
+                go_on.set()
+            self.assertEqual(self.answer_on(sock), (200, "close"))
+            self.assertEqual(drained.get(timeout=10), 0)
 
     def test_a_handed_over_request_is_claimed_before_its_bytes_are_taken(self):
         first, second = socket.socketpair()
