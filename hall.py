@@ -1297,12 +1297,8 @@ class Store(object):
         requests are woken first (their transaction committed) and only then
         is the lock waited for, as long as busy_timeout allows.  (The write
         connection's own busy timeout is 0: the wait is set here alone.)"""
-        try:
-            conn.execute("BEGIN IMMEDIATE")
+        if self._try_begin(conn):
             return True
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
-                raise
         if not wait:
             return False
         self._tell()
@@ -1311,15 +1307,23 @@ class Store(object):
         conn.execute("PRAGMA busy_timeout=%d" % min(self.busy_timeout_ms, self.WAIT_SLICE_MS))
         try:
             while time.monotonic() < min(wait_until, self._give_up_at):
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
+                if self._try_begin(conn):
                     return True
-                except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) and "busy" not in str(exc):
-                        raise
         finally:
             conn.execute("PRAGMA busy_timeout=0")
         raise sqlite3.OperationalError("database is locked")
+
+    @staticmethod
+    def _try_begin(conn):
+        """BEGIN IMMEDIATE within the connection's busy timeout: True once
+        begun, False if another connection holds the write lock."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return True
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            return False
 
     def _run_alone(self, conn, job):
         conn.execute("SAVEPOINT job")
