@@ -4876,6 +4876,39 @@ def list_of(name, schema):
     return object_of([name, "count"], count=INTEGER, **{name: array_of(schema)})
 
 
+_SCHEMA_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool,
+                 "integer": int, "number": (int, float)}
+
+
+def schema_problem(value, schema, where="$"):
+    """The first way ``value`` breaks ``schema`` (the dialect above: type,
+    nullable, enum, required, properties, items), or None.  The command
+    line holds a running hall's answers to it before reading them."""
+    if value is None:
+        return None if schema.get("nullable") else "%s is null" % where
+    kind = schema.get("type")
+    if kind and not (isinstance(value, _SCHEMA_TYPES[kind]) and
+                     not (kind in ("integer", "number") and isinstance(value, bool))):
+        return "%s is not of type %s" % (where, kind)
+    if "enum" in schema and value not in schema["enum"]:
+        return "%s is not one of %s" % (where, ", ".join(map(str, schema["enum"])))
+    if kind == "object":
+        for name in schema.get("required", ()):
+            if name not in value:
+                return "%s lacks %s" % (where, name)
+        for name, sub in schema.get("properties", {}).items():
+            problem = (schema_problem(value[name], sub, "%s.%s" % (where, name))
+                       if name in value else None)
+            if problem:
+                return problem
+    if kind == "array":
+        for index, item in enumerate(value):
+            problem = schema_problem(item, schema.get("items", {}), "%s[%d]" % (where, index))
+            if problem:
+                return problem
+    return None
+
+
 class Request(object):
     """What a handler sees: the parsed request and who sent it."""
 
@@ -7753,9 +7786,9 @@ def existing_hall(args):
     return Hall(config)
 
 
-def call_hall(args, method, path, body=None, fields=()):
-    """An HTTP call to the hall at --url; returns (status, parsed JSON), an
-    object carrying ``fields`` when any are named."""
+def call_hall(args, method, path, body=None):
+    """An HTTP call to the hall at --url; returns (status, parsed JSON),
+    which must fit the schema the route publishes for that status."""
     import http.client
     import urllib.error
     import urllib.request
@@ -7780,20 +7813,24 @@ def call_hall(args, method, path, body=None, fields=()):
         raise ConfigError("cannot reach %s: %s" % (args.url, getattr(exc, "reason", exc)))
     try:
         answer = parse_json_body(text or b"null", "answer")
-    except HallError:
-        answer = None
-    if answer is None or fields and not (isinstance(answer, dict) and
-                                         all(name in answer for name in fields)):
-        raise ConfigError("%s answered %s %s with something other than a hall's answer: "
-                          "is it a hall?" % (args.url, method, path))
+        methods = find_route(path.partition("?")[0])[0] or {}
+        schema = methods[method].responses[status] if method in methods else {}
+        problem = schema_problem(answer, dict(schema, nullable=False))
+    except HallError as exc:
+        problem = exc.message
+    except KeyError:
+        problem = "status %d" % status
+    if problem:
+        raise ConfigError("%s answered %s %s with something other than a hall's answer "
+                          "(%s): is it a hall?" % (args.url, method, path, problem))
     return status, answer
 
 
-def ask_hall(args, method, path, local, fields, body=None):
-    """The answer (an object carrying ``fields``) of the running hall at
-    --url, else ``local(hall)`` over the database."""
+def ask_hall(args, method, path, local, body=None):
+    """The answer of the running hall at --url (which must fit the route's
+    schema), else ``local(hall)`` over the database."""
     if args.url:
-        return call_hall(args, method, path, body, fields)[1]
+        return call_hall(args, method, path, body)[1]
     hall = existing_hall(args)
     try:
         return local(hall)
@@ -7822,9 +7859,7 @@ def cmd_route(args):
         body["dry_run"] = True
     if args.explain:
         body["explain"] = True
-    decision = ask_hall(args, "POST", "/api/route", lambda hall: hall.route(body, CLI),
-                        ("allowed", "worker_id", "selected_worker_species_id",
-                         "matched_rule_id", "deny_reason_if_denied"), body)
+    decision = ask_hall(args, "POST", "/api/route", lambda hall: hall.route(body, CLI), body)
     if args.json:
         print_json(decision)
         return 0 if decision["allowed"] else 1
@@ -7855,8 +7890,7 @@ def print_trace(trace):
 
 
 def cmd_verify_log(args):
-    report = ask_hall(args, "GET", "/api/log/verify", lambda hall: hall.verify_log(False),
-                      ("intact", "sealed", "pruned", "entries", "length", "head", "problems"))
+    report = ask_hall(args, "GET", "/api/log/verify", lambda hall: hall.verify_log(False))
     sealed = report["sealed"]
     if report["intact"]:
         print("intact: %d entries, chain length %d, head %s" % (
@@ -7877,8 +7911,7 @@ def cmd_verify_log(args):
 def cmd_verify_receipt(args):
     decision = read_json_argument(args.file)
     answer = ask_hall(args, "POST", "/api/receipts/verify",
-                      lambda hall: hall.verify_receipt(decision), ("valid", "reason", "in_log"),
-                      decision)
+                      lambda hall: hall.verify_receipt(decision), decision)
     print("%s: %s%s" % ("valid" if answer["valid"] else "INVALID", answer["reason"],
                         "; in the decision log" if answer["in_log"] else
                         ("; not in the decision log (a dry run, or pruned)"
