@@ -7694,7 +7694,8 @@ def build_parser():
                     "and the ratio to that ceiling, plus the hall's peak RSS.")
     bench.add_argument("--url", help="a running hall to measure instead (http only; enroll and "
                                      "ingest write bench rows into it)")
-    bench.add_argument("--token", help="a token with every scope for --url (or HALL_TOKEN)")
+    bench.add_argument("--token", dest="url_token",
+                       help="a token with every scope for --url (or HALL_TOKEN)")
     bench.add_argument("--decisions", type=int, default=200000, help="decisions stored first")
     bench.add_argument("--workers", type=int, default=1000, help="workers enrolled first")
     bench.add_argument("--connections", type=int, default=16, help="keep-alive connections")
@@ -8270,7 +8271,6 @@ def _peak_rss_mb(pid):
 
 
 def cmd_bench(args):
-    import http.client
     import multiprocessing                      # only the benchmark needs it
     for name, low in (("decisions", 0), ("workers", 1), ("processes", 1),
                       ("connections", args.processes)):
@@ -8278,7 +8278,7 @@ def cmd_bench(args):
             raise ConfigError("--%s must be at least %d" % (name, low))
     if not (0 < args.seconds <= 3600 and 0 <= args.warmup <= 3600):
         raise ConfigError("--seconds must be above 0 and --warmup at least 0 (at most 3600)")
-    token = args.token or os.environ.get("HALL_TOKEN") or "bench-" + secrets.token_hex(16)
+    token = args.url_token or os.environ.get("HALL_TOKEN") or "bench-" + secrets.token_hex(16)
     tmp, hall_process, records = None, None, []
     port_queue = multiprocessing.Queue()
     ceiling = multiprocessing.Process(target=_serve_ceiling, args=(port_queue,), daemon=True)
@@ -8291,13 +8291,7 @@ def cmd_bench(args):
                 split = host = None
             if not host or split.scheme != "http":
                 raise ConfigError("--url must be an http:// URL of a running hall")
-            try:
-                probe = http.client.HTTPConnection(host, port, timeout=10)
-                probe.request("GET", "/health")
-                probe.getresponse().read()
-                probe.close()
-            except (OSError, http.client.HTTPException) as exc:
-                raise ConfigError("cannot reach %s: %s" % (args.url, exc))
+            call_hall(args, "GET", "/health")   # a hall is there (else: one line, exit 2)
             print("bench: against %s (its own data)" % args.url)
         else:
             tmp = tempfile.mkdtemp(prefix="hall-bench-")

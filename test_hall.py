@@ -3117,6 +3117,44 @@ class OperationsCommandLineTest(TempDirCase):
             server.stop()
             h.close()
 
+    def bench_rows(self, *args, **env):
+        """Run a short bench; its table's rows, by endpoint."""
+        result = self.hall_cli("bench", "--seconds", "0.2", "--warmup", "0", "--processes", "1",
+                               "--connections", "4", *args, env=dict(env, TMPDIR=self.tmp.name),
+                               timeout=120)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        rows = {}
+        for line in result.stdout.splitlines():
+            for label, _method, _path, target in hall.BENCH_TARGETS:
+                if line.startswith(label + " "):
+                    rows[label] = line[len(label):].split()
+        self.assertEqual(sorted(rows), sorted(t[0] for t in hall.BENCH_TARGETS), result.stdout)
+        for label, _method, _path, target in hall.BENCH_TARGETS:
+            rate, _p50, _p99, errors, ceiling, ratio = rows[label][:6]
+            self.assertEqual(errors, "0", label)
+            self.assertGreater(float(rate), 0, label)
+            self.assertAlmostEqual(float(ratio), float(rate) / float(ceiling), delta=0.01)
+            self.assertEqual(rows[label][6], "%.1f" % target)
+        return result.stdout
+
+    def test_bench_measures_a_hall_it_starts_and_a_running_one(self):
+        out = self.bench_rows("--decisions", "300", "--workers", "5")
+        self.assertIn("preloading 300 decisions and 5 workers", out)
+        self.assertRegex(out, r"peak RSS of the hall: \d+\.\d MB")
+        self.assertEqual([n for n in os.listdir(self.tmp.name) if n.startswith("hall-bench-")], [])
+        h = hall.Hall(hall.Config(db_path=self.db, access_log=False, token="bench-token"))
+        server = h.serve(port=0)
+        try:
+            out = self.bench_rows("--url", server.url, HALL_TOKEN="bench-token")
+            self.assertIn("against %s" % server.url, out)
+            self.assertNotIn("peak RSS", out)       # (not this process's hall to measure)
+            status = h.status()
+            self.assertGreater(status["workers_enrolled"], 0)
+            self.assertGreater(status["decisions_total"], 0)
+        finally:
+            server.stop()
+            h.close()
+
     def test_rules_and_policy_checks(self):
         path = os.path.join(self.tmp.name, "rules.json")
         with open(path, "w") as handle:
@@ -4821,7 +4859,8 @@ class CommandLineTest(unittest.TestCase):
                  (["bench", "--processes", "0"], "--processes must be at least 1"),
                  (["bench", "--seconds", "0"], "--seconds must be above 0"),
                  (["bench", "--connections", "2"], "--connections must be at least 4"),
-                 (["bench", "--url", "http://127.0.0.1:abc"], "--url must be an http:// URL")]
+                 (["bench", "--url", "http://127.0.0.1:abc"], "--url must be an http:// URL"),
+                 (["bench", "--url", url], "other than a hall's answer")]
         with tempfile.TemporaryDirectory() as tmp:
             for args, said in cases:
                 result = run_hall(args, cwd=tmp, stdin="{}")
