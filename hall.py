@@ -1971,8 +1971,9 @@ def log_signature(path, busy_timeout_ms=5000):
     signed it is not known."""
     if path == ":memory:":
         return "unsigned"
-    if not os.path.exists(path):                # (new: only if it can be made)
-        return "unsigned" if os.path.isdir(os.path.dirname(os.path.abspath(path))) \
+    if not os.path.exists(path):                # (new: only if it can be made; a link
+        # that leads nowhere is made where it leads)
+        return "unsigned" if os.path.isdir(os.path.dirname(os.path.realpath(path))) \
             else "refused"
     if not os.path.isfile(path):
         return "refused"

@@ -4253,6 +4253,12 @@ class ReceiptTest(ServerCase):
             hall.Hall(hall.Config(db_path=db, receipt_keys=keys))
         self.assertIn("cannot use database", str(caught.exception))
         self.assertFalse(os.path.exists(keys))
+        link = os.path.join(self.tmp.name, "link.db")   # nor does a link that leads nowhere
+        os.symlink(db, link)
+        with self.assertRaises(hall.ConfigError) as caught:
+            hall.Hall(hall.Config(db_path=link))
+        self.assertIn("cannot use database", str(caught.exception))
+        self.assertFalse(os.path.exists(link + ".keys"))
 
 
 # Every deny code of the router, with the step that must deny it: explained
