@@ -7815,13 +7815,12 @@ def call_hall(args, method, path, body=None):
         raise ConfigError("cannot reach %s: %s" % (args.url, getattr(exc, "reason", exc)))
     try:
         answer = parse_json_body(text or b"null", "answer")
-        methods = find_route(path.partition("?")[0])[0] or {}
-        schema = methods[method].responses[status] if method in methods else {}
-        problem = schema_problem(answer, dict(schema, nullable=False))
-    except HallError as exc:
+        declared = (find_route(path.partition("?")[0])[0] or {}).get(method)
+        schema = declared.responses.get(status) if declared else {}
+        problem = ("status %d" % status if schema is None else
+                   schema_problem(answer, dict(schema, nullable=False)))
+    except HallError as exc:                    # (not JSON)
         problem = exc.message
-    except KeyError:
-        problem = "status %d" % status
     if problem:
         raise ConfigError("%s answered %s %s with something other than a hall's answer "
                           "(%s): is it a hall?" % (args.url, method, path, problem))
