@@ -18,6 +18,7 @@ import queue
 import re
 import shutil
 import signal
+import socketserver
 import socket
 import sqlite3
 import ssl
@@ -3113,6 +3114,10 @@ class OperationsCommandLineTest(TempDirCase):
             self.assertIn("401", result.stderr)
             status = json.loads(self.hall_cli("status", "--url", server.url).stdout)
             self.assertEqual(status["decisions_total"], 1)
+            page = json.loads(self.hall_cli("dispatches", "--url", server.url).stdout)
+            local = json.loads(self.hall_cli("dispatches", "--db", self.db).stdout)
+            self.assertEqual(page, local)       # (both paged: next_cursor is there)
+            self.assertEqual((page["count"], page["next_cursor"]), (1, None))
         finally:
             server.stop()
             h.close()
@@ -3980,6 +3985,33 @@ class ChainDefenceTest(ChainCase):
         self.assertIn("evidence chain", body["error"])
         self.assertTrue(self.hall.store.writer_alive)
 
+    def test_a_log_too_damaged_to_take_its_alert_is_still_reported(self):
+        self.edit("DELETE FROM chain")          # (the LOG_CHAIN_BROKEN alert is refused)
+        report = self.verify()
+        self.assertFalse(report["intact"])
+        self.assertIn("head", [p["problem"] for p in report["problems"]])
+
+    def test_values_the_hall_never_writes_are_answered_and_verified(self):
+        self.edit(*["UPDATE %s SET chain_hash = NULL WHERE chain_seq = (SELECT seq FROM chain)"
+                    % table for table in ("decisions", "alerts", "audit")] + [
+            "UPDATE chain SET sealed_seq = 1, sealed_at = X'41'",
+            "UPDATE decisions SET capability_id = X'41', blast_score = 2.5 "
+            "WHERE decision_id = 'ing-1'",
+            "UPDATE enrollments SET risk_tier = X'41'"])
+        report = self.verify()                  # (its schema checked too)
+        self.assertEqual((report["intact"], report["head"], report["sealed"]),
+                         (False, None, {"entries": 1, "at": None}))
+        result = run_hall(["verify-log", "--url", self.server.url, "--token", self.admin])
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn("NOT intact", result.stdout)
+        status, _, page = self.call("GET", "/dispatches?limit=50")
+        self.assertEqual(status, 200, page)
+        self.assertIn(("b'A'", 2.5), [(d["capability_id"], d["blast_score"])
+                                      for d in page["dispatches"]])
+        self.hall.registry_changed()            # (else seen within a second)
+        status, _, listing = self.call("GET", "/workers")
+        self.assertEqual((status, listing["workers"][0]["risk_tier"]), (200, "b'A'"))
+
     def test_no_input_stops_the_writer(self):
         status, _, d = self.route(tenant_id=" ", blast_score=10 ** 20)
         self.assertEqual((status, d["deny_reason"], d["blast_score"]),
@@ -4840,7 +4872,9 @@ class CommandLineTest(unittest.TestCase):
                                            pruned=0, sealed=None, problems=5,
                                            first_problem=None)).encode()
                 self.send_response(404 if self.path.startswith("/workers") else 200)
-                self.send_header("Content-Length", str(len(body)))
+                # (/workers: the connection closes before the length it promised)
+                self.send_header("Content-Length", str(len(body) + (
+                    10 if self.path.startswith("/workers") else 0)))
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -4855,7 +4889,8 @@ class CommandLineTest(unittest.TestCase):
         self.addCleanup(other.server_close)
         self.addCleanup(other.shutdown)
         url = "http://127.0.0.1:%d" % other.server_address[1]
-        cases = [(["status", "--url", "foo"], "cannot reach foo"),
+        cases = [(["status", "--url", "foo"], "--url must be an http:// or https:// URL"),
+                 (["route", "--url", "file:///etc"], "--url must be an http:// or https:// URL"),
                  (["status", "--url", "http://[::1"], "cannot reach"),
                  (["status", "--url", url], "other than a hall's answer"),
                  (["route", "--url", url, "--capability", "cap.x"], "other than a hall's answer"),
@@ -4874,6 +4909,32 @@ class CommandLineTest(unittest.TestCase):
                 self.assertIn(said, result.stderr, args)
                 self.assertNotIn("Traceback", result.stderr, args)
             self.assertEqual(os.listdir(tmp), [])
+
+    def test_bench_load_counts_what_is_not_an_answer_as_errors(self):
+        class Odd(socketserver.BaseRequestHandler):
+            def handle(self):
+                self.request.recv(65536)
+                if self.server.answer:          # no Content-Length, then closed
+                    self.request.sendall(self.server.answer)
+                else:                           # reset
+                    self.request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                            struct.pack("ii", 1, 0))
+        ports = []
+        for answer in (b"HTTP/1.1 200 OK\r\n\r\nhi", b"HTTP/1.1 200 OK\r\nContent-Len",
+                       b"garbage\r\nContent-Length: 0\r\n\r\n", b""):
+            server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Odd)
+            server.daemon_threads, server.answer = True, answer
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            self.addCleanup(server.server_close)
+            self.addCleanup(server.shutdown)
+            ports.append(server.server_address[1])
+        with socket.socket() as unused:         # a port nobody listens on
+            unused.bind(("127.0.0.1", 0))
+            ports.append(unused.getsockname()[1])
+        for port in ports:
+            latencies, errors = hall._bench_load(
+                ("127.0.0.1", port, [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"], 3, 0, 0.2))
+            self.assertEqual((latencies, errors), ([], 3), port)
 
     def test_bad_settings_exit_2_with_one_line(self):
         with tempfile.TemporaryDirectory() as tmp:
