@@ -386,10 +386,19 @@ def new_id():
 # Nothing the hall encodes refers to itself, so the cycle check is skipped.
 _CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"),
                                    check_circular=False).encode
-# What is read back from the database and shown is encoded with _JSON, which
-# shows a value the hall never writes (a blob edited into the file) by its
-# repr rather than failing the answer.
-_JSON = json.JSONEncoder(check_circular=False, default=repr).encode   # as json.dumps(value)
+
+
+def _blob_text(value):
+    """What is read back from the database and shown is encoded with _JSON:
+    a value the hall never writes (a blob edited into the file) is shown by
+    its repr rather than failing the answer.  Anything else is still a fault."""
+    if isinstance(value, bytes):
+        return repr(value)
+    raise TypeError("%s is not JSON serializable" % type(value).__name__)
+
+
+_JSON = json.JSONEncoder(check_circular=False, default=_blob_text).encode  # as json.dumps
+
 
 
 def canonical_json(value):
@@ -7853,7 +7862,7 @@ def ask_hall(args, method, path, local, body=None):
 
 
 def print_json(value):
-    print(json.dumps(value, indent=2, default=repr))
+    print(json.dumps(value, indent=2, default=_blob_text))
 
 
 def cmd_route(args):
