@@ -1195,8 +1195,9 @@ class Store(object):
             return
         _complain("[hall-api] the evidence chain's head (place %d) is not signed by this "
                   "hall: recorded in the audit trail; run verify-log" % seq)
-        self._audit(conn, (None, HEAD_REWRITTEN, None, {"seq": seq, "head": head,
-                                                        "head_mac": mac}))
+        self._audit(conn, (None, HEAD_REWRITTEN, None, {
+            "seq": seq, "head": head,
+            "head_mac": mac if mac is None or isinstance(mac, str) else repr(mac)}))
 
     def _abandon(self, batch, exc):
         """A batch whose _commit raised (and rolled back): fail its jobs (those
@@ -1986,10 +1987,11 @@ def log_signature(path, busy_timeout_ms=5000):
     signed it is not known."""
     if path == ":memory:":
         return "unsigned"
-    if not os.path.exists(path):                # (new: only if it can be made; a link
-        # that leads nowhere is made where it leads)
-        return "unsigned" if os.path.isdir(os.path.dirname(os.path.realpath(path))) \
-            else "refused"
+    if not os.path.exists(path):                # new: only if it can be made (where a
+        # link that leads nowhere leads; a loop of links leads to no place at all)
+        target = os.path.realpath(path)
+        return "unsigned" if os.path.isdir(os.path.dirname(target)) and \
+            not os.path.lexists(target) else "refused"
     if not os.path.isfile(path):
         return "refused"
     try:
@@ -8178,9 +8180,11 @@ def _bench_requests(method, path, token, records):
 def _bench_load(job):
     """One load process: ``connections`` keep-alive connections, each sending
     its next request as soon as the answer to the last one is complete.
-    Returns (latencies of answers completed after warm-up, errors).  A
-    connection refused, reset, closed, answering what is not HTTP or
-    silent past the end counts as an error and ends; nothing is raised."""
+    Returns (latencies of answers completed after warm-up, errors: the
+    requests, warm-up included, not answered below 400).  A connection
+    refused, reset, closed, answering what is not HTTP or not done 10 s
+    past the end is an error and ends; one the server closes (Connection:
+    close) just ends.  Nothing is raised."""
     host, port, requests, connections, warmup, seconds = job
     selector = selectors.DefaultSelector()
     started = time.monotonic()
@@ -8193,6 +8197,7 @@ def _bench_load(job):
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.buffer = bytearray()
             self.needed = None              # bytes of the answer, once its head is read
+            self.last = False               # the server closes after this answer
 
         def send(self):
             nonlocal turn
@@ -8205,11 +8210,17 @@ def _bench_load(job):
             if self.needed is None:
                 end = self.buffer.find(b"\r\n\r\n")
                 if end < 0:
+                    if len(self.buffer) > 1 << 16:
+                        raise ValueError("an answer head without an end")
                     return None
-                match = re.search(rb"(?i)\r\ncontent-length: *([0-9]+)", self.buffer[:end])
+                head = bytes(self.buffer[:end])
+                match = re.search(rb"(?i)\r\ncontent-length: *([0-9]+)", head)
                 if not match:
                     raise ValueError("an answer without Content-Length")
                 self.needed = end + 4 + int(match.group(1))
+                if self.needed > 1 << 26:   # (no answer of the bench is near this)
+                    raise ValueError("an answer too long to be one")
+                self.last = re.search(rb"(?i)\r\nconnection: *close", head) is not None
             if len(self.buffer) < self.needed:
                 return None
             status = int(self.buffer[9:12])
@@ -8218,22 +8229,27 @@ def _bench_load(job):
             return status
 
     def end(connection):
-        selector.unregister(connection.sock)
+        with contextlib.suppress(KeyError):
+            selector.unregister(connection.sock)
         connection.sock.close()
 
     for _ in range(connections):
+        connection = None
         try:
             connection = Connection()
-            connection.send()
             selector.register(connection.sock, selectors.EVENT_READ, connection)
+            connection.send()
         except OSError:
             errors += 1
+            if connection is not None:
+                end(connection)
     while selector.get_map():
         events = selector.select(timeout=1)
-        if not events and time.monotonic() > deadline + 10:    # the hall stopped answering
+        if time.monotonic() > deadline + 10:    # the hall stopped answering (or trickles)
             for key in list(selector.get_map().values()):
                 errors += 1
                 end(key.data)
+            break
         for key, _events in events:
             connection = key.data
             try:
@@ -8245,10 +8261,10 @@ def _bench_load(job):
                         raise ConnectionError("closed")
                     continue
                 moment = time.monotonic()
+                errors += status >= 400
                 if moment >= measure_from:
                     latencies.append(moment - connection.start)
-                    errors += status >= 400
-                if moment >= deadline:
+                if moment >= deadline or connection.last:
                     end(connection)
                 else:
                     connection.send()
