@@ -397,7 +397,27 @@ def _blob_text(value):
     raise TypeError("%s is not JSON serializable" % type(value).__name__)
 
 
-_JSON = json.JSONEncoder(check_circular=False, default=_blob_text).encode  # as json.dumps
+_STRICT_JSON = json.JSONEncoder(check_circular=False, allow_nan=False,
+                                default=_blob_text).encode
+
+
+def _JSON(value):
+    """As json.dumps(value), but always strict JSON: a float JSON has no
+    number for (infinity, edited into the file) is shown as its repr."""
+    try:
+        return _STRICT_JSON(value)
+    except ValueError:
+        return _STRICT_JSON(_finite_floats(value))
+
+
+def _finite_floats(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {key: _finite_floats(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_floats(item) for item in value]
+    return value
 
 
 
@@ -7864,7 +7884,7 @@ def ask_hall(args, method, path, local, body=None):
 
 
 def print_json(value):
-    print(json.dumps(value, indent=2, default=_blob_text))
+    print(json.dumps(_finite_floats(value), indent=2, default=_blob_text))
 
 
 def cmd_route(args):

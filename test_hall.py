@@ -4007,6 +4007,7 @@ class ChainDefenceTest(ChainCase):
             "UPDATE chain SET sealed_seq = 1, sealed_at = X'41'",
             "UPDATE decisions SET capability_id = X'41', blast_score = 2.5 "
             "WHERE decision_id = 'ing-1'",
+            "UPDATE decisions SET blast_score = 9e999 WHERE decision_id = 'ing-2'",
             "UPDATE enrollments SET risk_tier = X'41'"])
         report = self.verify()                  # (its schema checked too)
         self.assertEqual((report["intact"], report["head"], report["sealed"]),
@@ -4016,8 +4017,12 @@ class ChainDefenceTest(ChainCase):
         self.assertIn("NOT intact", result.stdout)
         status, _, page = self.call("GET", "/dispatches?limit=50")
         self.assertEqual(status, 200, page)
-        self.assertIn(("b'A'", 2.5), [(d["capability_id"], d["blast_score"])
-                                      for d in page["dispatches"]])
+        shown = [(d["capability_id"], d["blast_score"]) for d in page["dispatches"]]
+        self.assertIn(("b'A'", 2.5), shown)
+        self.assertIn(("cap.x", "inf"), shown)  # (strict JSON has no Infinity)
+        result = run_hall(["dispatches", "--url", self.server.url, "--token", self.admin])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn('"inf"', result.stdout)
         self.hall.registry_changed()            # (else seen within a second)
         status, _, listing = self.call("GET", "/workers")
         self.assertEqual((status, listing["workers"][0]["risk_tier"]), (200, "b'A'"))
