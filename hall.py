@@ -389,9 +389,10 @@ _CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"),
 
 
 def _blob_text(value):
-    """What is read back from the database and shown is encoded with _JSON:
-    a value the hall never writes (a blob edited into the file) is shown by
-    its repr rather than failing the answer.  Anything else is still a fault."""
+    """A value the hall never writes but may read back from an edited file
+    (a blob) is shown by _JSON, and kept in an audit entry's detail, by its
+    repr rather than failing the answer or the write.  Anything else is
+    still a fault."""
     if isinstance(value, bytes):
         return repr(value)
     raise TypeError("%s is not JSON serializable" % type(value).__name__)
@@ -418,7 +419,6 @@ def _finite_floats(value):
     if isinstance(value, (list, tuple)):
         return [_finite_floats(item) for item in value]
     return value
-
 
 
 def canonical_json(value):
@@ -1215,9 +1215,8 @@ class Store(object):
             return
         _complain("[hall-api] the evidence chain's head (place %d) is not signed by this "
                   "hall: recorded in the audit trail; run verify-log" % seq)
-        self._audit(conn, (None, HEAD_REWRITTEN, None, {
-            "seq": seq, "head": head,
-            "head_mac": mac if mac is None or isinstance(mac, str) else repr(mac)}))
+        self._audit(conn, (None, HEAD_REWRITTEN, None, {"seq": seq, "head": head,
+                                                        "head_mac": mac}))
 
     def _abandon(self, batch, exc):
         """A batch whose _commit raised (and rolled back): fail its jobs (those
@@ -1399,12 +1398,13 @@ class Store(object):
 
     def _audit(self, conn, audit):
         """audit = (token_id, action, target, detail dict): one append-only row,
-        announced (on_audit) once its batch has committed."""
+        announced (on_audit) once its batch has committed.  (A detail may hold
+        values read from an edited file: see _blob_text.)"""
         token_id, action, target, detail = audit
         entry = {"audit_id": new_id(), "at": now_iso(), "token_id": token_id,
                  "action": action, "target": target, "detail": detail or {}}
         self._append(conn, "audit", [entry["audit_id"], entry["at"], token_id, action, target,
-                                     json.dumps(entry["detail"])])
+                                     json.dumps(entry["detail"], default=_blob_text)])
         self._batch_audit.append(entry)
 
     def registry_version(self):
@@ -8274,11 +8274,11 @@ def _bench_load(job):
             connection = key.data
             try:
                 chunk = connection.sock.recv(1 << 20)
+                if not chunk:
+                    raise ConnectionError("closed")
                 connection.buffer += chunk
-                status = connection.answered() if chunk else None
+                status = connection.answered()
                 if status is None:
-                    if not chunk:
-                        raise ConnectionError("closed")
                     continue
                 moment = time.monotonic()
                 errors += status >= 400
