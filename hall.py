@@ -36,6 +36,7 @@ Importing this module has no side effects: no socket, file or thread.
 """
 
 import argparse
+import array
 import base64
 import bisect
 import collections
@@ -1374,9 +1375,10 @@ class Store(object):
 
     def _append(self, conn, table, values, digest=None):
         """Write one entry (the values of CHAINED_COLUMNS[table]) at the head
-        of the evidence chain; True if written.  A repeated decision_id is
-        ignored and takes no place in the chain.  ``digest`` is the entry's
-        entry_digest, when the caller computed it outside the writer thread."""
+        of the evidence chain; its place there (chain_seq) if written, False
+        if not: a repeated decision_id is ignored and takes no place in the
+        chain.  ``digest`` is the entry's entry_digest, when the caller
+        computed it outside the writer thread."""
         seq, head = self._chain
         link = chain_link(head, seq + 1, table, digest or entry_digest(values))
         if conn.execute(APPEND_SQL[table], list(values) + [seq + 1, link]).rowcount != 1:
@@ -1386,7 +1388,7 @@ class Store(object):
             day = values[_DECIDED_AT][:10]
             total, denied = self._batch_days.get(day, (0, 0))
             self._batch_days[day] = (total + 1, denied + (1 if values[_DENIED] else 0))
-        return True
+        return seq + 1
 
     def _count_days(self, conn):
         """Add the batch's new decisions to their days' counts (decision_days,
@@ -1468,8 +1470,8 @@ class Store(object):
 
     def insert_decision(self, row, consume_approval=None, then=None):
         """INSERT OR IGNORE one decision row (a dict): a repeated decision_id
-        is ignored.  Returns True once stored, False if ignored (and passes
-        the same to ``then``, see write).
+        is ignored.  Returns its place in the evidence chain once stored,
+        False if ignored (and passes the same to ``then``, see write).
 
         ``consume_approval`` = (approval_id, input_hash, now): the decision is
         stored only if that approval can be used up in the same transaction,
@@ -1485,10 +1487,24 @@ class Store(object):
                 "WHERE approval_id = ? AND status = 'approved' AND input_hash = ? "
                 "AND expires_at > ?",
                 (now, row["decision_id"], approval_id, input_hash, now)).rowcount
-            if used:
-                self._append(conn, "decisions", values)
-            return bool(used)
+            if not used:
+                return False
+            return self._append(conn, "decisions", values)
         return self.write(work)
+
+    def decision_events(self, places):
+        """{place: the decision's /events data} of the decisions at these
+        places in the evidence chain (those still in the log)."""
+        columns = DECISION_COLUMNS + ("source", "chain_seq")
+        found = {}
+        with self.reading() as conn:
+            for start in range(0, len(places), 500):    # (SQLite's bound on parameters)
+                chunk = list(places[start:start + 500])
+                for row in conn.execute("SELECT %s FROM decisions WHERE chain_seq IN (%s)"
+                                        % (", ".join(columns), ", ".join("?" * len(chunk))),
+                                        chunk):
+                    found[row[-1]] = dict(zip(columns[:-1], row[:-1]))
+        return found
 
     def decision(self, decision_id):
         """One decision-log row (the columns decision_row fills), or None."""
@@ -3378,23 +3394,43 @@ class BurstCounter(object):
 
 
 class EventBus(object):
-    """The live feed behind /events: recent events kept in memory with
-    increasing ids (so a client reconnecting with Last-Event-ID misses nothing
-    still retained), and one bounded queue per subscriber -- a reader too slow
-    to keep up is dropped rather than allowed to grow memory."""
+    """The live feed behind /events: recent events kept with increasing ids
+    (so a client reconnecting with Last-Event-ID misses nothing still
+    retained), and one bounded queue per subscriber -- a reader too slow to
+    keep up is dropped rather than allowed to grow memory.
 
-    def __init__(self, retain=10000, per_subscriber=1000):
-        self._events = collections.deque(maxlen=retain)
+    A decision, nearly every event there is, is kept by its place in the
+    evidence chain alone (two arrays of integers) and read back from the log
+    for a client that reconnects.  Kept as a dict and its strings for the
+    few seconds ten thousand decisions last under load, each one made route
+    requests cost a tenth more processor time, measured: objects that die
+    old rather than young leave the interpreter's memory colder in cache."""
+
+    def __init__(self, retain=10000, per_subscriber=1000, read_decisions=None):
+        self._retain = retain
+        self._events = collections.deque(maxlen=retain)    # (id, kind, data) of the others
+        self._decision_ids = array.array("q")               # ... and of the decisions,
+        self._decision_places = array.array("q")            # their places in the chain
+        self._read_decisions = read_decisions               # places -> {place: data}
         self._next_id = int(time.time() * 1000)     # ids keep increasing across restarts
         self._subscribers = set()
         self._per_subscriber = per_subscriber
         self._lock = threading.Lock()
 
-    def publish(self, kind, data):
+    def publish(self, kind, data, place=None):
+        """``place``: the event is a decision the log holds at this place in
+        the evidence chain (Store.decision_events reads it back)."""
         with self._lock:
             event = (self._next_id, kind, data)
             self._next_id += 1
-            self._events.append(event)
+            if not place or self._read_decisions is None:
+                self._events.append(event)
+            else:
+                self._decision_ids.append(event[0])
+                self._decision_places.append(place)
+                if len(self._decision_ids) >= 2 * self._retain:     # (cut now and then)
+                    del self._decision_ids[:-self._retain]
+                    del self._decision_places[:-self._retain]
             for subscriber in list(self._subscribers):
                 if not subscriber.offer(event):
                     self._subscribers.discard(subscriber)
@@ -3404,10 +3440,27 @@ class EventBus(object):
         ones after ``last_id`` (none when it is None), then each new one."""
         subscriber = Subscription(self._per_subscriber, accept)
         with self._lock:
-            for event in self._events if last_id is not None else ():
-                if event[0] > last_id and not subscriber.offer(event):
-                    return subscriber           # too much to replay: already dropped
+            # What it missed, and from here on every new event: the decisions
+            # it missed are read from the log outside the lock.
+            if last_id is None:
+                missed, ids, places = [], (), ()
+            else:
+                missed = [event for event in self._events if event[0] > last_id]
+                start = bisect.bisect_right(self._decision_ids, last_id)
+                ids, places = self._decision_ids[start:], self._decision_places[start:]
             self._subscribers.add(subscriber)
+        try:
+            if ids:
+                read = self._read_decisions(places)
+                missed.extend((event_id, "decision", read[place])
+                              for event_id, place in zip(ids, places) if place in read)
+                missed.sort(key=lambda event: event[0])
+        except BaseException:                   # (a busy database: a 503)
+            self.unsubscribe(subscriber)
+            raise
+        with self._lock:
+            if not subscriber.replay(missed):
+                self._subscribers.discard(subscriber)
         return subscriber
 
     def unsubscribe(self, subscriber):
@@ -3422,6 +3475,7 @@ class EventBus(object):
 class Subscription(object):
     def __init__(self, size, accept):
         self.queue = queue.Queue(maxsize=size)
+        self.missed = []                        # sent before anything in the queue
         self.accept = accept
         self.dropped = False
 
@@ -3434,6 +3488,18 @@ class Subscription(object):
         except queue.Full:
             self.dropped = True
             return False
+
+    def replay(self, events):
+        """The events it missed (false if too many: dropped, and nothing new
+        is sent after them)."""
+        missed = [event for event in events if self.accept(event)]
+        self.missed = missed[:self.queue.maxsize]
+        if len(missed) > self.queue.maxsize:
+            self.dropped = True
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self.queue.get_nowait()
+        return not self.dropped
 
 
 class Metrics(object):
@@ -3523,10 +3589,12 @@ class EventStream(object):
 
     def chunks(self):
         yield b"retry: 2000\n\n"
+        missed = iter(self.subscription.missed)
         try:
             while not self.hall.stopping:
                 try:
-                    event_id, kind, data = self.subscription.queue.get(timeout=self.heartbeat)
+                    event_id, kind, data = next(missed, None) or \
+                        self.subscription.queue.get(timeout=self.heartbeat)
                 except queue.Empty:
                     if self.subscription.dropped:
                         break
@@ -3679,7 +3747,7 @@ class Hall(object):
         self._known_tokens = {}
         self.storage_fault_since = None         # (when, why) while writes fail
         self._generation_at_fault = None        # the store's commits counted at the last failure
-        self.events = EventBus(config.events_retained)
+        self.events = EventBus(config.events_retained, read_decisions=self.store.decision_events)
         self.metrics = Metrics()
         self.sessions = Sessions()
         self.activity = MinuteCounts()
@@ -3952,7 +4020,7 @@ class Hall(object):
         def stored(new):
             if new:                             # a repeated decision_id is not news
                 self.metrics.count("hall_ingested_decisions_total")
-                self._announce(row)
+                self._announce(row, new)
         self.store.insert_decision(row, then=stored)
         return {"recorded": True, "decision_id": row["decision_id"]}
 
@@ -3976,8 +4044,9 @@ class Hall(object):
         if decision["dry_run"]:
             return self._sign(decision)
         used = decision["preconditions_checked"].get("human_approval")
-        if used and not self.store.insert_decision(
-                decision_row(decision), (used, decision["artifact_hash"], now)):
+        place = used and self.store.insert_decision(decision_row(decision),
+                                                    (used, decision["artifact_hash"], now))
+        if used and not place:
             # Another request used the approval first: decide again as it is now.
             approval = self._presented_approval(used, now)
             if approval.get("status") == "approved":
@@ -3987,13 +4056,13 @@ class Hall(object):
             used = None
         row = decision_row(decision)
 
-        def logged(_):
+        def logged(place):
             self.metrics.count("hall_route_decisions_total",
                                outcome="denied" if decision["denied"] else "allowed",
                                deny_code=decision["deny_reason"] or "")
-            self._announce(row)
+            self._announce(row, place)
         if used:
-            logged(True)
+            logged(place)
         else:
             if decision["deny_reason"] in HUMAN_GATE_CODES and inp["approval_id"] is None:
                 self._open_approval(decision)
@@ -4005,11 +4074,12 @@ class Hall(object):
         decision["receipt"] = sign_receipt(decision, *self.keyring.signing_key())
         return decision
 
-    def _announce(self, row):
-        """A logged decision, to /events subscribers and the activity chart."""
+    def _announce(self, row, place):
+        """A decision logged at ``place``, to /events subscribers and the
+        activity chart."""
         self.activity.add(row["decided_at"], row["denied"])
         self.events.publish("decision", dict({c: row[c] for c in DECISION_COLUMNS},
-                                             source=row.get("source")))
+                                             source=row.get("source")), place)
 
     def rules_for(self, document, principal):
         """Which rules apply: the request's own, else the operator's, else auto."""

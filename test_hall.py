@@ -2982,6 +2982,63 @@ class EventStreamTest(ServerCase):
         self.assertEqual(subscription.queue.qsize(), 5)
         self.assertEqual(self.hall.events.subscribers, 0)
 
+    def test_missed_decisions_are_read_back_from_the_log(self):
+        self.enroll(worker_record())
+        live = self.hall.subscribe(types={"decision"})
+        try:
+            self.assertEqual(self.route()[0], 200)
+            self.assertEqual(self.route(capability_id="cap.nobody.has")[0], 200)   # denied
+            self.assertEqual(self.call("POST", "/decisions/ingest",
+                                       {"decision_id": "ingested", "blast_score": 7})[0], 201)
+            sent = [live.queue.get(timeout=5) for _ in range(3)]
+        finally:
+            self.hall.events.unsubscribe(live)
+        self.assertEqual([e[2]["denied"] for e in sent], [0, 1, 0])
+        # Kept by their places in the chain, not as the events themselves.
+        self.assertEqual(list(self.hall.events._decision_places),
+                         [place for place, in self.db_rows(
+                             "SELECT chain_seq FROM decisions ORDER BY chain_seq")])
+        self.assertEqual([e for e in self.hall.events._events if e[1] == "decision"], [])
+        replayed = self.hall.subscribe(last_id=sent[0][0] - 1, types={"decision"})
+        self.hall.events.unsubscribe(replayed)
+        self.assertEqual(replayed.missed, sent)             # as they were sent live
+        with contextlib.closing(sqlite3.connect(self.db)) as conn, conn:
+            conn.execute("DELETE FROM decisions WHERE decision_id = ?",
+                         (sent[1][2]["decision_id"],))
+        replayed = self.hall.subscribe(last_id=sent[0][0], types={"decision"})
+        self.hall.events.unsubscribe(replayed)
+        self.assertEqual(replayed.missed, [sent[2]])        # no longer in the log: not sent
+
+    def test_a_reconnect_that_missed_too_much_is_dropped_and_sent_nothing_new(self):
+        bus = hall.EventBus(retain=3, per_subscriber=2,
+                            read_decisions=lambda places: {p: {"place": p} for p in places})
+        before = bus._next_id - 1
+        for place in range(1, 7):
+            bus.publish("decision", {"place": place}, place)
+        bus.publish("alert", {"code": "A"})
+        self.assertEqual(list(bus._decision_places), [4, 5, 6])     # retain=3, cut at 6
+        everything = bus.subscribe(before, lambda event: True)
+        self.assertTrue(everything.dropped)
+        self.assertEqual([e[2] for e in everything.missed], [{"place": 4}, {"place": 5}])
+        bus.publish("alert", {"code": "B"})
+        self.assertTrue(everything.queue.empty())
+        self.assertEqual(bus.subscribers, 0)
+        alerts = bus.subscribe(before, lambda event: event[1] == "alert")
+        bus.publish("alert", {"code": "C"})
+        self.assertEqual([e[2] for e in alerts.missed], [{"code": "A"}, {"code": "B"}])
+        self.assertEqual(alerts.queue.get_nowait()[2], {"code": "C"})
+        self.assertEqual([e[0] for e in alerts.missed], sorted(e[0] for e in alerts.missed))
+
+    def test_a_reconnect_the_log_cannot_answer_leaves_no_subscriber(self):
+        def busy(places):
+            raise hall.Unavailable()
+        bus = hall.EventBus(read_decisions=busy)
+        bus.publish("decision", {}, 1)
+        with self.assertRaises(hall.Unavailable):
+            bus.subscribe(0, lambda event: True)
+        self.assertEqual(bus.subscribers, 0)
+        self.assertEqual(bus.subscribe(None, lambda event: True).missed, [])
+
 
 class DecisionLogTest(ServerCase):
 
