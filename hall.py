@@ -1494,16 +1494,24 @@ class Store(object):
 
     def decision_events(self, places):
         """{place: the decision's /events data} of the decisions at these
-        places in the evidence chain (those still in the log)."""
+        places in the evidence chain (at most 500: SQLite's bound on
+        parameters), those still in the log, as it holds them.  Of an edited
+        file: text that is not UTF-8 is read with U+FFFD in its place, rather
+        than fail every client that reconnects, and a place two rows claim
+        is the first one's."""
         columns = DECISION_COLUMNS + ("source", "chain_seq")
-        found = {}
         with self.reading() as conn:
-            for start in range(0, len(places), 500):    # (SQLite's bound on parameters)
-                chunk = list(places[start:start + 500])
-                for row in conn.execute("SELECT %s FROM decisions WHERE chain_seq IN (%s)"
-                                        % (", ".join(columns), ", ".join("?" * len(chunk))),
-                                        chunk):
-                    found[row[-1]] = dict(zip(columns[:-1], row[:-1]))
+            conn.text_factory = _lenient_text
+            try:
+                rows = conn.execute("SELECT %s FROM decisions WHERE chain_seq IN (%s) "
+                                    "ORDER BY rowid" % (", ".join(columns),
+                                                        ", ".join("?" * len(places))),
+                                    list(places)).fetchall()
+            finally:
+                conn.text_factory = str
+        found = {}
+        for row in rows:
+            found.setdefault(row[-1], dict(zip(columns[:-1], row[:-1])))
         return found
 
     def decision(self, decision_id):
@@ -2186,6 +2194,10 @@ class Keyring(object):
                 self._refresh()                 # another process made it first: use that
         else:
             os.replace(temporary, self.path)
+
+
+def _lenient_text(data):
+    return data.decode("utf-8", "replace")
 
 
 def _json_list(text):
@@ -3412,7 +3424,8 @@ class EventBus(object):
         self._decision_ids = array.array("q")               # ... and of the decisions,
         self._decision_places = array.array("q")            # their places in the chain
         self._read_decisions = read_decisions               # places -> {place: data}
-        self._next_id = int(time.time() * 1000)     # ids keep increasing across restarts
+        # Ids keep increasing across restarts: one a microsecond, never used up.
+        self._next_id = int(time.time() * 1000000)
         self._subscribers = set()
         self._per_subscriber = per_subscriber
         self._lock = threading.Lock()
@@ -3435,33 +3448,47 @@ class EventBus(object):
                 if not subscriber.offer(event):
                     self._subscribers.discard(subscriber)
 
-    def subscribe(self, last_id, accept):
+    def subscribe(self, last_id, accept, decisions=True):
         """A Subscription fed with the events that ``accept`` takes: the retained
-        ones after ``last_id`` (none when it is None), then each new one."""
+        ones after ``last_id`` (none when it is None), then each new one.
+        ``decisions=False``: it takes no decision (none is read back)."""
         subscriber = Subscription(self._per_subscriber, accept)
         with self._lock:
             # What it missed, and from here on every new event: the decisions
             # it missed are read from the log outside the lock.
-            if last_id is None:
-                missed, ids, places = [], (), ()
-            else:
+            missed, ids, places = [], (), ()
+            if last_id is not None:
                 missed = [event for event in self._events if event[0] > last_id]
-                start = bisect.bisect_right(self._decision_ids, last_id)
-                ids, places = self._decision_ids[start:], self._decision_places[start:]
+                if decisions:
+                    start = bisect.bisect_right(self._decision_ids, last_id)
+                    ids, places = self._decision_ids[start:], self._decision_places[start:]
             self._subscribers.add(subscriber)
         try:
-            if ids:
-                read = self._read_decisions(places)
-                missed.extend((event_id, "decision", read[place])
-                              for event_id, place in zip(ids, places) if place in read)
-                missed.sort(key=lambda event: event[0])
+            missed = [event for event in missed if accept(event)]
+            missed += self._read_back(ids, places, accept, self._per_subscriber + 1)
         except BaseException:                   # (a busy database: a 503)
             self.unsubscribe(subscriber)
             raise
+        missed.sort(key=lambda event: event[0])
         with self._lock:
             if not subscriber.replay(missed):
                 self._subscribers.discard(subscriber)
         return subscriber
+
+    def _read_back(self, ids, places, accept, enough):
+        """The decisions with these event ids and places that ``accept``
+        takes, read from the log in order, a chunk at a time, until there are
+        ``enough`` (more than a subscriber may be sent)."""
+        taken = []
+        for start in range(0, len(places), 500):
+            chunk = places[start:start + 500]
+            read = self._read_decisions(chunk)
+            for event_id, place in zip(ids[start:start + 500], chunk):
+                if place in read and accept((event_id, "decision", read[place])):
+                    taken.append((event_id, "decision", read[place]))
+            if len(taken) >= enough:
+                break
+        return taken
 
     def unsubscribe(self, subscriber):
         with self._lock:
@@ -3489,10 +3516,9 @@ class Subscription(object):
             self.dropped = True
             return False
 
-    def replay(self, events):
-        """The events it missed (false if too many: dropped, and nothing new
-        is sent after them)."""
-        missed = [event for event in events if self.accept(event)]
+    def replay(self, missed):
+        """The events it missed, which it takes (false if too many: dropped,
+        and nothing new is sent after them)."""
         self.missed = missed[:self.queue.maxsize]
         if len(missed) > self.queue.maxsize:
             self.dropped = True
@@ -3589,17 +3615,19 @@ class EventStream(object):
 
     def chunks(self):
         yield b"retry: 2000\n\n"
-        missed = iter(self.subscription.missed)
+        missed, self.subscription.missed = iter(self.subscription.missed), None
         try:
             while not self.hall.stopping:
-                try:
-                    event_id, kind, data = next(missed, None) or \
-                        self.subscription.queue.get(timeout=self.heartbeat)
-                except queue.Empty:
-                    if self.subscription.dropped:
+                event = next(missed, None)
+                if event is None:
+                    if self.subscription.dropped and self.subscription.queue.empty():
                         break
-                    yield b": heartbeat\n\n"
-                    continue
+                    try:
+                        event = self.subscription.queue.get(timeout=self.heartbeat)
+                    except queue.Empty:
+                        yield b": heartbeat\n\n"
+                        continue
+                event_id, kind, data = event
                 yield ("id: %d\nevent: %s\ndata: %s\n\n" % (event_id, kind, _JSON(data))
                        ).encode("utf-8")
             if self.subscription.dropped:
@@ -4414,7 +4442,7 @@ class Hall(object):
             if tenant_id is not None and data.get("tenant_id") != tenant_id:
                 return False
             return capability_id is None or data.get("capability_id") == capability_id
-        return self.events.subscribe(last_id, accept)
+        return self.events.subscribe(last_id, accept, not types or "decision" in types)
 
     def decision_page(self, filters, cursor, limit):
         """A page of the decision log, newest first, and the cursor of the next page."""

@@ -3008,6 +3008,17 @@ class EventStreamTest(ServerCase):
         replayed = self.hall.subscribe(last_id=sent[0][0], types={"decision"})
         self.hall.events.unsubscribe(replayed)
         self.assertEqual(replayed.missed, [sent[2]])        # no longer in the log: not sent
+        # An edited file: a forged row at a place already taken, text not UTF-8.
+        with contextlib.closing(sqlite3.connect(self.db)) as conn, conn:
+            conn.execute("INSERT INTO decisions (decision_id, decided_at, capability_id, "
+                         "chain_seq) SELECT 'forged', decided_at, capability_id, chain_seq "
+                         "FROM decisions WHERE decision_id = 'ingested'")
+            conn.execute("UPDATE decisions SET env = CAST(X'FF' AS TEXT) "
+                         "WHERE decision_id = 'ingested'")
+        replayed = self.hall.subscribe(last_id=sent[0][0], types={"decision"})
+        self.hall.events.unsubscribe(replayed)
+        self.assertEqual(replayed.missed, [(sent[2][0], "decision",
+                                            dict(sent[2][2], env="\ufffd"))])
 
     def test_a_reconnect_that_missed_too_much_is_dropped_and_sent_nothing_new(self):
         bus = hall.EventBus(retain=3, per_subscriber=2,
@@ -3028,6 +3039,49 @@ class EventStreamTest(ServerCase):
         self.assertEqual([e[2] for e in alerts.missed], [{"code": "A"}, {"code": "B"}])
         self.assertEqual(alerts.queue.get_nowait()[2], {"code": "C"})
         self.assertEqual([e[0] for e in alerts.missed], sorted(e[0] for e in alerts.missed))
+
+    def test_a_reconnect_reads_back_only_the_decisions_it_can_be_sent(self):
+        read = []
+
+        def read_decisions(places):
+            read.extend(places)
+            return {p: {"tenant_id": "org.a" if p % 2 else "org.b"} for p in places}
+        bus = hall.EventBus(retain=2000, per_subscriber=5, read_decisions=read_decisions)
+        before = bus._next_id - 1
+        for place in range(1, 2001):
+            bus.publish("decision", {}, place)
+        bus.publish("alert", {"code": "A"})
+        alerts = bus.subscribe(before, lambda event: event[1] == "alert", decisions=False)
+        self.assertEqual(([e[2] for e in alerts.missed], read), ([{"code": "A"}], []))
+        tenant_b = bus.subscribe(before, lambda e: e[2].get("tenant_id") == "org.b")
+        self.assertEqual(read, list(range(1, 501)))         # one chunk had enough
+        self.assertTrue(tenant_b.dropped)
+        self.assertEqual([e[2] for e in tenant_b.missed], [{"tenant_id": "org.b"}] * 5)
+
+    def test_ids_stay_ahead_of_a_busy_hall_across_a_restart(self):
+        with mock.patch.object(hall.time, "time", return_value=1000.0):
+            before = hall.EventBus()
+            for _ in range(5000):               # 5,000 events in its last second
+                before.publish("alert", {})
+        with mock.patch.object(hall.time, "time", return_value=1001.0):
+            after = hall.EventBus()
+            after.publish("alert", {})
+        self.assertGreater(after._events[0][0], before._events[-1][0])
+
+    def test_a_stream_that_missed_too_much_is_told_at_once(self):
+        self.hall.events = hall.EventBus(retain=100, per_subscriber=2,
+                                         read_decisions=self.hall.store.decision_events)
+        for i in range(3):
+            self.assertEqual(self.call("POST", "/decisions/ingest",
+                                       {"decision_id": "d%d" % i})[0], 201)
+        sock, reader = self.open_stream(last_id=0)
+        try:
+            events = self.read_events(reader, 3)        # (well before a heartbeat)
+        finally:
+            reader.close()
+            sock.close()
+        self.assertEqual([(e[1], e[2].get("decision_id")) for e in events],
+                         [("decision", "d0"), ("decision", "d1"), ("dropped", None)])
 
     def test_a_reconnect_the_log_cannot_answer_leaves_no_subscriber(self):
         def busy(places):
