@@ -3484,8 +3484,9 @@ class EventBus(object):
             chunk = places[start:start + 500]
             read = self._read_decisions(chunk)
             for event_id, place in zip(ids[start:start + 500], chunk):
-                if place in read and accept((event_id, "decision", read[place])):
-                    taken.append((event_id, "decision", read[place]))
+                event = (event_id, "decision", read.get(place))
+                if event[2] is not None and accept(event):
+                    taken.append(event)
             if len(taken) >= enough:
                 break
         return taken
