@@ -6498,6 +6498,8 @@ class EventLoop(object):
                     if self.accepting_again is None:
                         self.selector.unregister(listener)
                     self.accepting_again = None
+                    listener.close()            # a client connecting now is refused at once,
+                                                # not left in the backlog until the drain ends
                     for conn in list(self.connections):
                         if not conn.busy:
                             self.close(conn)
@@ -7864,7 +7866,13 @@ def run_server(config):
         hall.close()
         raise
     def stop(signum, frame):
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        threading.Thread(target=stopping, args=(signal.Signals(signum).name,),
+                         daemon=True).start()
+
+    def stopping(name):                         # (not in the handler: print is not reentrant)
+        print("[hall-api] %s: stopping; requests in flight have up to %ss to finish"
+              % (name, config.drain_seconds), flush=True)
+        server.shutdown()
 
     signal.signal(signal.SIGINT, stop)          # before the start line: a supervisor may
     signal.signal(signal.SIGTERM, stop)         # signal as soon as it reads it

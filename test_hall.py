@@ -2649,16 +2649,25 @@ class GracefulStopTest(unittest.TestCase):
             try:
                 url = process.stdout.readline().split(" on ")[1].strip()
                 port = int(url.rsplit(":", 1)[1])
+                said = queue.Queue()
+                threading.Thread(target=lambda: [said.put(line) for line in process.stdout] +
+                                 [said.put(None)], daemon=True).start()
                 with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
                     sock.sendall(b"POST /decisions/ingest HTTP/1.1\r\nContent-Type: "
                                  b"application/json\r\nContent-Length: 23\r\n\r\n{\"decision_id\"")
-                    time.sleep(0.3)             # let the request be read up to its body
+                    # Answered on a second connection, whose bytes came later:
+                    # the hall has read the first request's head by then.
+                    with urllib.request.urlopen(url + "/health", timeout=10) as response:
+                        self.assertEqual(response.status, 200)
                     process.terminate()
-                    time.sleep(0.3)
+                    self.assertTrue(poll(lambda: refuses_connections(port)))
                     sock.sendall(b": \"late\"}")
                     answer = sock.recv(65536)
                 self.assertTrue(answer.startswith(b"HTTP/1.1 201"), answer[:60])
                 self.assertEqual(process.wait(timeout=15), 0)
+                self.assertEqual(list(iter(said.get, None))[-2:], [
+                    "[hall-api] SIGTERM: stopping; requests in flight have up to 10s to finish\n",
+                    "[hall-api] stopped\n"])
                 self.assertFalse(os.path.exists(os.path.join(tmp, "hall.db-wal")) and
                                  os.path.getsize(os.path.join(tmp, "hall.db-wal")) > 0)
             finally:
@@ -4977,6 +4986,14 @@ def hall_environ(**settings):
     return environ
 
 
+def refuses_connections(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 def reap(process):
     """Make sure a hall process started by a test is gone and its pipes closed."""
     if process.poll() is None:
@@ -5144,7 +5161,9 @@ class CommandLineTest(unittest.TestCase):
                 self.assertIn("starting on", process.stdout.readline())
                 process.send_signal(2)
                 self.assertEqual(process.wait(timeout=15), 0)
-                self.assertEqual(process.stdout.read().strip(), "[hall-api] stopped")
+                self.assertEqual(process.stdout.read().splitlines(), [
+                    "[hall-api] SIGINT: stopping; requests in flight have up to 10s to finish",
+                    "[hall-api] stopped"])
             finally:
                 reap(process)
             with open(token_path) as handle:
