@@ -470,6 +470,12 @@ def _finite_float(text):
     return number
 
 
+def _double_sized_int(text):
+    if len(text.lstrip("-")) > 308:             # beyond any double (and slow to convert)
+        raise ValueError("number out of range: " + text[:40])
+    return int(text)
+
+
 def _no_duplicate_keys(pairs):
     result = {}
     for key, value in pairs:
@@ -480,7 +486,7 @@ def _no_duplicate_keys(pairs):
 
 
 _BODY_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float,
-                                 object_pairs_hook=_no_duplicate_keys)
+                                 parse_int=_double_sized_int, object_pairs_hook=_no_duplicate_keys)
 # Escapes that may hide a NUL or a lone surrogate: only then are strings walked.
 _SUSPECT_ESCAPE = re.compile(r"\\u(?:[dD][89a-fA-F]|0000)")
 
@@ -532,6 +538,16 @@ def _check_json_value(value, check_strings, what):
         if depth > MAX_JSON_DEPTH:
             raise HallError(400, "%s is nested deeper than %d levels" % (what, MAX_JSON_DEPTH))
         stack.extend((child, depth + 1) for child in children)
+
+
+def ascii_number(text, most_digits=18):
+    """The non-negative integer ``text`` writes in at most ``most_digits``
+    ASCII digits (so it fits SQLite's integers), else None.  (str.isdigit
+    alone admits "\u00b2" and other digits int() refuses.)"""
+    text = text.strip()
+    if 0 < len(text) <= most_digits and text.isascii() and text.isdigit():
+        return int(text)
+    return None
 
 
 def _is_int(value):
@@ -1418,17 +1434,22 @@ class Store(object):
     # -- enrollments ---------------------------------------------------------
 
     def upsert_enrollment(self, worker_id, species, capabilities, risk_tier, artifact_hash,
-                          record_json):
+                          record_json, namespace=None):
         """Insert or update by worker_id; returns an Upsert.  A worker enrolled
         again with the very record stored (as each one is when it starts)
         changes nothing: no write, no fsync, and no new registry version for
-        every hall reading this file to rebuild."""
+        every hall reading this file to rebuild.  With ``namespace`` (the
+        caller's token is limited to it) a stored worker outside it is not
+        replaced: HallError(403)."""
         now = now_iso()
         def work(conn):
             row = conn.execute("SELECT enrollment_id, enrolled_at, (SELECT value FROM meta "
                                "WHERE key = 'registry_version'), worker_species_id, "
                                "capabilities, risk_tier, artifact_hash, record_json "
                                "FROM enrollments WHERE worker_id = ?", (worker_id,)).fetchone()
+            if row and namespace is not None:
+                check_namespace(Principal(None, None, (), namespace), worker_namespace(
+                    worker_id, _json_object(row[7])))
             if row and row[3:] == (species, capabilities, risk_tier, artifact_hash, record_json):
                 return Upsert(False, False, row[0], row[1], row[2])
             if row:
@@ -2515,6 +2536,7 @@ class Policy(object):
         self.rules = rules                      # [(id, conditions, outcome, reason)]
 
     def evaluate(self, values):
+        values = dict(values, env=match_value("env", values.get("env")))  # staging is stage
         for rule_id, conditions, outcome, reason in self.rules:
             if conditions_match(conditions, values):
                 return PolicyVerdict(outcome, reason, rule_id, self.version)
@@ -2590,7 +2612,9 @@ class Worker(namedtuple("Worker", "worker_id species capabilities risk_tier enro
     def hashes(self):
         """The sha256 tags a ban can name: the record's and the code's."""
         code = (self.attestation or {}).get("code_hash")
-        return (self.artifact_hash, code) if code else (self.artifact_hash,)
+        if not isinstance(code, str) or not code.strip():
+            return (self.artifact_hash,)
+        return (self.artifact_hash, _sha256_tag_of(code))  # as sent: any case, bare or tagged
 
 
 class Registry(object):
@@ -2826,6 +2850,10 @@ def decide(inp, rules, registry, policy=None, floor=OPEN_FLOOR, now=None, decisi
     looked at and its outcome (pass, deny, skipped or not_reached).
 
     Every failure is a denial: nothing raises for any input."""
+    try:
+        input_hash = route_input_hash(inp)
+    except (TypeError, ValueError, RecursionError):
+        input_hash = None                       # a request JSON has no form for: denied
     decision = {
         "decision_id": decision_id or new_id(),
         "timestamp": now or now_iso(),
@@ -2848,7 +2876,7 @@ def decide(inp, rules, registry, policy=None, floor=OPEN_FLOOR, now=None, decisi
         "preconditions_checked": {},
         # a caller's out-of-range score is never echoed or stored, whichever step denies
         "blast_score": inp["blast_score"] if 0 <= (inp["blast_score"] or 0) <= 100 else None,
-        "artifact_hash": route_input_hash(inp),
+        "artifact_hash": input_hash,
         "dry_run": bool(inp.get("dry_run")),
         "telemetry_envelopes": [],
     }
@@ -2988,6 +3016,8 @@ def _run_pipeline(inp, decision, events, rules, registry, policy, floor, approva
               shadowed_rules=rules.shadowed if high_stakes else "checked in prod and edge only")
     if floor.safe_mode:
         raise Denied("DENY_SAFE_MODE", safe_mode_reason=floor.safe_mode_reason)
+    if decision["artifact_hash"] is None:       # (only a Python caller can pass such a value)
+        raise Denied("DENY_INVALID_INPUT", field="request")
     if floor.tenants is not None and inp["tenant_id"] not in floor.tenants:
         raise Denied("DENY_UNKNOWN_TENANT")
     if not inp["tenant_id"].strip():
@@ -3167,6 +3197,9 @@ def envelope_violations(envelope, inp):
     """What a request asks beyond a worker's privilege_envelope (none declared: all of it)."""
     if envelope is None:
         return ["the worker declares no privilege_envelope"]
+    problem = check_envelope(envelope)          # (a record another program wrote, say)
+    if problem:
+        return [problem]
     violations = []
     ceiling = envelope.get("max_data_label")
     if ceiling is not None and DATA_LABEL_ORDER[inp["data_label"]] > DATA_LABEL_ORDER[ceiling]:
@@ -3354,7 +3387,11 @@ def check_receipt(decision, keys):
     if secret is None:
         return False, "the receipt names key %s, which is not among the keys given" % (
             clean_id(key_id)[:40])
-    if not hmac.compare_digest(_receipt_mac(decision, key_id, secret), mac):
+    try:
+        expected = _receipt_mac(decision, key_id, secret)
+    except (TypeError, ValueError):             # (a Python caller's value JSON has no form for)
+        return False, "a signed field of the decision is not a JSON value"
+    if not hmac.compare_digest(expected.encode(), mac.encode("utf-8", "replace")):
         return False, ("the receipt does not match: a signed field of the decision was "
                        "changed, or the receipt was not made with this key")
     return True, "signed by key %s" % key_id
@@ -3986,7 +4023,7 @@ class Hall(object):
                             "DENY_WORKER_BANNED")
         upsert = self.store.upsert_enrollment(
             worker_id, record["worker_species_id"], json.dumps(capabilities), risk_tier,
-            record["artifact_hash"], record_json)
+            record["artifact_hash"], record_json, principal.tenant)
         snapshot = self._registry
         if upsert.changed or snapshot is None or snapshot.version != upsert.registry_version:
             # The next route rebuilds the snapshot -- also after a record that
@@ -4452,8 +4489,10 @@ class Hall(object):
             try:
                 decided_at, _, rowid = base64.urlsafe_b64decode(
                     cursor.encode("ascii") + b"==").decode("utf-8").rpartition("|")
-                after = (decided_at, int(rowid))
+                after = (decided_at, ascii_number(rowid))
             except (ValueError, UnicodeError):
+                after = (None, None)
+            if after[1] is None:
                 raise HallError(400, "cursor is not one this hall gave out")
         rows = self.store.query_decisions(filters, after, limit + 1)
         more = len(rows) > limit
@@ -4516,7 +4555,8 @@ class Hall(object):
         and stored only as its hash."""
         if not isinstance(name, str) or not name.strip():
             raise HallError(400, "name must be a non-empty string")
-        if not (isinstance(scopes, list) and scopes and set(scopes) <= ALL_SCOPES):
+        if not (isinstance(scopes, list) and scopes and
+                all(isinstance(scope, str) for scope in scopes) and set(scopes) <= ALL_SCOPES):
             raise HallError(400, "scopes must be a non-empty list of: " + ", ".join(SCOPES))
         if tenant is not None and not (isinstance(tenant, str) and tenant.strip()):
             raise HallError(400, "tenant must be a non-empty string, or null")
@@ -4762,8 +4802,9 @@ class Hall(object):
         record = {key: value for key, value in body.items() if key != "sha256"}
         record.setdefault("worker_id", "%s.%s" % (body["namespace"], _slug(body["display_name"])))
         record.setdefault("worker_species_id", "wrk." + _slug(body["display_name"]))
-        record["attestation"] = dict(record.get("attestation") or {}, code_hash=package) \
-            if isinstance(record.get("attestation", {}), dict) else record["attestation"]
+        attestation = record.get("attestation")
+        if attestation is None or isinstance(attestation, dict):   # (else refused by enroll)
+            record["attestation"] = dict(attestation or {}, code_hash=package)
         record["artifact_hash"] = compute_artifact_hash(record)
         result = self.enroll(record, principal)
         result.update(namespace=body["namespace"], worker_species_id=record["worker_species_id"],
@@ -5141,14 +5182,16 @@ HEARTBEAT_SECONDS = 15.0
 
 def handle_events(hall, req):
     last = req.headers.get("Last-Event-ID") or req.query.get("last_event_id")
-    if last is not None and not last.strip().isdigit():
-        raise HallError(400, "Last-Event-ID must be an event id this hall sent")
+    if last is not None:
+        last = ascii_number(last)
+        if last is None:
+            raise HallError(400, "Last-Event-ID must be an event id this hall sent")
     types = None
     if req.query.get("types"):
         types = set(t.strip() for t in req.query["types"].split(",") if t.strip())
         if not types <= set(EVENT_TYPES):
             raise HallError(400, "types must be a comma list of: " + ", ".join(EVENT_TYPES))
-    subscription = hall.subscribe(int(last) if last is not None else None, types,
+    subscription = hall.subscribe(last, types,
                                   req.query.get("tenant_id"), req.query.get("capability_id"))
     return 200, EventStream(hall, subscription, HEARTBEAT_SECONDS)
 
@@ -5330,7 +5373,7 @@ def handle_enroll_v1(hall, req):
 
 
 class Route(namedtuple("Route", "method path handler scope open_on_loopback summary "
-                                "query request responses errors inline")):
+                                "query request responses errors inline namespaced")):
     """One row of the route table.
 
     scope: the token scope needed (None: never needs a token).
@@ -5340,13 +5383,16 @@ class Route(namedtuple("Route", "method path handler scope open_on_loopback summ
     handler never waits: it reads cached answers or rows by key, and its log
     appends are committed by the loop, which holds the answer until then
     (anything else that would wait raises MustWait, and a thread answers).
-    Not /dispatches: a filter on an unindexed column may scan the whole log."""
+    Not /dispatches: a filter on an unindexed column may scan the whole log.
+    namespaced: an admin route whose handler keeps a token limited to a
+    namespace inside it; the other admin routes act on the whole hall, and
+    refuse such a token."""
 
 
 def route(method, path, handler, scope, summary, open_on_loopback=False, query=(),
-          request=None, responses=None, errors=(), inline=False):
+          request=None, responses=None, errors=(), inline=False, namespaced=False):
     return Route(method, path, handler, scope, open_on_loopback, summary, tuple(query), request,
-                 responses or {}, tuple(errors), inline)
+                 responses or {}, tuple(errors), inline, namespaced)
 
 
 LIMIT_PARAM = ("limit", INTEGER, "How many decisions, 1..200 (default 50; clamped).")
@@ -5460,7 +5506,7 @@ ROUTES = [
     route("GET", "/api/tokens", handle_tokens, "admin", "API tokens (never their secrets).",
           responses={200: list_of("tokens", TOKEN_SCHEMA)}),
     route("POST", "/api/tokens", handle_create_token, "admin",
-          "Create a token; its secret is in this answer only.",
+          "Create a token; its secret is in this answer only.", namespaced=True,
           request=object_of(["name", "scopes"], name=STRING,
                             scopes=array_of({"type": "string", "enum": list(SCOPES)}),
                             tenant=nullable(STRING)),
@@ -5652,11 +5698,14 @@ def dispatch(hall, method, target, headers, body, client="-", limiter=None, cont
 
     The token is looked up only for routes that have a scope (so /health never
     touches the database); ``context["principal"]`` tells the caller who it was."""
-    try:
-        split = urlsplit(target)
-    except ValueError:
-        raise HallError(400, "the request target is not a valid URL")
-    path = split.path or "/"
+    if target.startswith("/"):                  # (urlsplit would read //x/y as host x)
+        path, _, query_text = target.partition("#")[0].partition("?")
+    else:                                       # the absolute form, http://host/path
+        try:
+            split = urlsplit(target)
+        except ValueError:
+            raise HallError(400, "the request target is not a valid URL")
+        path, query_text = split.path or "/", split.query
     methods, params = find_route(path)
     if method == "OPTIONS":                     # CORS preflight
         allowed = sorted(set(methods or ()) | {"OPTIONS"}) if methods else None
@@ -5702,11 +5751,15 @@ def dispatch(hall, method, target, headers, body, client="-", limiter=None, cont
                             "UNAUTHORIZED", {"WWW-Authenticate": 'Bearer realm="hall"'})
         if entry.scope not in principal.scopes:
             raise HallError(403, "this token lacks the %s scope" % entry.scope, "FORBIDDEN")
+        if entry.scope == "admin" and principal.tenant and not entry.namespaced:
+            raise HallError(403, "this token is limited to namespace %s; %s %s acts on the "
+                            "whole hall" % (principal.tenant, method, entry.path),
+                            "FORBIDDEN_NAMESPACE")
     if entry.request is not None and not _is_json_type(headers.get("Content-Type")):
         raise HallError(415, "request body must be application/json", "UNSUPPORTED_MEDIA_TYPE")
     query = {}
-    if split.query:                             # (parse_qs costs a microsecond even for "")
-        query = {k: v[0] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
+    if query_text:                              # (parse_qs costs a microsecond even for "")
+        query = {k: v[0] for k, v in parse_qs(query_text, keep_blank_values=True).items()}
     req = Request(method, path, query, headers, body, params, principal or ANONYMOUS, client)
     answer = entry.handler(hall, req)           # (status, payload[, headers])
     return answer[0], answer[1], answer[2] if len(answer) > 2 else {}
@@ -5833,9 +5886,9 @@ class Headers(object):
 class BadRequest(Exception):
     """The request cannot be read: answer with this status and close."""
 
-    def __init__(self, status, message):
+    def __init__(self, status, message, code=None):
         Exception.__init__(self, message)
-        self.status, self.message = status, message
+        self.status, self.message, self.code = status, message, code
 
 
 KNOWN_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
@@ -5962,7 +6015,8 @@ class HallRequestHandler(socketserver.StreamRequestHandler):
                 return False
         except BadRequest as exc:
             self.close_connection = True
-            self.answer(exc.status, {"error": exc.message}, {})
+            self.answer(exc.status, dict({"error": exc.message},
+                                         **({"code": exc.code} if exc.code else {})), {})
             return False
         self.serve_request()
         return not self.close_connection
@@ -6004,9 +6058,10 @@ class HallRequestHandler(socketserver.StreamRequestHandler):
                                  else "keep-alive" not in connection)
         if (self.version == "HTTP/1.1" and
                 (headers.get("Expect") or "").lower() == "100-continue"):
-            length = headers.get("Content-Length", "")
-            if length.isdigit() and int(length) > config.max_body:
-                raise BadRequest(413, "request body is larger than %d bytes" % config.max_body)
+            length = ascii_number(headers.get("Content-Length", ""), 15)
+            if length is not None and length > config.max_body:
+                raise BadRequest(413, "request body is larger than %d bytes" % config.max_body,
+                                 "PAYLOAD_TOO_LARGE")
             self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         return True
 
@@ -6038,12 +6093,13 @@ class HallRequestHandler(socketserver.StreamRequestHandler):
         chunks = events.chunks()
         try:
             self.connection.sendall(head.encode("latin-1"))
-            for chunk in chunks:
+            for chunk in chunks if self.method != "HEAD" else ():
                 self.connection.sendall(chunk)
         except OSError:
             pass
         finally:
             chunks.close()
+            self.server.hall.events.unsubscribe(events.subscription)    # (HEAD: never begun)
 
     def read_body(self, limit):
         """The request body, at most ``limit`` bytes (413 without reading more).

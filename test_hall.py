@@ -1248,6 +1248,21 @@ class RouterTest(unittest.TestCase):
         b = worker_record("w.b", "wrk.b", ["cap.doc.summarize"])
         self.assertAllowed(decide({"env": "prod"}, registry=registry_of(a, b)), "wrk.a")
 
+    def test_a_request_json_has_no_form_for_is_denied_not_raised(self):
+        for request in ({"writes": {1, 2}}, {1: 2, "a": 3}, {"x": object()}):
+            d = decide({"request": request}, registry=registry_of(SUMMARIZER))
+            self.assertDenied(d, "DENY_INVALID_INPUT")
+            self.assertEqual((d["deny_reason_if_denied"]["field"], d["artifact_hash"]),
+                             ("request", None))
+        decision = decide({}, registry=registry_of(SUMMARIZER))
+        decision["receipt"] = hall.sign_receipt(decision, hall.receipt_key_id(b"secret"),
+                                                b"secret")
+        self.assertTrue(hall.verify_receipt(decision, b"secret"))
+        for mac in ("\u00e9", "\ud800"):
+            forged = dict(decision, receipt=dict(decision["receipt"], mac=mac))
+            self.assertIs(hall.verify_receipt(forged, b"secret"), False)
+        self.assertIs(hall.verify_receipt(dict(decision, tenant_id={1, 2}), b"secret"), False)
+
     def test_policy_gate_required_but_unconfigured(self):
         rules = [rule("r.gated", {}, ["wrk.doc.summarizer"],
                       escalation={"policy_gate": True, "rationale": "sensitive"})]
@@ -1272,6 +1287,16 @@ class RouterTest(unittest.TestCase):
         d = decide({"env": "stage", "tenant_id": "org.acme.eu"}, registry=registry, policy=policy)
         self.assertDenied(d, "DENY_REQUIRES_HUMAN_APPROVAL")
         self.assertEqual(d["deny_reason_if_denied"]["policy_rule_id"], "human-for-acme")
+        for alias in ("staging", "stage"):      # either name matches a rule written with either
+            for written in ("staging", "stage"):
+                gate = hall.compile_policy({"version": "p", "default": "ALLOW", "rules": [
+                    {"id": "no-stage", "match": {"env": written}, "outcome": "DENY"}]})
+                self.assertDenied(decide({"env": alias}, registry=registry, policy=gate),
+                                  "DENY_POLICY_GATE")
+        seen = []
+        decide({"env": "staging"}, registry=registry,
+               policy=lambda values: seen.append(values["env"]) or "ALLOW")
+        self.assertEqual(seen, ["staging"])     # a callable gate sees what the caller sent
         for broken in (lambda values: "MAYBE", lambda values: 1 / 0, lambda values: None):
             self.assertDenied(decide({}, registry=registry, policy=broken),
                               "DENY_POLICY_GATE_INVALID_RESPONSE")
@@ -1695,6 +1720,21 @@ class BanTest(ServerCase):
                                    token=self.admin)[0], 404)
         self.assertEqual(self.route()[2]["worker_id"], "w.bad")
 
+    def test_a_code_hash_is_banned_whatever_case_or_form_its_record_wrote(self):
+        code = hashlib.sha256(b"worker code").hexdigest()
+        for number, written in enumerate((code.upper(), "sha256:" + code.upper(), code)):
+            worker_id = "w.code.%d" % number
+            self.enroll(worker_record(worker_id, "wrk.code", ["cap.code.%d" % number],
+                                      attestation={"code_hash": written}))
+        self.assertEqual(self.call("POST", "/api/bans", {"sha256": "sha256:" + code,
+                                                         "reason": "cve"}, token=self.admin)[0],
+                         201)
+        for number in range(3):
+            self.assertEqual(self.route(capability_id="cap.code.%d" % number)[2]["deny_reason"],
+                             "DENY_NO_AVAILABLE_WORKER")
+            self.assertEqual(self.call("GET", "/api/v1/verify/w.code.%d" % number,
+                                       token=self.reader)[2]["ban_status"], "banned")
+
     def test_bad_ban_requests(self):
         for body in ({"sha256": "abc", "reason": "x"}, {"sha256": "sha256:" + "a" * 64},
                      {"reason": "x"}, []):
@@ -1822,6 +1862,17 @@ class EnvelopeTest(unittest.TestCase):
         self.assertEqual(decide({}, rules, bare)["deny_reason"], "DENY_PRIVILEGE_ENVELOPE_VIOLATED")
         self.assertIs(decide({}, [rule("r.free", {}, ["wrk.doc.summarizer"])], bare)["allowed"],
                       True)
+
+    def test_an_envelope_the_hall_would_have_refused_denies_and_does_not_raise(self):
+        rules = [rule("r.env", {}, ["wrk.doc.summarizer"], controls=[hall.CTRL_ENVELOPE])]
+        for envelope in ({"max_data_label": "BOGUS"}, {"envs": 5}, {"envs": [1]},
+                         {"egress": "yes"}):
+            registry = registry_of(worker_record(   # as another program could store it
+                "w.env", "wrk.doc.summarizer", ["cap.doc.summarize"], privilege_envelope=envelope,
+                currently_implements=[hall.CTRL_ENVELOPE]))
+            d = decide({}, rules, registry)
+            self.assertEqual(d["deny_reason"], "DENY_PRIVILEGE_ENVELOPE_VIOLATED", envelope)
+            self.assertIn("privilege_envelope", d["deny_reason_if_denied"]["violations"][0])
 
     def test_envelope_is_validated_at_enrollment(self):
         h = hall.Hall(":memory:")
@@ -1952,10 +2003,55 @@ class RegistryApiTest(ServerCase):
             token=self.token_a)[2]["deny_code"], "DENY_NO_AVAILABLE_WORKER")
         self.assertEqual(self.call("POST", "/api/v1/hall/enroll", body,
                                    token=self.token_a)[2]["code"], "DENY_WORKER_BANNED")
+        for attestation in (None, {}, {"source_file": "worker.py"}):
+            self.assertEqual(self.call("POST", "/api/v1/hall/enroll", dict(
+                body, display_name="Other", attestation=attestation), token=self.token_a)[2][
+                    "code"], "DENY_WORKER_BANNED", attestation)
+        self.assertEqual(self.call("POST", "/api/v1/hall/enroll", dict(
+            body, display_name="Other", sha256="ab" * 32, attestation=None), token=self.token_a)[0],
+            201)
+        stored = json.loads(self.db_rows("SELECT record_json FROM enrollments WHERE worker_id = "
+                                         "'org.a.other'")[0][0])
+        self.assertEqual(stored["attestation"], {"code_hash": "sha256:" + "ab" * 32})
         for bad, expected in ((dict(body, namespace="org.b"), 403), (dict(body, sha256="xyz"), 400),
+                              (dict(body, attestation="x"), 400),
                               (dict(body, display_name=""), 400), ({}, 400)):
             self.assertEqual(self.call("POST", "/api/v1/hall/enroll", bad,
                                        token=self.token_a)[0], expected, bad)
+
+
+    def test_a_namespace_token_replaces_no_worker_outside_its_namespace(self):
+        victim = worker_record("org.b.victim", namespace="org.b")
+        self.enroll(victim)
+        takeover = worker_record("org.b.victim", namespace="org.a")
+        status, _, body = self.call("POST", "/enroll", takeover, token=self.token_a)
+        self.assertEqual((status, body["code"]), (403, "FORBIDDEN_NAMESPACE"))
+        status, _, body = self.call("POST", "/api/v1/hall/enroll", {
+            "namespace": "org.a", "display_name": "x", "capabilities": ["cap.doc.summarize"],
+            "sha256": "ab" * 32, "worker_id": "org.b.victim"}, token=self.token_a)
+        self.assertEqual((status, body["code"]), (403, "FORBIDDEN_NAMESPACE"))
+        self.assertEqual(json.loads(self.db_rows("SELECT record_json FROM enrollments WHERE "
+                                                 "worker_id = 'org.b.victim'")[0][0]), victim)
+        own = worker_record("org.a.summarizer", namespace="org.a.team", risk_tier="medium")
+        self.assertEqual(self.call("POST", "/enroll", own, token=self.token_a)[0], 200)
+
+    def test_a_namespace_admin_token_acts_on_nothing_hall_wide(self):
+        _, admin_a = self.hall.create_token("a admin", ["admin"], tenant="org.a")
+        self.enroll(worker_record("org.b.worker", namespace="org.b"))
+        for method, path, body in (("POST", "/api/safe-mode/enter", {"reason": "x"}),
+                                   ("DELETE", "/workers/org.b.worker", None),
+                                   ("GET", "/api/tokens", None),
+                                   ("PUT", "/api/policy", {"version": "v", "default": "DENY"}),
+                                   ("POST", "/api/bans", {"sha256": "ab" * 32, "reason": "x"})):
+            status, _, answer = self.call(method, path, body, token=admin_a)
+            self.assertEqual((status, answer["code"]), (403, "FORBIDDEN_NAMESPACE"), path)
+        self.assertEqual(self.call("GET", "/api/safe-mode", token=self.reader)[2]["safe_mode"],
+                         False)
+        self.assertEqual(self.db_rows("SELECT count(*) FROM enrollments WHERE worker_id = "
+                                      "'org.b.worker'"), [(1,)])
+        status, _, created = self.call("POST", "/api/tokens", {
+            "name": "team", "scopes": ["route"], "tenant": "org.a.team"}, token=admin_a)
+        self.assertEqual((status, created["tenant"]), (201, "org.a.team"))
 
 
 class TokenApiTest(ServerCase):
@@ -1978,7 +2074,8 @@ class TokenApiTest(ServerCase):
         self.assertEqual(self.call("DELETE", "/api/tokens/" + created["token_id"],
                                    token=self.admin)[0], 404)
         for bad in ({"name": "x", "scopes": ["root"]}, {"name": "", "scopes": ["read"]},
-                    {"name": "x", "scopes": []}, {"name": "x", "scopes": "read"}):
+                    {"name": "x", "scopes": []}, {"name": "x", "scopes": "read"},
+                    {"name": "x", "scopes": [["read"]]}, {"name": "x", "scopes": [{"a": 1}]}):
             self.assertEqual(self.call("POST", "/api/tokens", bad, token=self.admin)[0], 400, bad)
 
     def test_audit_records_who_did_what(self):
@@ -2308,6 +2405,41 @@ class HostileInputTest(ServerCase):
         self.assertEqual(days, self.db_rows("SELECT count(*) FROM decisions")[0][0])
         self.assertEqual(self.db_rows("SELECT count(*) FROM decisions WHERE blast_score < 0 "
                                       "OR blast_score > 100"), [(0,)])
+
+    def test_numbers_paths_and_macs_that_once_gave_a_500(self):
+        self.enroll(worker_record())
+        decision = self.route()[2]
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            cursor = base64.urlsafe_b64encode(b"2020|" + b"9" * 30).decode()
+            arabic = base64.urlsafe_b64encode("2020|\u0661".encode()).decode()
+            for path in ("/events?last_event_id=%C2%B2", "/events?last_event_id=" + "9" * 5000,
+                         "/dispatches?cursor=" + cursor, "/dispatches?cursor=" + arabic):
+                status, _, body = self.call("GET", path, token=self.reader)
+                self.assertEqual(status, 400, path[:60])
+                self.assertIsInstance(body["error"], str)
+            forged = dict(decision, receipt=dict(decision["receipt"], mac="\u00e9"))
+            status, _, body = self.call("POST", "/api/receipts/verify", forged, token=self.reader)
+            self.assertEqual((status, body["valid"]), (200, False))
+            self.assertEqual(self.call("GET", "//health")[0], 404)
+            self.assertEqual(self.call("GET", "//x/api/tokens", token=self.admin)[0], 404)
+            status, _, body = self.call("POST", "/enroll", raw=b'{"worker_id": "w", "n": 1'
+                                        + b"0" * 400 + b"}")
+            self.assertEqual(status, 400)
+            self.assertIn("out of range", body["error"])
+            answer = raw_exchange(self.server, b"POST /enroll HTTP/1.1\r\nContent-Length: "
+                                  b"99999999\r\nExpect: 100-continue\r\n\r\n")
+            self.assertEqual(json.loads(answer.partition(b"\r\n\r\n")[2])["code"],
+                             "PAYLOAD_TOO_LARGE")
+            self.assertEqual(statuses(raw_exchange(
+                self.server, b"POST /enroll HTTP/1.1\r\nContent-Length: \xb2\r\n"
+                b"Expect: 100-continue\r\n\r\n")), [100, 400])
+            head = raw_exchange(self.server, b"HEAD /events HTTP/1.1\r\n\r\n", timeout=10)
+            self.assertEqual(statuses(head), [200])
+            self.assertTrue(head.endswith(b"\r\n\r\n"), head[-80:])   # a head, then closed
+            self.assertTrue(poll(lambda: self.hall.events.subscribers == 0))
+        self.assertNotIn("Traceback", stderr.getvalue())
+        self.assertEqual(self.db_rows("SELECT count(*) FROM enrollments"), [(1,)])
 
     def test_hostile_framing_on_the_raw_socket(self):
         hidden = b"\r\nGET /smuggled HTTP/1.1\r\nHost: y\r\n\r\n"
