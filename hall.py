@@ -4356,6 +4356,12 @@ class Hall(object):
         self.load_governance()
         return self.tenants_view()
 
+    def clear_tenants(self, principal=TRUSTED):
+        """Forget the tenants set through the API (HALL_TENANTS applies again)."""
+        self.store.put_setting("tenants", None, (principal.token_id, "tenants.clear", None, {}))
+        self.load_governance()
+        return self.tenants_view()
+
     def ban_list(self):
         bans = self.store.bans()
         return {"bans": bans, "count": len(bans)}
@@ -5288,6 +5294,10 @@ def handle_put_tenants(hall, req):
     return 200, hall.set_tenants(body["tenants"], req.principal)
 
 
+def handle_delete_tenants(hall, req):
+    return 200, hall.clear_tenants(req.principal)
+
+
 def handle_create_token(hall, req):
     body = require_object(req.json())
     token_id, secret = hall.create_token(body.get("name"), body.get("scopes"),
@@ -5502,6 +5512,9 @@ ROUTES = [
     route("PUT", "/api/tenants", handle_put_tenants, "admin",
           "Set the signatory tenants, or null to admit any tenant.",
           request=object_of(["tenants"], tenants=nullable(array_of(STRING))),
+          responses={200: TENANTS_SCHEMA}),
+    route("DELETE", "/api/tenants", handle_delete_tenants, "admin",
+          "Forget the API-set tenants; HALL_TENANTS (if set) applies again.",
           responses={200: TENANTS_SCHEMA}),
     route("GET", "/api/tokens", handle_tokens, "admin", "API tokens (never their secrets).",
           responses={200: list_of("tokens", TOKEN_SCHEMA)}),
@@ -6047,7 +6060,8 @@ class HallRequestHandler(socketserver.StreamRequestHandler):
             if line in (b"\r\n", b"\n", b""):
                 break
             name, colon, value = line.decode("latin-1").partition(":")
-            if not colon or not name or name != name.strip():
+            if not colon or not name or name != name.strip() or "\0" in value or \
+                    "\r" in value.rstrip("\n")[:-1]:  # (RFC 9110: no CR or NUL in a field)
                 raise BadRequest(400, "malformed header line")
             headers.add(name, value.strip())
         else:
@@ -6874,7 +6888,7 @@ class EventLoop(object):
         for line in lines[1:]:
             name, colon, value = line.partition(":")
             if not colon or not name or name != name.strip() or "\r" in line or \
-                    "\n" in line or len(line) + 2 > config.max_header_line:
+                    "\n" in line or "\0" in line or len(line) + 2 > config.max_header_line:
                 raise HandOver()
             headers.add(name, value.strip())
         if "Transfer-Encoding" in headers or "Expect" in headers:

@@ -1779,6 +1779,15 @@ class TenantTest(ServerCase):
         self.assertEqual(self.route(tenant_id="org.other")[2]["deny_reason"],
                          "DENY_UNKNOWN_TENANT")
         self.assertEqual(self.call("GET", "/api/tenants", token=self.admin)[2]["source"], "config")
+        self.call("PUT", "/api/tenants", {"tenants": None}, token=self.admin)
+        self.restart(tenants=["org.acme"])      # the API's "any tenant" outlasts a restart,
+        self.assertIs(self.route(tenant_id="org.other")[2]["allowed"], True)
+        status, _, view = self.call("DELETE", "/api/tenants", token=self.admin)
+        self.assertEqual((status, view), (200, {"tenants": ["org.acme"], "source": "config"}))
+        self.assertEqual(self.route(tenant_id="org.other")[2]["deny_reason"],   # until forgotten
+                         "DENY_UNKNOWN_TENANT")
+        self.assertEqual(self.call("GET", "/api/audit", token=self.admin)[2]["entries"][0]
+                         ["action"], "tenants.clear")
 
 
 class AttestationTest(ServerCase):
@@ -2449,6 +2458,8 @@ class HostileInputTest(ServerCase):
             (b"GET /health HTTP/9.9\r\n\r\n", [400]),
             (b"GET http://[/health HTTP/1.1\r\nHost: x\r\n\r\n", [400]),
             (b"NONSENSE\r\n\r\n", [400]),
+            (b"GET /health HTTP/1.1\r\nX-A: a\rb\r\n\r\n", [400]),
+            (b"GET /health HTTP/1.1\r\nX-A: a\0b\r\n\r\n", [400]),
             (b"POST /decisions/ingest HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
              + b"0" * 1024 + b"%x\r\n" % len(hidden) + hidden + b"\r\n0\r\n\r\n", [400]),
             (b"POST /decisions/ingest HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n"
@@ -5246,6 +5257,7 @@ class CommandLineTest(unittest.TestCase):
             cases.append(([], {"HALL_API_PORT": str(taken.getsockname()[1])},
                           "cannot listen on 127.0.0.1:%d" % taken.getsockname()[1]))
             for args, env, message in cases:
+                env = dict({"HALL_API_PORT": "0"}, **env)   # (a hall on 8765 changes nothing)
                 result = run_hall(args + ["--db", os.path.join(tmp, "h.db")]
                                   if "--db" not in args else args, env, cwd=tmp)
                 self.assertEqual(result.returncode, 2, (args, result.stderr))
