@@ -73,7 +73,7 @@ import uuid
 from collections import namedtuple
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 __version__ = "0.3.0"
 HALL_NAME = "PyHall"
@@ -1643,6 +1643,12 @@ class Store(object):
 
     # -- the evidence chain --------------------------------------------------
 
+    def head_key_id(self):
+        """The id of the key that signed the chain's head (None: not signed)."""
+        with self.reading() as conn:
+            row = conn.execute("SELECT head_mac FROM chain").fetchone()
+        return str(row[0]).partition(":")[0] if row and row[0] else None
+
     def verify_chain(self, keys=None, max_problems=100):
         """Walk the chain in one read snapshot: see walk_chain."""
         with self.reading() as conn:
@@ -2433,9 +2439,19 @@ def find_shadowed(rules):
     return pairs
 
 
+def _known_keys(value, known, where):
+    """A misspelt key (``mach``, ``rulez``) would silently widen or void a
+    rule: any key not known is refused."""
+    unknown = sorted(set(value) - set(known) - {"description"})
+    if unknown:
+        raise RulesError("%s: unknown key %r (known: %s)" % (where, str(unknown[0])[:40],
+                                                             ", ".join(known)))
+
+
 def compile_rules(document, source="request"):
     """A rules document (parsed JSON) -> RuleSet, or RulesError with the reason."""
     if isinstance(document, dict):
+        _known_keys(document, ("rules",), "the rules document")
         rules = document.get("rules")
     else:
         rules = document
@@ -2452,6 +2468,7 @@ def compile_rules(document, source="request"):
         if not isinstance(rule_id, str) or not rule_id.strip():
             raise RulesError("%s: rule_id must be a non-empty string" % where)
         where = "rule %r" % rule_id
+        _known_keys(rule, ("rule_id", "match", "decision"), where)
         if rule_id in seen:
             raise RulesError("%s: rule_id is used twice" % where)
         seen.add(rule_id)
@@ -2546,6 +2563,7 @@ class Policy(object):
 def compile_policy(document):
     if not isinstance(document, dict):
         raise RulesError("a policy document must be a JSON object")
+    _known_keys(document, ("version", "default", "rules"), "the policy document")
     version = document.get("version")
     if not isinstance(version, str) or not version.strip():
         raise RulesError("policy version must be a non-empty string")
@@ -2564,6 +2582,7 @@ def compile_policy(document):
             raise RulesError("policy rules[%d]: id must be a unique non-empty string" % index)
         seen.add(rule_id)
         where = "policy rule %r" % rule_id
+        _known_keys(rule, ("id", "match", "outcome", "reason"), where)
         outcome = rule.get("outcome")
         if outcome not in POLICY_OUTCOMES:
             raise RulesError("%s: outcome must be one of %s" % (where, ", ".join(POLICY_OUTCOMES)))
@@ -3795,6 +3814,15 @@ class Hall(object):
             self.store = Store(config.db_path, config.busy_timeout, self.keyring)
         except StoreError as exc:
             raise ConfigError(str(exc))
+        signer = self.store.head_key_id()
+        if signer is not None and self.keyring.secret(signer) is None:
+            # Another hall's key file (or a head rewritten under a made-up
+            # key): writing would record a rewritten head for good.
+            self.store.close()
+            raise ConfigError("the log's head is signed with key %s, which the key file %s "
+                              "does not hold: set HALL_RECEIPT_KEYS to this database's own key "
+                              "file (verify-log checks the file without writing)"
+                              % (clean_id(signer)[:40], config.receipt_keys_path))
         self.started_at = now_iso()
         self._registry = None
         self._registry_generation = 0           # bumped by every enrollment change
@@ -4526,8 +4554,11 @@ class Hall(object):
         """Remove decisions older than the given number of days (audited)."""
         if not (_is_int(older_than_days) and 1 <= older_than_days <= 3650000):
             raise HallError(400, "older than must be from one day to 10,000 years")
-        before = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(
-            days=older_than_days)).isoformat(timespec="microseconds")
+        try:
+            before = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(
+                days=older_than_days)).isoformat(timespec="microseconds")
+        except OverflowError:                   # before the year 1: nothing is that old
+            before = "0001-01-01T00:00:00.000000+00:00"
         removed, kept = self.store.prune_decisions(before, (
             principal.token_id, PRUNE_ACTION, None,
             {"before": before, "older_than_days": older_than_days}))
@@ -8073,10 +8104,11 @@ def cmd_route(args):
         if getattr(args, name) is not None:
             body[name] = getattr(args, name)
     if args.request_json:
-        try:
-            body["request"] = json.loads(args.request_json)
-        except ValueError as exc:
-            raise ConfigError("--request is not JSON: %s" % exc)
+        try:                                    # (as strictly as the HTTP API reads it)
+            body["request"] = parse_json_body(args.request_json.encode("utf-8", "replace"),
+                                              "--request")
+        except HallError as exc:
+            raise ConfigError(exc.message)
     if args.dry_run:
         body["dry_run"] = True
     if args.explain:
@@ -8111,8 +8143,41 @@ def print_trace(trace):
                 print("     %s: %s" % (key, shown if len(shown) < 400 else shown[:400] + "..."))
 
 
+def verify_log_file(config):
+    """walk_chain over the database file, opened read-only: nothing is
+    migrated, created or written, so a copy, a read-only file or one from
+    another hall can be checked.  The head's signature is checked when the
+    key file is there (report["head_signed"] is None when it is not)."""
+    path = config.db_path
+    if path == ":memory:" or not os.path.isfile(path):
+        raise ConfigError("no database at %s (use --db, or --url for a running hall)" % path)
+    keys = None
+    if os.path.exists(config.receipt_keys_path):
+        keys = Keyring(config.receipt_keys_path, may_create=False).secrets()
+    try:
+        conn = sqlite3.connect("file:%s?mode=ro" % quote(os.path.abspath(path)),
+                               uri=True, timeout=config.busy_timeout / 1000.0)
+        try:
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'chain'").fetchone():
+                raise ConfigError("%s has no evidence chain yet: a hall adds it (sealing the "
+                                  "rows there) when it first opens the file" % path)
+            conn.execute("BEGIN")               # one snapshot, even while a hall writes
+            return walk_chain(conn, keys)
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise ConfigError("cannot read database %s: %s" % (path, exc))
+
+
 def cmd_verify_log(args):
-    report = ask_hall(args, "GET", "/api/log/verify", lambda hall: hall.verify_log(False))
+    if args.url:
+        report = ask_hall(args, "GET", "/api/log/verify", None)
+    else:
+        config = Config.load(args)
+        report = verify_log_file(config)
+        if report["head_signed"] is None:
+            print("the head's signature is not checked: no key file at %s"
+                  % config.receipt_keys_path)
     sealed = report["sealed"]
     if report["intact"]:
         print("intact: %d entries, chain length %d, head %s" % (
@@ -8614,36 +8679,34 @@ def cmd_bench(args):
     return 0
 
 
+COMMANDS = {"hash": cmd_hash, "token": cmd_token, "bench": cmd_bench, "route": cmd_route,
+            "enroll": cmd_enroll, "status": cmd_read, "workers": cmd_read,
+            "dispatches": cmd_read, "export": cmd_export, "prune": cmd_prune,
+            "verify-log": cmd_verify_log, "verify-receipt": cmd_verify_receipt,
+            "receipt-key": cmd_receipt_key, "rules": cmd_rules_check,
+            "policy": cmd_policy_check}
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "hash":
-            return cmd_hash(args)
-        if args.command == "token":
-            return cmd_token(args)
-        if args.command == "bench":
-            return cmd_bench(args)
-        commands = {"route": cmd_route, "enroll": cmd_enroll, "status": cmd_read,
-                    "workers": cmd_read, "dispatches": cmd_read, "export": cmd_export,
-                    "prune": cmd_prune, "verify-log": cmd_verify_log,
-                    "verify-receipt": cmd_verify_receipt, "receipt-key": cmd_receipt_key}
-        if args.command in commands:
-            return commands[args.command](args)
-        if args.command == "rules":
-            return cmd_rules_check(args)
-        if args.command == "policy":
-            return cmd_policy_check(args)
-        return run_server(Config.load(args))
+        command = COMMANDS.get(args.command)
+        code = command(args) if command else run_server(Config.load(args))
+        sys.stdout.flush()                      # (a full disk is told here, as an error)
+        return code
     except (ConfigError, HallError) as exc:
         print("hall.py: error: %s" % (exc.message if isinstance(exc, HallError) else exc),
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:                     # `hall.py export | head`: the reader is done
-        # (stdout is pointed at /dev/null so that its flush at exit does not fail again)
+    except OSError as exc:                      # the output cannot be written: an error,
+        # never "denied" (route's 1) -- nor a traceback.  stdout is pointed at
+        # /dev/null so that its flush at exit does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        if not isinstance(exc, BrokenPipeError):    # (`export | head`: the reader is done)
+            print("hall.py: error: %s" % exc, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1446,6 +1446,9 @@ class RulesDocumentTest(unittest.TestCase):
              "non-empty list"),
             ({"rules": [{"rule_id": "a", "match": {"env": 5}, "decision": {}}]}, "must be a string"),
             ({"rules": [{"rule_id": "a"}]}, "decision must be an object"),
+            ({"rules": [], "rulez": [{"rule_id": "a", "decision": {}}]}, "unknown key 'rulez'"),
+            ({"rules": [{"rule_id": "a", "mach": {"env": "dev"}, "decision": {}}]},
+             "unknown key 'mach'"),
             ({"rules": [{"rule_id": "a", "decision": {"candidate_workers_ranked": [{}]}}]},
              "worker_species_id"),
             ({"rules": [{"rule_id": "a", "decision": {"required_controls_suggested": "x"}}]},
@@ -1465,7 +1468,13 @@ class RulesDocumentTest(unittest.TestCase):
                                   "outcome"),
                                  ({"version": "1", "default": "DENY",
                                    "rules": [{"id": "a", "outcome": "DENY", "match": {"x": 1}}]},
-                                  "unknown match key")):
+                                  "unknown match key"),
+                                 # a misspelt key must not void every rule, nor widen one
+                                 ({"version": "1", "default": "ALLOW", "rulez": [
+                                     {"id": "a", "outcome": "DENY"}]}, "unknown key 'rulez'"),
+                                 ({"version": "1", "default": "ALLOW", "rules": [
+                                     {"id": "a", "outcome": "ALLOW", "mach": {"env": "dev"}}]},
+                                  "unknown key 'mach'")):
             with self.assertRaises(hall.RulesError) as caught:
                 hall.compile_policy(document)
             self.assertIn(reason, str(caught.exception))
@@ -3355,10 +3364,30 @@ class OperationsCommandLineTest(TempDirCase):
         try:
             self.assertTrue(process.stdout.read(100).startswith(b'{"decision_id"'))
             process.stdout.close()              # as `hall.py export | head -c 100` would
-            self.assertEqual(process.wait(30), 1)
+            self.assertEqual(process.wait(30), 2)
             self.assertEqual(process.stderr.read(), b"")
         finally:
             reap(process)
+        for request in ("[" * 3000 + "]" * 3000, '{"a": NaN}', '{"a": 1, "a": 2}'):
+            result = self.hall_cli("route", "--db", self.db, "--capability", "cap.none",
+                                   "--env", "dev", "--data-label", "PUBLIC", "--tenant", "org.a",
+                                   "--request", request)
+            self.assertEqual(result.returncode, 2, request[:20])
+            self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr[-300:])
+            self.assertIn("--request", result.stderr)
+        result = self.hall_cli("prune", "--db", self.db, "--older-than", "740000")
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertIn("before 0001-01-01", result.stdout)
+        if os.path.exists("/dev/full"):         # a full disk: one line, and never "denied"
+            with open("/dev/full", "w") as full:
+                result = subprocess.run([sys.executable, HALL_PY, "route", "--db", self.db,
+                                         "--capability", "cap.none", "--env", "dev",
+                                         "--data-label", "PUBLIC", "--tenant", "org.a"],
+                                        env=hall_environ(), stdout=full, stderr=subprocess.PIPE,
+                                        text=True, timeout=60)
+            self.assertEqual(result.returncode, 2)
+            self.assertEqual(result.stderr.splitlines(), [
+                "hall.py: error: [Errno 28] No space left on device"])
         with mock.patch.object(hall, "read_json_argument", side_effect=KeyboardInterrupt):
             self.assertEqual(hall.main(["verify-receipt", "-"]), 130)
 
@@ -4529,6 +4558,51 @@ class ReceiptTest(ServerCase):
         os.replace(keys + ".right", keys)
         result = run_hall(["verify-log", "--db", self.db], env={"HALL_RECEIPT_KEYS": keys})
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+
+    def test_another_halls_key_file_is_refused_before_anything_is_written(self):
+        self.route()
+        self.stop()
+        other = os.path.join(self.tmp.name, "other.db")
+        hall.Hall(hall.Config(db_path=other, access_log=False)).close()
+        state = "SELECT (SELECT count(*) FROM alerts), (SELECT count(*) FROM audit), * FROM chain"
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            before = conn.execute(state).fetchall()
+        result = run_hall(["route", "--capability", "cap.doc.summarize", "--env", "dev",
+                           "--data-label", "PUBLIC", "--tenant", "org.a", "--db", self.db],
+                          env={"HALL_RECEIPT_KEYS": other + ".keys"})
+        self.assertEqual(result.returncode, 2, result.stdout)
+        self.assertIn("does not hold", result.stderr)
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            self.assertEqual(conn.execute(state).fetchall(), before)
+        self.assertEqual(files_held_open(self.db), [])
+        self.start()                            # its own key file: as before
+        self.assertIs(self.hall.verify_log()["intact"], True)
+
+    def test_verify_log_reads_a_copy_without_its_key_file_and_writes_nothing(self):
+        self.route()
+        self.stop()
+        copy = os.path.join(self.tmp.name, "copy.db")
+        shutil.copy(self.db, copy)
+        with open(copy, "rb") as handle:
+            before = hashlib.sha256(handle.read()).hexdigest()
+        os.chmod(copy, 0o444)
+        result = run_hall(["verify-log", "--db", copy])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.splitlines()[:2], [
+            "the head's signature is not checked: no key file at %s.keys" % copy,
+            "intact: %d entries, chain length %d, head %s" % self.db_rows(
+                "SELECT seq, seq, head FROM chain")[0]])
+        with open(copy, "rb") as handle:
+            self.assertEqual(hashlib.sha256(handle.read()).hexdigest(), before)
+        self.assertFalse(os.path.exists(copy + ".keys"))
+        reference = os.path.join(self.tmp.name, "reference.db")
+        with contextlib.closing(sqlite3.connect(reference)) as conn:
+            conn.execute("CREATE TABLE decisions (decision_id TEXT PRIMARY KEY)")
+        result = run_hall(["verify-log", "--db", reference])
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("no evidence chain yet", result.stderr)
+        with contextlib.closing(sqlite3.connect(reference)) as conn:
+            self.assertEqual(conn.execute("PRAGMA user_version").fetchone(), (0,))
 
     def test_a_lost_key_file_is_refused_not_made_anew(self):
         # Without its key the signed log cannot be checked; a new key would
