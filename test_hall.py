@@ -3448,6 +3448,14 @@ class OperationsCommandLineTest(TempDirCase):
             status = h.status()
             self.assertGreater(status["workers_enrolled"], 0)
             self.assertGreater(status["decisions_total"], 0)
+            result = self.hall_cli("bench", "--seconds", "0.2", "--warmup", "0", "--processes",
+                                   "1", "--connections", "4", "--url", server.url, "--token",
+                                   "wrong", timeout=120)    # every route refused: no figure
+            self.assertEqual(result.returncode, 1, result.stderr)
+            route_row = [line for line in result.stdout.splitlines()
+                         if line.startswith("POST /api/route ")][0]
+            self.assertTrue(route_row.endswith(" ERRORS"), route_row)
+            self.assertIn("the figures do not measure the hall", result.stderr)
         finally:
             server.stop()
             h.close()
