@@ -3306,7 +3306,8 @@ class Attestor(object):
             return ("DENY_WORKER_ATTESTATION_MISSING", "attestation.source_file is missing or "
                     "outside the hall's attestation directories")
         live = self.live_hash(path)
-        if live is None or not hmac.compare_digest(live, _sha256_tag_of(code_hash)):
+        if live is None or not hmac.compare_digest(live.encode(), _sha256_tag_of(
+                code_hash).encode("utf-8", "replace")):
             return ("DENY_WORKER_TAMPERED", "the worker's code does not match its attestation")
         return None
 
@@ -4030,9 +4031,10 @@ class Hall(object):
             raise HallError(400, "a worker record may be at most %d bytes of JSON"
                             % MAX_RECORD_BYTES)
         worker_id = record["worker_id"]
-        if principal.tenant and not in_namespace(record.get("namespace") or "", principal.tenant):
-            raise HallError(403, "this token may only enroll workers whose namespace is in %s"
-                            % principal.tenant, "FORBIDDEN_NAMESPACE")
+        if principal.tenant and not (in_namespace(record.get("namespace") or "", principal.tenant)
+                                     and in_namespace(worker_id, principal.tenant)):
+            raise HallError(403, "this token may only enroll workers whose namespace and "
+                            "worker_id are in %s" % principal.tenant, "FORBIDDEN_NAMESPACE")
         if not hmac.compare_digest(compute_artifact_hash(record).encode(),
                                    record["artifact_hash"].encode("utf-8")):
             self.raise_alert("warning", "DENY_WORKER_TAMPERED",
@@ -4782,7 +4784,8 @@ class Hall(object):
             raise HallError(400, "context must be an object")
         check_namespace(principal, body["namespace"])
         if worker_id is not None:
-            self.enrolled_worker(worker_id)
+            pinned = self.enrolled_worker(worker_id)
+            check_namespace(principal, pinned.namespace)
         route_request = {"capability_id": body["capability"], "tenant_id": body["namespace"],
                          "env": context.get("env", "dev"),
                          "data_label": context.get("data_label", "PUBLIC")}
@@ -5938,6 +5941,8 @@ class BadRequest(Exception):
 KNOWN_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 REASONS = {status: phrase for status, (phrase, _) in BaseHTTPRequestHandler.responses.items()}
 _CHUNK_SIZE = re.compile(rb"^([0-9A-Fa-f]{1,8})(?:;[^\r\n]*)?\r?\n$")
+# RFC 9110 field names: a CR, NUL or space in one could hide a header from a proxy
+_FIELD_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _HTTP_DATE = [(None, "")]                # (second, Date header value): made once a second
 
 
@@ -6091,7 +6096,7 @@ class HallRequestHandler(socketserver.StreamRequestHandler):
             if line in (b"\r\n", b"\n", b""):
                 break
             name, colon, value = line.decode("latin-1").partition(":")
-            if not colon or not name or name != name.strip() or "\0" in value or \
+            if not colon or not _FIELD_NAME.match(name) or "\0" in value or \
                     "\r" in value.rstrip("\n")[:-1]:  # (RFC 9110: no CR or NUL in a field)
                 raise BadRequest(400, "malformed header line")
             headers.add(name, value.strip())
@@ -6103,8 +6108,9 @@ class HallRequestHandler(socketserver.StreamRequestHandler):
                                  else "keep-alive" not in connection)
         if (self.version == "HTTP/1.1" and
                 (headers.get("Expect") or "").lower() == "100-continue"):
-            length = ascii_number(headers.get("Content-Length", ""), 15)
-            if length is not None and length > config.max_body:
+            length = headers.get("Content-Length", "").strip()
+            if length.isascii() and length.isdigit() and (len(length) > 15 or
+                                                          int(length) > config.max_body):
                 raise BadRequest(413, "request body is larger than %d bytes" % config.max_body,
                                  "PAYLOAD_TOO_LARGE")
             self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -6918,7 +6924,7 @@ class EventLoop(object):
         headers = Headers()
         for line in lines[1:]:
             name, colon, value = line.partition(":")
-            if not colon or not name or name != name.strip() or "\r" in line or \
+            if not colon or not _FIELD_NAME.match(name) or "\r" in line or \
                     "\n" in line or "\0" in line or len(line) + 2 > config.max_header_line:
                 raise HandOver()
             headers.add(name, value.strip())
@@ -7971,9 +7977,11 @@ def run_server(config):
                          daemon=True).start()
 
     def stopping(name):                         # (not in the handler: print is not reentrant)
-        print("[hall-api] %s: stopping; requests in flight have up to %ss to finish"
-              % (name, config.drain_seconds), flush=True)
-        server.shutdown()
+        try:
+            _say("[hall-api] %s: stopping; requests in flight have up to %ss to finish"
+                 % (name, config.drain_seconds))
+        finally:
+            server.shutdown()
 
     signal.signal(signal.SIGINT, stop)          # before the start line: a supervisor may
     signal.signal(signal.SIGTERM, stop)         # signal as soon as it reads it
@@ -8000,8 +8008,18 @@ def run_server(config):
             print("[hall-api] warning: %d request(s) not answered within %ss were cut off"
                   % (cut_off, config.drain_seconds), file=sys.stderr)
         hall.close(server.stop_by)          # checkpoints the WAL into the database
-    print("[hall-api] stopped", flush=True)
+    _say("[hall-api] stopped")
     return 0
+
+
+def _say(line):
+    """A line for the operator on stdout.  A stdout gone (``python hall.py |
+    head -1``) stops nothing: it is pointed at /dev/null from then on."""
+    try:
+        print(line, flush=True)
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def read_json_argument(path):

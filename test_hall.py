@@ -2050,6 +2050,13 @@ class RegistryApiTest(ServerCase):
         self.assertEqual((status, body["code"]), (403, "FORBIDDEN_NAMESPACE"))
         self.assertEqual(json.loads(self.db_rows("SELECT record_json FROM enrollments WHERE "
                                                  "worker_id = 'org.b.victim'")[0][0]), victim)
+        squat = worker_record("org.b.new", namespace="org.a")   # an id org.b would use
+        self.assertEqual(self.call("POST", "/enroll", squat, token=self.token_a)[2]["code"],
+                         "FORBIDDEN_NAMESPACE")
+        status, _, body = self.call("POST", "/api/v1/dispatch", {
+            "namespace": "org.a", "capability": "cap.doc.summarize",
+            "worker_id": "org.b.victim"}, token=self.token_a)
+        self.assertEqual((status, body["code"]), (403, "FORBIDDEN_NAMESPACE"))
         own = worker_record("org.a.summarizer", namespace="org.a.team", risk_tier="medium")
         self.assertEqual(self.call("POST", "/enroll", own, token=self.token_a)[0], 200)
 
@@ -2469,6 +2476,10 @@ class HostileInputTest(ServerCase):
             (b"NONSENSE\r\n\r\n", [400]),
             (b"GET /health HTTP/1.1\r\nX-A: a\rb\r\n\r\n", [400]),
             (b"GET /health HTTP/1.1\r\nX-A: a\0b\r\n\r\n", [400]),
+            (b"GET /health HTTP/1.1\r\nX\0Y: a\r\n\r\n", [400]),
+            (b"GET /health HTTP/1.1\r\nX Y: a\r\n\r\n", [400]),
+            (b"POST /decisions/ingest HTTP/1.1\r\nContent-Type: application/json\r\n"
+             b"X\rContent-Length: 36\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: y\r\n\r\n", [400]),
             (b"POST /decisions/ingest HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
              + b"0" * 1024 + b"%x\r\n" % len(hidden) + hidden + b"\r\n0\r\n\r\n", [400]),
             (b"POST /decisions/ingest HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n"
@@ -2484,6 +2495,8 @@ class HostileInputTest(ServerCase):
              b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n", [201, 200]),
             (b"POST /enroll HTTP/1.1\r\nContent-Length: 99999999\r\nExpect: 100-continue\r\n\r\n",
              [413]),
+            (b"POST /enroll HTTP/1.1\r\nContent-Length: 10000000000000000\r\n"
+             b"Expect: 100-continue\r\n\r\n", [413]),
         ]
         stderr = io.StringIO()
         with contextlib.redirect_stderr(stderr):
@@ -2791,6 +2804,20 @@ class GracefulStopTest(unittest.TestCase):
         with mock.patch.object(hall.DeadlineReader, "begin_request", stop_arrives_now):
             line = io.BufferedReader(reader, 65536).readline()
         self.assertEqual((line, seen), (b"GET /health HTTP/1.1\r\n", [False]))
+
+    def test_sigterm_stops_a_hall_whose_stdout_was_closed(self):
+        with tempfile.TemporaryDirectory() as tmp:      # (`python hall.py | head -1`)
+            process = subprocess.Popen([sys.executable, "-u", HALL_PY, "--db",
+                                        os.path.join(tmp, "hall.db")], cwd=tmp,
+                                       env=hall_environ(HALL_API_PORT="0", HALL_ACCESS_LOG="off"),
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                self.assertIn("starting on", process.stdout.readline())
+                process.stdout.close()
+                process.terminate()
+                self.assertEqual(process.wait(timeout=15), 0)
+            finally:
+                reap(process)
 
     def test_sigterm_finishes_the_request_in_flight(self):
         with tempfile.TemporaryDirectory() as tmp:
