@@ -7985,13 +7985,11 @@ def run_server(config):
 
     signal.signal(signal.SIGINT, stop)          # before the start line: a supervisor may
     signal.signal(signal.SIGTERM, stop)         # signal as soon as it reads it
-    print("[hall-api] PyHall API v%s starting on %s" % (__version__, server.url), flush=True)
+    _say("[hall-api] PyHall API v%s starting on %s" % (__version__, server.url))
     if token_file:
-        print("[hall-api] first start: admin token written to %s (mode 0600)" % token_file,
-              flush=True)
+        _say("[hall-api] first start: admin token written to %s (mode 0600)" % token_file)
     elif secret:
-        print("[hall-api] in-memory hall: its admin token (kept nowhere) is %s" % secret,
-              flush=True)
+        _say("[hall-api] in-memory hall: its admin token (kept nowhere) is %s" % secret)
     if hall.operator_rules is not None:
         for earlier, later in hall.operator_rules.shadowed:
             print("[hall-api] warning: rule %r is shadowed by earlier rule %r (routes in prod "
