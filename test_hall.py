@@ -2760,6 +2760,8 @@ class GracefulStopTest(unittest.TestCase):
         with self.served(drain_seconds=10) as (server, sock):
             sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")   # (a thread's)
             self.assertEqual(self.answer_on(sock), (200, None))
+            # (the thread waits for the next request only once its answer is out)
+            self.assertTrue(poll(lambda: all(reader.idle for reader in server.thread_readers)))
             sock.sendall(b"GET /openapi.json HTTP/1.1\r\n")        # half a head, then stop
             self.assertTrue(poll(lambda: any(not reader.idle
                                              for reader in server.thread_readers)))
