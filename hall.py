@@ -540,12 +540,12 @@ def _check_json_value(value, check_strings, what):
         stack.extend((child, depth + 1) for child in children)
 
 
-def ascii_number(text, most_digits=18):
-    """The non-negative integer ``text`` writes in at most ``most_digits``
-    ASCII digits (so it fits SQLite's integers), else None.  (str.isdigit
-    alone admits "\u00b2" and other digits int() refuses.)"""
+def ascii_number(text):
+    """The non-negative integer ``text`` writes in at most 18 ASCII digits
+    (so it fits SQLite's integers), else None.  (str.isdigit alone admits
+    "\u00b2" and other digits int() refuses.)"""
     text = text.strip()
-    if 0 < len(text) <= most_digits and text.isascii() and text.isdigit():
+    if 0 < len(text) <= 18 and text.isascii() and text.isdigit():
         return int(text)
     return None
 
@@ -1448,8 +1448,7 @@ class Store(object):
                                "capabilities, risk_tier, artifact_hash, record_json "
                                "FROM enrollments WHERE worker_id = ?", (worker_id,)).fetchone()
             if row and namespace is not None:
-                check_namespace(Principal(None, None, (), namespace), worker_namespace(
-                    worker_id, _json_object(row[7])))
+                check_namespace(namespace, worker_namespace(worker_id, _json_object(row[7])))
             if row and row[3:] == (species, capabilities, risk_tier, artifact_hash, record_json):
                 return Upsert(False, False, row[0], row[1], row[2])
             if row:
@@ -4111,7 +4110,7 @@ class Hall(object):
         if blast is not None and not (_is_int(blast) and 0 <= blast <= 100):
             raise HallError(400, "blast_score must be an integer from 0 to 100, or null")
         row["blast_score"] = blast
-        check_namespace(principal, row["tenant_id"])
+        check_namespace(principal.tenant, row["tenant_id"])
 
         def stored(new):
             if new:                             # a repeated decision_id is not news
@@ -4131,7 +4130,7 @@ class Hall(object):
         ``worker_id`` pins the decision to one enrolled worker instance."""
         inp = parse_route_input(body)
         inp["worker_id"] = worker_id
-        check_namespace(principal, inp["tenant_id"])
+        check_namespace(principal.tenant, inp["tenant_id"])
         rules = self.rules_for(body.get("_rules"), principal)
         registry, now = self.registry(), now_iso()
         approval = self._presented_approval(inp["approval_id"], now)
@@ -4782,10 +4781,10 @@ class Hall(object):
             context = {}
         if not isinstance(context, dict):
             raise HallError(400, "context must be an object")
-        check_namespace(principal, body["namespace"])
+        check_namespace(principal.tenant, body["namespace"])
         if worker_id is not None:
             pinned = self.enrolled_worker(worker_id)
-            check_namespace(principal, pinned.namespace)
+            check_namespace(principal.tenant, pinned.namespace)
         route_request = {"capability_id": body["capability"], "tenant_id": body["namespace"],
                          "env": context.get("env", "dev"),
                          "data_label": context.get("data_label", "PUBLIC")}
@@ -4819,9 +4818,7 @@ class Hall(object):
     def verify_worker(self, worker_id, principal=TRUSTED):
         """GET /api/v1/verify/{worker_id}: registered, attested, not banned?"""
         worker = self.enrolled_worker(worker_id)
-        if principal.tenant and not in_namespace(worker.namespace or "", principal.tenant):
-            raise HallError(403, "this token is limited to namespace %s" % principal.tenant,
-                            "FORBIDDEN_NAMESPACE")
+        check_namespace(principal.tenant, worker.namespace)
         code_hash = (worker.attestation or {}).get("code_hash")
         attested = bool(self.attestor and code_hash and self.attestor.check(worker) is None)
         return {"worker_id": worker.worker_id, "namespace": worker.namespace,
@@ -4838,7 +4835,7 @@ class Hall(object):
         for field in ("namespace", "display_name"):
             _required_string(body, field)
         package = normalise_sha256(body.get("sha256"))
-        check_namespace(principal, body["namespace"])
+        check_namespace(principal.tenant, body["namespace"])
         record = {key: value for key, value in body.items() if key != "sha256"}
         record.setdefault("worker_id", "%s.%s" % (body["namespace"], _slug(body["display_name"])))
         record.setdefault("worker_species_id", "wrk." + _slug(body["display_name"]))
@@ -4858,10 +4855,11 @@ class Hall(object):
         return server
 
 
-def check_namespace(principal, value):
-    """A token limited to a namespace acts only inside it."""
-    if principal.tenant and not in_namespace(value or "", principal.tenant):
-        raise HallError(403, "this token is limited to namespace %s" % principal.tenant,
+def check_namespace(tenant, value):
+    """A token limited to a namespace (its ``tenant``; None: not limited)
+    acts only inside it."""
+    if tenant and not in_namespace(value or "", tenant):
+        raise HallError(403, "this token is limited to namespace %s" % tenant,
                         "FORBIDDEN_NAMESPACE")
 
 
@@ -8012,12 +8010,18 @@ def run_server(config):
 
 def _say(line):
     """A line for the operator on stdout.  A stdout gone (``python hall.py |
-    head -1``) stops nothing: it is pointed at /dev/null from then on."""
+    head -1``) stops nothing."""
     try:
         print(line, flush=True)
     except (OSError, ValueError):
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _stdout_gone()
+
+
+def _stdout_gone():
+    """Point stdout at /dev/null, so that what is left in its buffer (flushed
+    at exit) does not fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def read_json_argument(path):
@@ -8739,9 +8743,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         return 130
     except OSError as exc:                      # the output cannot be written: an error,
-        # never "denied" (route's 1) -- nor a traceback.  stdout is pointed at
-        # /dev/null so that its flush at exit does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _stdout_gone()                          # never "denied" (route's 1), nor a traceback
         if not isinstance(exc, BrokenPipeError):    # (`export | head`: the reader is done)
             print("hall.py: error: %s" % exc, file=sys.stderr)
         return 2
