@@ -186,6 +186,8 @@ class Config(object):
             config.rate_burst = _parse_int_setting("rate burst", config.rate_burst, 1, 10 ** 7)
         if isinstance(config.tenants, str):
             config.tenants = [t.strip() for t in config.tenants.split(",") if t.strip()]
+            if not config.tenants:              # (",": a slip, not "deny every tenant")
+                raise ConfigError("HALL_TENANTS names no tenant: list them, comma-separated")
         if isinstance(config.attest_dirs, str):
             config.attest_dirs = [d for d in config.attest_dirs.split(os.pathsep) if d]
         for directory in config.attest_dirs:
@@ -765,7 +767,12 @@ MIGRATIONS = [
             UPDATE decision_days SET total = total + 1, denied = denied + (NEW.denied != 0)
                 WHERE day = substr(NEW.decided_at, 1, 10);
         END"""],
+    # 8 -- the head's MAC covers the seal too (what migration 6 says it
+    # sealed, and when), so that an edit of that record shows.
+    [lambda conn, store: sign_the_seal(conn, store)],
 ]
+# From this schema version on the head's MAC covers the seal (head_mac).
+SEAL_SIGNED_FROM = 8
 
 DECISION_COLUMNS = ("decision_id", "decided_at", "capability_id", "tenant_id", "env", "denied",
                     "deny_reason", "selected_worker", "blast_score", "artifact_hash")
@@ -1212,26 +1219,26 @@ class Store(object):
         for call in notify:
             call()
 
-    def sign_head(self, seq, head):
+    def sign_head(self, seq, head, seal=None):
         if self.keyring is None:
             return None
         key_id, secret = self.keyring.signing_key()
-        return head_mac(secret, key_id, seq, head)
+        return head_mac(secret, key_id, seq, head, seal)
 
-    def _check_head(self, conn, seq, head, mac):
+    def _check_head(self, conn, seq, head, mac, seal):
         """Before extending the chain: is its head the one this hall signed?
-        If not (the head was rewritten, or the key file replaced), say so in
-        the chain itself -- an audit entry verify-log reports -- rather than
-        sign over it and lose the evidence, or stop taking writes."""
+        If not (the head or the seal was rewritten, or the key file
+        replaced), say so in the chain itself -- an audit entry verify-log
+        reports -- rather than sign over it and lose the evidence, or stop
+        taking writes."""
         if self.keyring is None:
             return
         key_id = str(mac).partition(":")[0]
         secret = self.keyring.secret(key_id)
-        if secret is not None and hmac.compare_digest(head_mac(secret, key_id, seq, head),
-                                                      str(mac)):
+        if secret is not None and head_signed_by({key_id: secret}, seq, head, mac, seal):
             return
-        _complain("[hall-api] the evidence chain's head (place %d) is not signed by this "
-                  "hall: recorded in the audit trail; run verify-log" % seq)
+        _complain("[hall-api] the evidence chain's head (place %d) or its seal is not signed "
+                  "by this hall: recorded in the audit trail; run verify-log" % seq)
         self._audit(conn, (None, HEAD_REWRITTEN, None, {"seq": seq, "head": head,
                                                         "head_mac": mac}))
 
@@ -1265,13 +1272,14 @@ class Store(object):
             try:
                 if not self._begin(conn, wait):
                     return False
-                row = conn.execute("SELECT seq, head, head_mac FROM chain").fetchone()
+                row = conn.execute("SELECT seq, head, head_mac, sealed_seq, sealed_at "
+                                   "FROM chain").fetchone()
                 if not (row and isinstance(row[0], int) and isinstance(row[1], str)):
                     raise StoreError("the evidence chain's head is missing or not a head "
                                      "(the file was edited: run verify-log)")
-                seq, head, mac = row
+                seq, head, mac, seal = row[0], row[1], row[2], row[3:]
                 self._chain = start = (seq, head)
-                self._check_head(conn, seq, head, mac)
+                self._check_head(conn, seq, head, mac, seal)
             except (sqlite3.Error, StoreError) as exc:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
@@ -1301,7 +1309,8 @@ class Store(object):
                     self._count_days(conn)
                     if self._chain != start:
                         conn.execute("UPDATE chain SET seq = ?, head = ?, head_mac = ? "
-                                     "WHERE id = 1", self._chain + (self.sign_head(*self._chain),))
+                                     "WHERE id = 1", self._chain + (
+                                         self.sign_head(*self._chain, seal=seal),))
                     if meanwhile is not None:
                         meanwhile()
                     conn.execute("COMMIT")
@@ -1860,10 +1869,37 @@ def chain_link(previous, seq, table, digest):
                            ).encode("utf-8")).hexdigest()
 
 
-def head_mac(secret, key_id, seq, head):
-    """The MAC the hall keeps beside the chain's head: "key_id:hex"."""
-    return "%s:%s" % (key_id, hmac.new(secret, ("pyhall chain head\n%d\n%s" % (seq, head)
-                                                ).encode("utf-8"), hashlib.sha256).hexdigest())
+def head_mac(secret, key_id, seq, head, seal=None):
+    """The MAC the hall keeps beside the chain's head: "key_id:hex".  It
+    covers ``seal`` too -- (sealed_seq, sealed_at) as stored -- in a file
+    of schema SEAL_SIGNED_FROM or later; None is the form before it."""
+    message = "pyhall chain head\n%d\n%s" % (seq, head)
+    if seal is not None:                        # (%s: an edited value is its text)
+        message += "\nsealed\n%s\n%s" % seal
+    return "%s:%s" % (key_id, hmac.new(secret, message.encode("utf-8"),
+                                       hashlib.sha256).hexdigest())
+
+
+def head_signed_by(keys, seq, head, mac, seal):
+    """Is ``mac`` the head's MAC under one of ``keys`` ({key_id: secret})?"""
+    key_id = str(mac).partition(":")[0]
+    return key_id in keys and isinstance(seq, int) and hmac.compare_digest(
+        head_mac(keys[key_id], key_id, seq, str(head), seal), str(mac))
+
+
+def sign_the_seal(conn, store):
+    """Migration 8: sign the head anew in the form that covers the seal --
+    if this hall signed it as it is.  A head it did not sign is left as
+    found, for the next write and verify-log to report: signing it now
+    would vouch for the edit."""
+    row = conn.execute("SELECT seq, head, head_mac, sealed_seq, sealed_at FROM chain"
+                       ).fetchone()
+    if row is None or store.keyring is None:
+        return
+    seq, head, mac, sealed_seq, sealed_at = row
+    if head_signed_by(store.keyring.secrets(), seq, head, mac, None):
+        conn.execute("UPDATE chain SET head_mac = ?",
+                     (store.sign_head(seq, head, (sealed_seq, sealed_at)),))
 
 
 def chain_runs(links):
@@ -1922,10 +1958,12 @@ def walk_chain(conn, keys=None, max_problems=100):
     chain order (at most ``max_problems``): an entry *altered* (its content
     or its place changed), entries *deleted*, an entry *inserted* outside the
     chain, or a *head* that does not match the last entry or (with ``keys``,
-    {key_id: secret}) is not signed by the hall."""
+    {key_id: secret}) is not signed by the hall -- nor, with it, the seal."""
     recorded_seq, recorded_head, sealed_seq, sealed_at, recorded_mac = conn.execute(
         "SELECT seq, head, sealed_seq, sealed_at, head_mac FROM chain").fetchone() or (
             None, None, 0, None, None)
+    seal = (sealed_seq, sealed_at) if conn.execute("PRAGMA user_version").fetchone()[0] >= \
+        SEAL_SIGNED_FROM else None              # (a file not migrated yet: the form before)
     if not isinstance(sealed_seq, int):
         sealed_seq = 0
     vouched = vouched_gaps(conn)
@@ -1957,7 +1995,8 @@ def walk_chain(conn, keys=None, max_problems=100):
         name = "%s %s" % (ENTRY_NAMES[table], values[0])
         if table == "audit" and values[3] == HEAD_REWRITTEN:
             problem("head", seq, "at %s the hall found the chain's head rewritten (at place "
-                    "%s): entries before it may have been deleted" % (
+                    "%s): entries before it may have been deleted, or what it says was sealed "
+                    "at migration changed" % (
                         values[1], _json_object(values[5]).get("seq")))
         if seq < expected:
             problem("inserted", seq, "%s claims place %d, which %s already holds"
@@ -1987,13 +2026,12 @@ def walk_chain(conn, keys=None, max_problems=100):
                                                  last_name, expected - 1))
     head_signed = None
     if keys is not None:
-        key_id = str(recorded_mac).partition(":")[0]
-        head_signed = key_id in keys and isinstance(recorded_seq, int) and hmac.compare_digest(
-            head_mac(keys[key_id], key_id, recorded_seq, str(recorded_head)), str(recorded_mac))
+        head_signed = head_signed_by(keys, recorded_seq, recorded_head, recorded_mac, seal)
         if not head_signed:
             problem("head", recorded_seq if isinstance(recorded_seq, int) else None,
                     "the recorded head is not signed with this hall's keys: the chain's head "
-                    "was rewritten (newest entries may have been deleted)")
+                    "was rewritten (newest entries may have been deleted)%s" % (
+                        "" if seal is None else ", or what it says was sealed at migration"))
     problems = (in_order + unchained)[:max_problems]
     return {"head_signed": head_signed, "intact": not problems, "entries": entries,
             "length": expected - 1,
@@ -3408,8 +3446,8 @@ def check_receipt(decision, keys):
             clean_id(key_id)[:40])
     try:
         expected = _receipt_mac(decision, key_id, secret)
-    except (TypeError, ValueError):             # (a Python caller's value JSON has no form for)
-        return False, "a signed field of the decision is not a JSON value"
+    except (TypeError, ValueError, RecursionError):     # (a Python caller's value JSON
+        return False, "a signed field of the decision is not a JSON value"  # has no form for)
     if not hmac.compare_digest(expected.encode(), mac.encode("utf-8", "replace")):
         return False, ("the receipt does not match: a signed field of the decision was "
                        "changed, or the receipt was not made with this key")
@@ -8303,6 +8341,8 @@ def decision_filters(args):
 def cmd_read(args):
     """status, workers, dispatches: from --url or the database."""
     if args.command == "dispatches":
+        if not 1 <= args.limit <= 200:
+            raise ConfigError("--limit must be from 1 to 200")
         filters = decision_filters(args)
         if args.url:
             from urllib.parse import urlencode
@@ -8320,8 +8360,7 @@ def cmd_read(args):
         elif args.command == "workers":
             print_json(hall.workers())
         else:
-            print_json(hall.decision_page(decision_filters(args), None,
-                                          max(1, min(200, args.limit))))
+            print_json(hall.decision_page(decision_filters(args), None, args.limit))
     finally:
         hall.close()
     return 0
@@ -8368,8 +8407,9 @@ def cmd_token(args):
             token_id, secret = hall.create_token(args.name, sorted(set(args.scope)),
                                                  args.tenant, CLI)
             print("created %s (%s; scopes %s%s); its secret follows, shown only now"
-                  % (token_id, args.name, " ".join(sorted(set(args.scope))),
-                     "; tenant " + args.tenant if args.tenant else ""), file=sys.stderr)
+                  % (token_id, clean_id(args.name), " ".join(sorted(set(args.scope))),
+                     "; tenant " + clean_id(args.tenant) if args.tenant else ""),
+                  file=sys.stderr)
             print(secret)
         elif args.token_command == "list":
             columns = ("token_id", "name", "scopes", "tenant", "created_at", "last_used_at",
@@ -8386,9 +8426,12 @@ def cmd_token(args):
 
 
 def print_table(columns, rows):
-    widths = [max([len(c)] + [len(str(r[i])) for r in rows]) for i, c in enumerate(columns)]
-    for row in [columns] + rows:
-        print("  ".join(str(value).ljust(width) for value, width in zip(row, widths)).rstrip())
+    """Aligned columns; a control character in a value (a name, say) is left
+    out rather than sent to the terminal."""
+    rows = [[clean_id(str(value)) for value in row] for row in [list(columns)] + rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    for row in rows:
+        print("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip())
 
 
 # -- bench: the hall against the ceiling of its architecture, side by side ------

@@ -2941,6 +2941,18 @@ class TokenCommandTest(unittest.TestCase):
                 self.assertIn("no database at", refused.stderr)
             self.assertEqual(sorted(os.listdir(tmp)), ["given.db", "given.db.keys"])
 
+    def test_names_are_printed_without_their_control_characters(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            db = os.path.join(tmp, "hall.db")
+            created = run_hall(["token", "create", "--name", "ci\x1b[2J\x07", "--scope", "read",
+                                "--tenant", "org.\x1ba", "--db", db])
+            self.assertEqual(created.returncode, 0, created.stderr)
+            self.assertIn("(ci[2J; scopes read; tenant org.a)", created.stderr)
+            listing = run_hall(["token", "list", "--db", db])
+            self.assertEqual(listing.returncode, 0, listing.stderr)
+            self.assertRegex(listing.stdout, r"\n\S+ +ci\[2J +read +org\.a ")
+            self.assertNotIn("\x1b", listing.stdout + created.stderr)
+
     def test_create_list_revoke_from_the_command_line(self):
         with tempfile.TemporaryDirectory() as tmp:
             db = os.path.join(tmp, "hall.db")
@@ -4024,6 +4036,56 @@ class ReferenceDatabaseTest(TempDirCase):
         self.assertIn("3 entries predate the chain", result.stdout)
 
 
+class SealMigrationTest(TempDirCase):
+    """Schema 8: the head's MAC covers the seal from the migration on."""
+
+    def schema_7_file(self, head=None):
+        """A hall's file as a hall of schema 7 left it: its head's MAC in the
+        form that does not cover the seal (``head``: over another head)."""
+        h = hall.Hall(hall.Config(db_path=self.db, access_log=False))
+        for i in range(3):
+            h.ingest({"decision_id": "d-%d" % i})
+        h.close()
+        (key_id, secret), = hall.Keyring(self.db + ".keys").secrets().items()
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            seq, recorded = conn.execute("SELECT seq, head FROM chain").fetchone()
+            conn.execute("UPDATE chain SET head_mac = ?",
+                         (hall.head_mac(secret, key_id, seq, head or recorded),))
+            conn.execute("PRAGMA user_version = 7")
+            conn.commit()
+
+    def test_a_schema_7_file_verifies_and_is_signed_anew_over_its_seal(self):
+        self.schema_7_file()
+        result = run_hall(["verify-log", "--db", self.db])      # read only: not migrated
+        self.assertEqual(result.returncode, 0, result.stdout)
+        self.assertIn("intact", result.stdout)
+        h = hall.Hall(hall.Config(db_path=self.db, access_log=False))
+        try:
+            report = h.verify_log()
+            self.assertEqual((report["intact"], report["head_signed"]), (True, True))
+        finally:
+            h.close()
+        (key_id, secret), = hall.Keyring(self.db + ".keys").secrets().items()
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            seq, head, sealed_seq, sealed_at, mac = conn.execute(
+                "SELECT seq, head, sealed_seq, sealed_at, head_mac FROM chain").fetchone()
+        self.assertEqual(mac, hall.head_mac(secret, key_id, seq, head, (sealed_seq, sealed_at)))
+
+    def test_the_migration_does_not_sign_over_a_head_rewritten_before_it(self):
+        self.schema_7_file(head="f" * 64)
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            before = conn.execute("SELECT head_mac FROM chain").fetchone()
+        h = hall.Hall(hall.Config(db_path=self.db, access_log=False))
+        try:
+            with contextlib.closing(sqlite3.connect(self.db)) as conn:
+                self.assertEqual(conn.execute("SELECT head_mac FROM chain").fetchone(), before)
+            report = h.verify_log()
+            self.assertEqual(report["head_signed"], False)
+            self.assertEqual([p["problem"] for p in report["problems"]], ["head"])
+        finally:
+            h.close()
+
+
 # -- evidence: the hash-chained log, receipts, explained decisions ----------------
 
 class ChainCase(ServerCase):
@@ -4257,6 +4319,29 @@ class ChainDefenceTest(ChainCase):
                          [("head", last)])
         self.assertIn("head rewritten", report["first_problem"]["message"])
 
+    def test_an_edited_seal_is_named_and_recorded_by_the_next_write(self):
+        # Saying the hall's own entries predate the chain (were sealed at migration)
+        # changes what the head's MAC covers: the time alone, then the count too.
+        self.edit("UPDATE chain SET sealed_at = '2026-01-01T00:00:00+00:00'")
+        result = run_hall(["verify-log", "--db", self.db])      # (reads only)
+        self.assertEqual(result.returncode, 1, result.stdout)
+        self.assertIn("or what it says was sealed at migration", result.stdout)
+        (last,) = self.db_rows("SELECT seq FROM chain")[0]
+        self.edit("UPDATE chain SET sealed_seq = 3")
+        report = self.verify()
+        self.assertIs(report["head_signed"], False)
+        self.assertEqual(report["sealed"], {"entries": 3, "at": "2026-01-01T00:00:00+00:00"})
+        self.assertEqual([p["problem"] for p in report["problems"]], ["head"])
+        self.assertIn("or what it says was sealed at migration",
+                      report["first_problem"]["message"])
+        self.assertEqual(self.call("POST", "/decisions/ingest", {"decision_id": "next"})[0], 201)
+        report = self.verify()                  # signed again, the edit on record
+        self.assertIs(report["head_signed"], True)
+        self.assertEqual([(p["problem"], p["seq"]) for p in report["problems"]],
+                         [("head", last + 1)])      # (where the hall put it on record)
+        self.assertIn("or what it says was sealed at migration changed",
+                      report["first_problem"]["message"])
+
     def test_a_key_made_by_another_process_a_moment_ago_verifies(self):
         result = run_hall(["receipt-key", "rotate", "--db", self.db])
         self.assertEqual(result.returncode, 0, result.stderr)
@@ -4459,6 +4544,17 @@ class ReceiptTest(ServerCase):
             other.close()
         with self.assertRaises(ValueError):
             hall.verify_receipt(decision, "not hex")
+
+    def test_a_decision_too_deep_to_encode_does_not_verify(self):
+        secret = b"k" * 32
+        decision = {"decision_id": "d-1", "tenant_id": "org.a"}
+        decision["receipt"] = hall.sign_receipt(decision, hall.receipt_key_id(secret), secret)
+        self.assertTrue(hall.verify_receipt(decision, secret))
+        deep = []
+        for _ in range(100000):
+            deep = [deep]
+        decision["preconditions_checked"] = deep
+        self.assertFalse(hall.verify_receipt(decision, secret))
 
     def test_rotation_keeps_old_receipts_valid(self):
         old = self.route()[2]
@@ -5360,7 +5456,10 @@ class CommandLineTest(unittest.TestCase):
                      (["--tls-cert", bad_json], {}, "TLS needs both"),
                      (["--tls-cert", bad_json, "--tls-key", bad_json], {},
                       "cannot load TLS certificate"),
-                     (["--host", "0.0.0.0"], {}, "refusing to serve plain HTTP")]
+                     (["--host", "0.0.0.0"], {}, "refusing to serve plain HTTP"),
+                     ([], {"HALL_TENANTS": " , ,"}, "HALL_TENANTS names no tenant"),
+                     (["dispatches", "--limit", "-5"], {}, "--limit must be from 1 to 200"),
+                     (["dispatches", "--limit", "201"], {}, "--limit must be from 1 to 200")]
             taken = socket.socket()
             self.addCleanup(taken.close)
             taken.bind(("127.0.0.1", 0))
