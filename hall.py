@@ -8095,6 +8095,27 @@ def existing_hall(args):
     return Hall(config)
 
 
+@contextlib.contextmanager
+def hall_made_if_new(args):
+    """A Hall over the configured database, made if there is none yet.  A
+    command that fails on a database it made removes it (and the key file
+    made with it): a refused request leaves nothing behind."""
+    config = Config.load(args)
+    made = [] if config.db_path == ":memory:" or os.path.lexists(config.db_path) else [
+        config.db_path + suffix for suffix in ("", "-wal", "-shm", "-journal")] + [
+        path for path in (config.receipt_keys_path,) if not os.path.lexists(path)]
+    hall = Hall(config)
+    try:
+        yield hall
+    except BaseException:
+        hall.close()
+        for path in made:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        raise
+    hall.close()
+
+
 def call_hall(args, method, path, body=None, shape=True):
     """An HTTP call to the hall at --url; returns (status, parsed JSON): an
     object, which must fit the schema the route publishes for that status
@@ -8290,12 +8311,8 @@ def cmd_enroll(args):
     if args.url:
         print_json(call_hall(args, "POST", "/enroll", record, shape=False)[1])
         return 0
-    hall = existing_hall(args) if os.path.exists(Config.load(args).db_path) else Hall(
-        Config.load(args))
-    try:
+    with hall_made_if_new(args) as hall:
         print_json(hall.enroll(record, CLI))
-    finally:
-        hall.close()
     return 0
 
 
@@ -8400,10 +8417,8 @@ def cmd_prune(args):
 
 
 def cmd_token(args):
-    # A first token may make the database; listing or revoking needs it to exist.
-    hall = Hall(Config.load(args)) if args.token_command == "create" else existing_hall(args)
-    try:
-        if args.token_command == "create":
+    if args.token_command == "create":          # a first token may make the database
+        with hall_made_if_new(args) as hall:
             token_id, secret = hall.create_token(args.name, sorted(set(args.scope)),
                                                  args.tenant, CLI)
             print("created %s (%s; scopes %s%s); its secret follows, shown only now"
@@ -8411,7 +8426,10 @@ def cmd_token(args):
                      "; tenant " + clean_id(args.tenant) if args.tenant else ""),
                   file=sys.stderr)
             print(secret)
-        elif args.token_command == "list":
+        return 0
+    hall = existing_hall(args)                  # listing or revoking: it must exist
+    try:
+        if args.token_command == "list":
             columns = ("token_id", "name", "scopes", "tenant", "created_at", "last_used_at",
                        "revoked_at")
             rows = [[" ".join(t["scopes"]) if c == "scopes" else (t[c] or "-")

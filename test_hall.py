@@ -2941,6 +2941,25 @@ class TokenCommandTest(unittest.TestCase):
                 self.assertIn("no database at", refused.stderr)
             self.assertEqual(sorted(os.listdir(tmp)), ["given.db", "given.db.keys"])
 
+    def test_a_refused_command_leaves_no_database_behind(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            record = os.path.join(tmp, "record.json")
+            with open(record, "w") as handle:
+                json.dump({"worker_id": "org.x"}, handle)       # no species: refused
+            db = os.path.join(tmp, "hall.db")
+            for args in (["enroll", record], ["token", "create", "--name", " ", "--scope",
+                                              "read"]):
+                refused = run_hall(args + ["--db", db], cwd=tmp)
+                self.assertEqual(refused.returncode, 2, refused.stderr)
+                self.assertEqual(os.listdir(tmp), ["record.json"])
+            made = run_hall(["token", "create", "--name", "ci", "--scope", "read", "--db", db])
+            self.assertEqual(made.returncode, 0, made.stderr)
+            refused = run_hall(["enroll", record, "--db", db])  # one that was there stays
+            self.assertEqual(refused.returncode, 2, refused.stderr)
+            self.assertEqual(sorted(os.listdir(tmp)), ["hall.db", "hall.db.keys", "record.json"])
+            with contextlib.closing(sqlite3.connect(db)) as conn:
+                self.assertEqual(conn.execute("SELECT name FROM tokens").fetchall(), [("ci",)])
+
     def test_names_are_printed_without_their_control_characters(self):
         with tempfile.TemporaryDirectory() as tmp:
             db = os.path.join(tmp, "hall.db")
