@@ -2821,15 +2821,18 @@ def route_input_hash(inp):
 
 # -- the pure router ---------------------------------------------------------
 
-class Floor(namedtuple("Floor", "safe_mode safe_mode_reason tenants banned")):
+class Floor(namedtuple("Floor", "safe_mode safe_mode_reason tenants banned hall_banned",
+                       defaults=(False,))):
     """The hall-wide state checked before any rule: safe mode, the signatory
-    tenants (None = any tenant), and banned artifact hashes."""
+    tenants (None = any tenant), banned artifact hashes, and whether the
+    running hall's own build is among them (then it routes nothing)."""
 
 
 OPEN_FLOOR = Floor(False, None, None, frozenset())
 
 DENY_MESSAGES = {
     "DENY_SAFE_MODE": "the hall is in safe mode; every route is denied",
+    "DENY_HALL_BANNED": "this hall's build is on the ban list; every route is denied",
     "DENY_UNKNOWN_TENANT": "tenant is not among the hall's signatory tenants",
     "DENY_MISSING_TENANT_ID": "tenant_id is empty",
     "DENY_INVALID_INPUT": "blast_score must be between 0 and 100",
@@ -3065,13 +3068,15 @@ def _run_pipeline(inp, decision, events, rules, registry, policy, floor, approva
 
     # 0. The hall floor: checked before any rule is read.
     if explain:
-        _step(trace, "floor", safe_mode=floor.safe_mode,
+        _step(trace, "floor", safe_mode=floor.safe_mode, hall_build_banned=floor.hall_banned,
               signatory_tenants=sorted(floor.tenants) if floor.tenants is not None else "any",
               tenant_id=inp["tenant_id"], caller_blast_score=inp.get("blast_score"),
               high_stakes_env=high_stakes,
               shadowed_rules=rules.shadowed if high_stakes else "checked in prod and edge only")
     if floor.safe_mode:
         raise Denied("DENY_SAFE_MODE", safe_mode_reason=floor.safe_mode_reason)
+    if floor.hall_banned:
+        raise Denied("DENY_HALL_BANNED")
     if decision["artifact_hash"] is None:       # (only a Python caller can pass such a value)
         raise Denied("DENY_INVALID_INPUT", field="request")
     if floor.tenants is not None and inp["tenant_id"] not in floor.tenants:
@@ -3297,7 +3302,13 @@ class Attestor(object):
     """Checks a worker's ``attestation`` ({code_hash, source_file}) against
     the live file.  Only files inside ``directories`` are ever read, so a
     worker record cannot make the hall hash arbitrary files.  Hashes are
-    cached by (path, size, mtime) so a route costs one stat per check."""
+    cached by what a stat says of the file, so a route costs one stat per
+    check: its inode and its change time (ctime) too, which -- unlike the
+    modification time -- no owner of the file can set back.  A file changed
+    within the last RECENT_SECONDS is hashed again every time: a change in
+    the same tick of the file system's clock would leave the stat as it was."""
+
+    RECENT_SECONDS = 2
 
     def __init__(self, directories, required=True):
         self.directories = [os.path.realpath(d) for d in directories]
@@ -3318,15 +3329,17 @@ class Attestor(object):
     def live_hash(self, path):
         try:
             info = os.stat(path)
-            key = (path, info.st_size, info.st_mtime_ns)
+            key = (path, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns,
+                   info.st_ctime_ns)
             with self._lock:
                 cached = self._cache.get(key)
             if cached is None:
                 cached = file_sha256(path)
-                with self._lock:
-                    if len(self._cache) > 4096:
-                        self._cache.clear()
-                    self._cache[key] = cached
+                if time.time() - info.st_ctime > self.RECENT_SECONDS:
+                    with self._lock:
+                        if len(self._cache) > 4096:
+                            self._cache.clear()
+                        self._cache[key] = cached
             return cached
         except (OSError, ValueError):
             return None
@@ -3928,16 +3941,17 @@ class Hall(object):
         self.safe_mode_state = safe_mode
         self.tenants_source = "api" if "tenants" in settings else (
             "config" if self.config.tenants is not None else None)
+        banned = frozenset(ban["sha256"] for ban in self.store.bans())
         self.floor = Floor(bool(safe_mode.get("on")), safe_mode.get("reason"),
-                           frozenset(tenants) if tenants is not None else None,
-                           frozenset(ban["sha256"] for ban in self.store.bans()))
+                           frozenset(tenants) if tenants is not None else None, banned,
+                           self.hall_hash in banned)
 
     # -- reads ---------------------------------------------------------------
 
     def health(self):
         """Liveness, with no database access at all."""
         return {"status": "ok", "timestamp": now_iso(), "hall_hash": self.hall_hash,
-                "hall_hash_banned": self.hall_hash in self.floor.banned}
+                "hall_hash_banned": self.floor.hall_banned}
 
     def status(self):
         day = utc_day()
@@ -7136,6 +7150,8 @@ def make_server(hall, host, port, tls=False):
     returned, when the caller has checked already."""
     if tls is False:
         tls = check_can_listen(hall.config, host, port)
+    if not is_loopback(host):                   # what is open on loopback follows the
+        hall.config.host = host                 # address served, not the one configured
     try:
         return HallHTTPServer(hall, (host, port), tls)
     except OSError as exc:                      # (taken since the check)

@@ -1761,6 +1761,20 @@ class BanTest(ServerCase):
             self.hall.store = store
         self.assertEqual((status, body["hall_hash_banned"]), (200, True))
 
+    def test_a_hall_whose_own_build_is_banned_routes_nothing(self):
+        self.enroll(worker_record())
+        self.assertIs(self.route()[2]["allowed"], True)
+        self.call("POST", "/api/bans", {"sha256": self.hall.hall_hash.upper()[7:],
+                                        "reason": "bad build"}, token=self.admin)
+        decision = self.route()[2]
+        self.assertEqual((decision["allowed"], decision["deny_reason"],
+                          decision["selected_worker_id"]), (False, "DENY_HALL_BANNED", None))
+        self.restart()                          # the ban outlasts a restart
+        self.assertEqual(self.route()[2]["deny_reason"], "DENY_HALL_BANNED")
+        status, _, _ = self.call("DELETE", "/api/bans/" + self.hall.hall_hash, token=self.admin)
+        self.assertEqual(status, 200)
+        self.assertIs(self.route()[2]["allowed"], True)
+
 
 class TenantTest(ServerCase):
 
@@ -1833,6 +1847,28 @@ class AttestationTest(ServerCase):
                          ("critical", "DENY_WORKER_TAMPERED", "w.att"))
         verify = self.call("GET", "/api/v1/verify/w.att", token=self.reader)[2]
         self.assertIs(verify["attested"], False)
+
+    def test_code_swapped_behind_its_old_size_and_time_is_seen(self):
+        self.enroll(self.attested())
+        self.assertIs(self.route()[2]["allowed"], True)     # (its hash may be cached now)
+        before = os.stat(self.source)
+        with open(self.source) as handle:
+            code = handle.read()
+
+        def swap(evil, in_place):
+            self.assertEqual(len(evil), len(code))
+            if in_place:
+                with open(self.source, "w") as handle:
+                    handle.write(evil)
+            else:                                           # a new file in its place
+                with open(self.source + ".new", "w") as handle:
+                    handle.write(evil)
+                os.replace(self.source + ".new", self.source)
+            os.utime(self.source, ns=(before.st_atime_ns, before.st_mtime_ns))
+            self.assertEqual(os.stat(self.source).st_mtime_ns, before.st_mtime_ns)
+            self.assertEqual(self.route()[2]["deny_reason"], "DENY_WORKER_TAMPERED")
+        swap(code.replace("100", "999"), in_place=True)
+        swap(code.replace("100", "998"), in_place=False)
 
     def test_missing_or_outside_attestation(self):
         self.enroll(worker_record("w.none", "wrk.doc.summarizer", ["cap.doc.summarize"]))
@@ -2195,6 +2231,25 @@ class NetworkDefaultsTest(ServerCase):
                                  (r.method, path))
         self.assertEqual(self.call("GET", "/status", token=self.reader)[0], 200)
         self.assertEqual(self.call("POST", "/enroll", worker_record(), token=self.reader)[0], 403)
+
+    def test_a_hall_served_off_loopback_keeps_nothing_open_whatever_its_config_says(self):
+        h = hall.Hall(hall.Config(db_path=os.path.join(self.tmp.name, "embedded.db"),
+                                  access_log=False, allow_plain_http=True,
+                                  token_file=os.path.join(self.tmp.name, "embedded.token")))
+        self.addCleanup(h.close)
+        self.assertTrue(h.config.loopback)
+        with mock.patch.object(hall, "HallHTTPServer"):     # (nothing bound off loopback)
+            hall.make_server(h, "0.0.0.0", 0, tls=None)
+        self.assertFalse(h.config.loopback)
+        self.assertEqual(h.config.requests_per_second, 100)
+        server = h.serve(port=0)                # served on loopback too: still closed
+        client = Client(server.url)
+        try:
+            self.assertEqual(client.request("POST", "/enroll", worker_record())[0], 401)
+            self.assertEqual(client.request("GET", "/workers")[0], 401)
+        finally:
+            client.close()
+            server.stop()
 
     def test_rate_limit_is_on_by_default_off_loopback(self):
         self.assertEqual(self.hall.config.requests_per_second, 100)
@@ -4807,6 +4862,8 @@ class ReceiptTest(ServerCase):
 EXPLAIN_REGISTRY = [SUMMARIZER]
 EXPLAIN_DENIALS = [
     ("DENY_SAFE_MODE", "floor", {}, {"floor": hall.Floor(True, "drill", None, frozenset())}),
+    ("DENY_HALL_BANNED", "floor", {}, {"floor": hall.Floor(False, None, None, frozenset(),
+                                                           True)}),
     ("DENY_UNKNOWN_TENANT", "floor", {},
      {"floor": hall.Floor(False, None, frozenset(["org.other"]), frozenset())}),
     ("DENY_MISSING_TENANT_ID", "floor", {"tenant_id": " "}, {}),
