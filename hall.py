@@ -1625,7 +1625,7 @@ class Store(object):
             if sound or not removed:            # an empty prune is audited too
                 gaps = chain_runs((r[1], r[2]) for r in sound)
                 for first, last, link in gaps:
-                    vouched[first] = (last, link)
+                    vouched[first] = (last, link, None)     # (its entry: next)
                 self._audit(conn, (token_id, action, target,
                                    dict(detail, removed=len(sound), gaps=gaps)))
             return len(rows), len(sound)
@@ -1856,9 +1856,16 @@ def entry_digest(values):
     return hashlib.sha256(_COMPACT_JSON(list(values)).encode("utf-8")).hexdigest()
 
 
-# (A value the hall never writes -- a blob, say -- still gets a digest: the
-# entry is then reported as altered, never as a crash of the verifier.)
-_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), default=repr).encode
+def _blob(value):
+    """A blob as JSON: one the hall never writes -- an edit of the file can --
+    still gets a digest, none a text can have, so the entry is reported as
+    altered, never as a crash of the verifier."""
+    if isinstance(value, bytes):
+        return {"blob": value.hex()}
+    raise TypeError("%s is not a stored value" % type(value).__name__)
+
+
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), default=_blob).encode
 
 
 def chain_link(previous, seq, table, digest):
@@ -1874,8 +1881,8 @@ def head_mac(secret, key_id, seq, head, seal=None):
     covers ``seal`` too -- (sealed_seq, sealed_at) as stored -- in a file
     of schema SEAL_SIGNED_FROM or later; None is the form before it."""
     message = "pyhall chain head\n%d\n%s" % (seq, head)
-    if seal is not None:                        # (%s: an edited value is its text)
-        message += "\nsealed\n%s\n%s" % seal
+    if seal is not None:                        # (as JSON: 2 is not "2", nor null "None")
+        message += "\nsealed\n" + _COMPACT_JSON(list(seal))
     return "%s:%s" % (key_id, hmac.new(secret, message.encode("utf-8"),
                                        hashlib.sha256).hexdigest())
 
@@ -1916,19 +1923,26 @@ def chain_runs(links):
 
 def _chained_rows(conn, table, key="rowid", chunk=2000):
     """(chain_seq, table, rowid, values, chain_hash) of a table's rows in
-    ``key`` order -- "rowid" (as written) or "chain_seq" (as chained, rows
-    without a place left out) -- read a chunk at a time: memory stays flat."""
-    sql = "SELECT chain_seq, rowid, %s, chain_hash FROM %s WHERE (%s, rowid) > (?, ?) " \
-          "ORDER BY %s, rowid LIMIT %d" % (", ".join(CHAINED_COLUMNS[table]), table, key, key,
-                                           chunk)
+    ``key`` order -- "rowid" (as written) or "chain_seq" (as chained: only
+    the rows whose place is an integer, what PLACED_SQL is not) -- read a
+    chunk at a time: memory stays flat."""
+    select = "SELECT chain_seq, rowid, %s, chain_hash FROM %s WHERE %s " % (
+        ", ".join(CHAINED_COLUMNS[table]), table, PLACED_SQL if key == "chain_seq" else "1")
+    order = " ORDER BY %s, rowid LIMIT %d" % (key, chunk)
     position = 1 if key == "rowid" else 0
-    rows = conn.execute(sql, (-1 << 63, -1 << 63)).fetchall()
+    rows = conn.execute(select + order).fetchall()
     while rows:
         for row in rows:
             yield row[0], table, row[1], list(row[2:-1]), row[-1]
         if len(rows) < chunk:
             return
-        rows = conn.execute(sql, (rows[-1][position], rows[-1][1])).fetchall()
+        rows = conn.execute(select + "AND (%s, rowid) > (?, ?)" % key + order,
+                            (rows[-1][position], rows[-1][1])).fetchall()
+
+
+# A row has a place in the chain when its chain_seq is an integer: not NULL,
+# nor a text, a blob or a real (-1e19 sorts before any integer a range starts at).
+PLACED_SQL = "typeof(chain_seq) = 'integer'"
 
 
 def seal_existing_rows(conn, sign_head):
@@ -1958,7 +1972,27 @@ def walk_chain(conn, keys=None, max_problems=100):
     chain order (at most ``max_problems``): an entry *altered* (its content
     or its place changed), entries *deleted*, an entry *inserted* outside the
     chain, or a *head* that does not match the last entry or (with ``keys``,
-    {key_id: secret}) is not signed by the hall -- nor, with it, the seal."""
+    {key_id: secret}) is not signed by the hall -- nor, with it, the seal.
+    Text that is not UTF-8 (only an edit of the file makes it) is read as
+    it is, to be reported as altered, not as a failure to read the file."""
+    conn.text_factory = _exact_text
+    try:
+        return _walk_chain(conn, keys, max_problems)
+    finally:
+        conn.text_factory = str
+
+
+def _exact_text(data):
+    return data.decode("utf-8", "surrogateescape")
+
+
+def _shown(value):
+    """A stored value fit for a report and a terminal: bytes that are not
+    UTF-8 and control characters are not shown."""
+    return clean_id(str(value).encode("utf-8", "replace").decode("utf-8"))
+
+
+def _walk_chain(conn, keys, max_problems):
     recorded_seq, recorded_head, sealed_seq, sealed_at, recorded_mac = conn.execute(
         "SELECT seq, head, sealed_seq, sealed_at, head_mac FROM chain").fetchone() or (
             None, None, 0, None, None)
@@ -1968,6 +2002,8 @@ def walk_chain(conn, keys=None, max_problems=100):
         sealed_seq = 0
     vouched = vouched_gaps(conn)
     in_order, unchained = [], []                # problems at a place (found in order), and not
+    vouchers, sound_prunes = {}, set()          # prune entries a gap was taken on the word
+    # of ({place of the entry: the gap}), and those that hold their place as chained
 
     def problem(kind, seq, message):
         found = unchained if seq is None else in_order
@@ -1976,34 +2012,32 @@ def walk_chain(conn, keys=None, max_problems=100):
 
     def unplaced(table, entry_id):
         problem("inserted", None, "%s %s is not in the chain: it was written into the file "
-                                  "directly" % (ENTRY_NAMES[table], entry_id))
+                                  "directly" % (ENTRY_NAMES[table], _shown(entry_id)))
 
     def placed(table):
-        """The table's rows in chain order; those with no (or no number as)
+        """The table's rows in chain order; those with no (or no integer as)
         place are reported instead."""
-        for (entry_id,) in conn.execute("SELECT %s FROM %s WHERE chain_seq IS NULL LIMIT ?" % (
-                CHAINED_COLUMNS[table][0], table), (max_problems,)):
+        for (entry_id,) in conn.execute("SELECT %s FROM %s WHERE NOT %s LIMIT ?" % (
+                CHAINED_COLUMNS[table][0], table, PLACED_SQL), (max_problems,)):
             unplaced(table, entry_id)
-        for row in _chained_rows(conn, table, "chain_seq"):
-            if isinstance(row[0], int):
-                yield row
-            else:
-                unplaced(table, row[3][0])
+        return _chained_rows(conn, table, "chain_seq")
 
     expected, previous, entries, pruned, last_name = 1, CHAIN_GENESIS, 0, 0, "the start"
     for seq, table, _rowid, values, stored in heapq.merge(*map(placed, CHAINED_COLUMNS)):
-        name = "%s %s" % (ENTRY_NAMES[table], values[0])
+        name = "%s %s" % (ENTRY_NAMES[table], _shown(values[0]))
         if table == "audit" and values[3] == HEAD_REWRITTEN:
             problem("head", seq, "at %s the hall found the chain's head rewritten (at place "
                     "%s): entries before it may have been deleted, or what it says was sealed "
                     "at migration changed" % (
-                        values[1], _json_object(values[5]).get("seq")))
+                        _shown(values[1]), _shown(_json_object(values[5]).get("seq"))))
         if seq < expected:
             problem("inserted", seq, "%s claims place %d, which %s already holds"
                     % (name, seq, last_name))
             continue
         if seq > expected:
-            reached, previous = _vouched_link(vouched, expected, seq)
+            reached, previous, used = _vouched_link(vouched, expected, seq)
+            for voucher in used:
+                vouchers.setdefault(voucher, (expected, reached - 1, last_name))
             pruned += reached - expected
             if reached < seq:                   # previous is None: the next link is unknown
                 problem("deleted", reached, "%s missing (between %s and %s)" % (
@@ -2014,7 +2048,9 @@ def walk_chain(conn, keys=None, max_problems=100):
             problem("altered", seq, "%s at place %d was altered: its content or its place is "
                                     "not what was chained%s" % (
                                         name, seq, " (an entry sealed at migration, %s)"
-                                        % sealed_at if seq <= sealed_seq else ""))
+                                        % _shown(sealed_at) if seq <= sealed_seq else ""))
+        elif table == "audit" and values[3] == PRUNE_ACTION:
+            sound_prunes.add(seq)               # (or past a break already reported)
         previous, expected, last_name = stored, seq + 1, name
         entries += 1
     if isinstance(recorded_seq, int) and recorded_seq >= expected:
@@ -2024,6 +2060,13 @@ def walk_chain(conn, keys=None, max_problems=100):
         problem("head", expected - 1, "the recorded head (place %s, %s) does not match the "
                 "last entry (%s at place %d)" % (recorded_seq, str(recorded_head)[:16],
                                                  last_name, expected - 1))
+    for voucher, (first, last, before) in sorted(vouchers.items()):
+        if voucher not in sound_prunes:         # a prune entry forged, or edited after
+            problem("deleted", first, "%s missing (after %s): the prune entry at place %d "
+                    "that accounts for them is not as the hall chained it" % (
+                        "entry %d is" % first if first == last else
+                        "entries %d..%d are" % (first, last), before, voucher))
+    in_order.sort(key=lambda found: found["seq"])
     head_signed = None
     if keys is not None:
         head_signed = head_signed_by(keys, recorded_seq, recorded_head, recorded_mac, seal)
@@ -2044,14 +2087,17 @@ def walk_chain(conn, keys=None, max_problems=100):
 
 
 def vouched_gaps(conn):
-    """{first pruned place: (last, link to go on from)}, as the prune audit
-    entries record them."""
+    """{first pruned place: (last, link to go on from, place of the prune
+    entry)}, as the prune audit entries in the chain record them: each
+    before the entry that records it."""
     vouched = {}
-    for (detail,) in conn.execute("SELECT detail FROM audit WHERE action = ?", (PRUNE_ACTION,)):
+    for voucher, detail in conn.execute("SELECT chain_seq, detail FROM audit WHERE action = ? "
+                                        "AND " + PLACED_SQL, (PRUNE_ACTION,)):
         for run in _json_object(detail).get("gaps") or ():
             if isinstance(run, list) and len(run) == 3 and all(
-                    isinstance(v, t) for v, t in zip(run, (int, int, str))):
-                vouched[run[0]] = (run[1], run[2])
+                    type(v) is t for v, t in zip(run, (int, int, str))) and \
+                    run[0] <= run[1] < voucher:
+                vouched[run[0]] = (run[1], run[2], voucher)
     return vouched
 
 
@@ -2065,7 +2111,7 @@ def stored_link(conn, seq, vouched):
                            (seq,)).fetchone()
         if row:
             return row[0]
-    for last, link in vouched.values():
+    for last, link, _voucher in vouched.values():
         if last == seq:
             return link
     return None
@@ -2074,14 +2120,16 @@ def stored_link(conn, seq, vouched):
 def _vouched_link(vouched, first, end):
     """How far the prune records account for the empty places first..end-1:
     (the first place not accounted for, or ``end``; the link to go on from,
-    or None if the chain cannot be followed past the gap)."""
-    link = None
+    or None if the chain cannot be followed past the gap; the places of the
+    prune entries taken on their word)."""
+    link, used = None, []
     while first < end:
         run = vouched.get(first)
-        if run is None or run[0] >= end:
-            return first, None
+        if run is None or run[0] >= end:        # (a run ends at or after its first place)
+            return first, None, used
         first, link = run[0] + 1, run[1]
-    return first, link
+        used.append(run[2])
+    return first, link, used
 
 
 # -- receipt keys ---------------------------------------------------------------
@@ -2675,35 +2723,55 @@ class Worker(namedtuple("Worker", "worker_id species capabilities risk_tier enro
 
 class Registry(object):
     """An immutable snapshot of the enrolled workers, with what the router
-    derives from them: the control set, workers by species, auto rules."""
+    derives from them: the control sets, workers by species, auto rules.
+
+    A worker with a ``namespace`` serves the tenants inside it only, and the
+    controls it implements count for those tenants only: a namespace's own
+    token enrolls such workers, and must not vouch for the rest of the hall."""
 
     def __init__(self, enrollments=(), version=None):
         self.version = version                  # the database's registry_version it reflects
         self._listing = None
-        workers, controls = [], set()
+        workers, controls, namespace_controls = [], set(), {}
         for e in enrollments:
             record = e.record
+            namespace = worker_namespace(e.worker_id, record)
             implemented = record.get("currently_implements")
             if isinstance(implemented, list):
-                controls.update(c for c in implemented
-                                if isinstance(c, str) and _CONTROL_ID.match(c))
+                (controls if namespace is None else namespace_controls.setdefault(
+                    namespace, set())).update(c for c in implemented
+                                              if isinstance(c, str) and _CONTROL_ID.match(c))
             workers.append(Worker(e.worker_id, e.worker_species_id, tuple(e.capabilities),
                                   e.risk_tier, e.enrolled_at, e.artifact_hash,
                                   _declared_environments(record),
                                   _object_or_none(record.get("attestation")),
                                   _object_or_none(record.get("privilege_envelope")),
-                                  worker_namespace(e.worker_id, record)))
+                                  namespace))
         # Older enrollment first, so selection is stable and deterministic.
         self.newest_first = tuple(workers)      # as the store lists them
         workers.sort(key=lambda w: (w.enrolled_at, w.worker_id))
         self.workers = tuple(workers)
-        self.controls = frozenset(controls)
+        self.controls = frozenset(controls)     # hall-wide
+        self.namespace_controls = {namespace: frozenset(implemented) for namespace, implemented
+                                   in namespace_controls.items() if implemented}
         self.by_species = {}
         self.by_id = {}
         for worker in self.workers:
             self.by_species.setdefault(worker.species, []).append(worker)
             self.by_id[worker.worker_id] = worker
         self.auto_rules = RuleSet(self._auto_rules(), "auto", shadowed=[])
+
+    def controls_for(self, tenant_id):
+        """The controls implemented for a tenant: hall-wide, and by the
+        workers of each namespace the tenant is inside (org.a.team is
+        inside org and org.a) -- one look-up per dot of its name."""
+        if not self.namespace_controls:
+            return self.controls
+        found = set(self.controls)
+        parts = tenant_id.split(".")
+        for end in range(1, len(parts) + 1):
+            found.update(self.namespace_controls.get(".".join(parts[:end]), ()))
+        return found
 
     def listing(self):
         """The /workers answer: newest enrollment first."""
@@ -3021,10 +3089,12 @@ def _explain_rules(rules, values):
     return result
 
 
-def unfit_reasons(worker, env_key, floor, capability, pinned):
+def unfit_reasons(worker, env_key, floor, capability, pinned, tenant_id):
     """Why an enrolled worker of a candidate species cannot take this request
     (empty: it can) -- the one test both the router and its trace use."""
     reasons = []
+    if worker.namespace is not None and not in_namespace(tenant_id, worker.namespace):
+        reasons.append("it serves namespace %s only" % worker.namespace)
     if not worker.allows(env_key):
         reasons.append("env %s is not among its allowed_environments" % env_key)
     if floor.banned.intersection(worker.hashes()):
@@ -3036,13 +3106,14 @@ def unfit_reasons(worker, env_key, floor, capability, pinned):
     return reasons
 
 
-def _explain_workers(rule, registry, env_key, floor, pinned):
+def _explain_workers(rule, registry, env_key, floor, pinned, tenant_id):
     """Per candidate species, each enrolled worker and why it could not serve."""
     explained = []
     for candidate in rule.candidates[:MAX_LISTED_CANDIDATES]:
         workers = []
         for worker in registry.by_species.get(candidate.worker_species_id, ())[:10]:
-            reasons = unfit_reasons(worker, env_key, floor, rule.capability, pinned)
+            reasons = unfit_reasons(worker, env_key, floor, rule.capability, pinned,
+                                    tenant_id)
             workers.append({"worker_id": worker.worker_id, "eligible": not reasons,
                             "reasons": reasons})
         explained.append({"worker_species_id": candidate.worker_species_id,
@@ -3119,8 +3190,9 @@ def _run_pipeline(inp, decision, events, rules, registry, policy, floor, approva
     if not checked["correlation_id"]:
         raise Denied("DENY_MISSING_CORRELATION_ID")
 
-    # 3. Every required control is implemented somewhere in the registry.
-    missing = [c for c in rule.controls if c not in registry.controls]
+    # 3. Every required control is implemented in the registry (for this tenant).
+    implemented = registry.controls_for(inp["tenant_id"]) if rule.controls else ()
+    missing = [c for c in rule.controls if c not in implemented]
     if explain:
         _step(trace, "required_controls", required=list(rule.controls), missing=missing)
     checked["required_controls"] = not missing
@@ -3189,11 +3261,13 @@ def _run_pipeline(inp, decision, events, rules, registry, policy, floor, approva
     pinned = inp.get("worker_id")
     if explain:
         traced = _step(trace, "worker", pinned_worker_id=pinned,
-                       candidates=_explain_workers(rule, registry, env_key, floor, pinned))
+                       candidates=_explain_workers(rule, registry, env_key, floor, pinned,
+                                                   inp["tenant_id"]))
     chosen = chosen_index = None
     for index, candidate in enumerate(rule.candidates):
         for worker in registry.by_species.get(candidate.worker_species_id, ()):
-            if not unfit_reasons(worker, env_key, floor, rule.capability, pinned):
+            if not unfit_reasons(worker, env_key, floor, rule.capability, pinned,
+                                 inp["tenant_id"]):
                 chosen, chosen_index = worker, index
                 break
         if chosen is not None:
@@ -3415,12 +3489,6 @@ RECEIPT_FIELDS = ("decision_id", "timestamp", "correlation_id", "tenant_id", "ca
                   "preconditions_checked", "blast_score", "artifact_hash", "dry_run", "allowed",
                   "worker_id", "deny_reason")
 RECEIPT_ALGORITHM = "HMAC-SHA256"
-# The signed fields the decision log keeps too: field -> column.
-LOGGED_FIELDS = {"timestamp": "decided_at", "correlation_id": "correlation_id",
-                 "tenant_id": "tenant_id", "capability_id": "capability_id",
-                 "selected_worker_species_id": "selected_worker", "worker_id": "worker_id",
-                 "denied": "denied", "deny_reason": "deny_reason",
-                 "artifact_hash": "artifact_hash"}
 
 
 def receipt_key_id(secret):
@@ -3453,6 +3521,9 @@ def check_receipt(decision, keys):
     if receipt.get("alg") != RECEIPT_ALGORITHM or not isinstance(key_id, str) \
             or not isinstance(mac, str):
         return False, "the receipt is not an %s receipt of this hall" % RECEIPT_ALGORITHM
+    missing = [field for field in RECEIPT_FIELDS if field not in decision]
+    if missing:                                 # (signed as null: dropping it is a change)
+        return False, "the decision lacks signed field %s" % missing[0]
     secret = keys.get(key_id)
     if secret is None:
         return False, "the receipt names key %s, which is not among the keys given" % (
@@ -4739,7 +4810,7 @@ class Hall(object):
         if valid and isinstance(decision_id, str):
             row = self.store.decision(decision_id)
             answer["in_log"] = row is not None and all(
-                row[column] == decision.get(field) for field, column in LOGGED_FIELDS.items())
+                row[column] == value for column, value in decision_row(decision).items())
         return answer
 
     def receipt_keys(self):

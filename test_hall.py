@@ -1151,6 +1151,24 @@ class RouterTest(unittest.TestCase):
         junk = [rule("r.junk", {}, ["wrk.doc.summarizer"], controls=["not-a-control"])]
         self.assertDenied(decide({}, junk, registry), "DENY_MISSING_REQUIRED_CONTROLS")
 
+    def test_a_namespaced_worker_fits_and_vouches_inside_its_namespace_only(self):
+        registry = registry_of(worker_record("org.a.sum", "wrk.doc.summarizer",
+                                             ["cap.doc.summarize"], namespace="org.a",
+                                             currently_implements=["ctrl.audit"]),
+                               worker_record("w.other", "wrk.other", ["cap.other"],
+                                             namespace="org",
+                                             currently_implements=["ctrl.zeta"]))
+        rules = [rule("r.ctl", {}, ["wrk.doc.summarizer"], controls=["ctrl.audit", "ctrl.zeta"])]
+        self.assertAllowed(decide({"tenant_id": "org.a.team"}, rules, registry),
+                           "wrk.doc.summarizer")
+        d = decide({"tenant_id": "org.b"}, rules, registry)
+        self.assertDenied(d, "DENY_MISSING_REQUIRED_CONTROLS")
+        self.assertEqual(d["deny_reason_if_denied"]["missing_controls"], ["ctrl.audit"])
+        self.assertDenied(decide({"tenant_id": "org.b"}, registry=registry),
+                          "DENY_NO_AVAILABLE_WORKER")
+        self.assertDenied(decide({"tenant_id": "other"}, rules, registry),
+                          "DENY_MISSING_REQUIRED_CONTROLS")
+
     def test_missing_correlation_id(self):
         registry = registry_of(SUMMARIZER)
         for blank in ("", "   "):
@@ -2095,6 +2113,30 @@ class RegistryApiTest(ServerCase):
         self.assertEqual((status, body["code"]), (403, "FORBIDDEN_NAMESPACE"))
         own = worker_record("org.a.summarizer", namespace="org.a.team", risk_tier="medium")
         self.assertEqual(self.call("POST", "/enroll", own, token=self.token_a)[0], 200)
+
+    def test_a_namespaces_worker_serves_and_vouches_for_that_namespace_only(self):
+        path = os.path.join(self.tmp.name, "rules.json")
+        with open(path, "w") as handle:
+            json.dump({"rules": [rule("r.ctl", {}, ["wrk.doc.summarizer"],
+                                      controls=["ctrl.audit"])]}, handle)
+        self.restart(rules_path=path)
+        own = worker_record("org.a.summarizer", namespace="org.a",
+                            currently_implements=["ctrl.audit"])
+        self.assertEqual(self.call("POST", "/enroll", own, token=self.token_a)[0], 200)
+        for tenant, expected in (("org.a", (True, None)), ("org.a.team", (True, None)),
+                                 ("org.b", (False, "DENY_MISSING_REQUIRED_CONTROLS")),
+                                 ("org.ab", (False, "DENY_MISSING_REQUIRED_CONTROLS"))):
+            decision = self.route(tenant_id=tenant)[2]
+            self.assertEqual((decision["allowed"], decision["deny_reason"]), expected, tenant)
+        self.enroll(worker_record("w.audit", "wrk.auditor", ["cap.audit"],
+                                  currently_implements=["ctrl.audit"]))  # hall-wide, by admin
+        decision = self.route(tenant_id="org.b")[2]
+        self.assertEqual((decision["allowed"], decision["deny_reason"]),
+                         (False, "DENY_NO_AVAILABLE_WORKER"))
+        trace = self.route(tenant_id="org.b", explain=True)[2]["trace"]
+        worker_step = [s for s in trace if s["name"] == "worker"][0]
+        self.assertEqual(worker_step["candidates"][0]["workers"][0]["reasons"],
+                         ["it serves namespace org.a only"])
 
     def test_a_namespace_admin_token_acts_on_nothing_hall_wide(self):
         _, admin_a = self.hall.create_token("a admin", ["admin"], tenant="org.a")
@@ -4533,6 +4575,74 @@ class ChainDefenceTest(ChainCase):
         self.assertEqual(self.route()[0], 200)
         self.assertTrue(self.verify()["intact"])
 
+    def test_rows_placed_outside_the_integers_are_reported_as_inserted(self):
+        low = -1 << 63
+        self.edit(*[("INSERT INTO decisions (rowid, decision_id, decided_at, capability_id, "
+                     "chain_seq, chain_hash) VALUES (?, ?, '2026-01-01T00:00:00Z', 'cap.x', "
+                     "?, 'h')", row) for row in ((None, "far-below", -1e19),
+                                                 (low, "lowest", low), (None, "a-half", 5.5),
+                                                 (None, "a-text", "7"))])
+        problems = self.verify()["problems"]
+        self.assertEqual(sorted(p["message"].split()[1] for p in problems
+                                if p["problem"] == "inserted"),
+                         ["a-half", "a-text", "far-below", "lowest"])
+
+    def forge_prune(self, gaps, seq):
+        self.edit(("INSERT INTO audit (audit_id, at, token_id, action, target, detail, "
+                   "chain_seq, chain_hash) VALUES (?, '2026-01-01T00:00:00Z', 'tok', ?, "
+                   "'decisions', ?, ?, 'h')", ("forged-%s" % seq, hall.PRUNE_ACTION,
+                                               json.dumps({"removed": 1, "gaps": gaps}), seq)))
+
+    def test_a_prune_entry_outside_the_chain_vouches_for_nothing(self):
+        seq, link = self.db_rows("SELECT chain_seq, chain_hash FROM decisions "
+                                 "WHERE decision_id = 'ing-1'")[0]
+        (last,) = self.db_rows("SELECT seq FROM chain")[0]
+        self.edit("DELETE FROM decisions WHERE decision_id = 'ing-1'")
+        for forged_at in (None, -1e19, last):   # unplaced, below every place, a taken place
+            self.forge_prune([[seq, seq, link]], forged_at)
+            problems = self.verify()["problems"]
+            self.assertIn(("deleted", seq), [(p["problem"], p["seq"]) for p in problems],
+                          forged_at)
+            self.assertIn("inserted", [p["problem"] for p in problems])
+
+    def test_prune_records_that_lead_back_do_not_hold_up_the_walk(self):
+        (last,) = self.db_rows("SELECT seq FROM chain")[0]
+        self.forge_prune([[4, 5, "a" * 64], [6, 3, "b" * 64]], last + 1)
+        self.edit("DELETE FROM decisions WHERE chain_seq BETWEEN 4 AND 7",
+                  "DELETE FROM alerts WHERE chain_seq BETWEEN 4 AND 7",
+                  "DELETE FROM audit WHERE chain_seq BETWEEN 4 AND 7")
+        result = run_hall(["verify-log", "--db", self.db], timeout=60)
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn("NOT intact", result.stdout)
+
+    def test_text_that_is_not_utf8_is_named_not_a_failure_to_read(self):
+        self.edit("UPDATE decisions SET capability_id = CAST(X'FF63' AS TEXT) "
+                  "WHERE decision_id = 'ing-0'",
+                  "UPDATE decisions SET decision_id = CAST(X'696E672D31FF' AS TEXT) "
+                  "WHERE decision_id = 'ing-1'")
+        problems = self.verify()["problems"]
+        self.assertEqual([p["problem"] for p in problems], ["altered", "altered"])
+        self.assertIn("decision ing-0 ", problems[0]["message"] + problems[1]["message"])
+        self.assertIn("decision ing-1? ", problems[0]["message"] + problems[1]["message"])
+        result = run_hall(["verify-log", "--db", self.db])
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn("decision ing-1? ", result.stdout)
+
+    def test_the_seal_is_signed_with_its_types(self):
+        self.assertEqual(self.db_rows("SELECT sealed_seq, sealed_at FROM chain"), [(0, None)])
+        self.edit("UPDATE chain SET sealed_at = 'None'")   # (no time, as a text)
+        report = self.verify()
+        self.assertIs(report["head_signed"], False)
+        self.assertEqual([p["problem"] for p in report["problems"]], ["head"])
+
+    def test_a_blob_does_not_pass_for_the_text_of_its_bytes(self):
+        self.call("POST", "/decisions/ingest", {"decision_id": "odd", "capability_id": "b'c'"})
+        self.assertTrue(self.verify()["intact"])
+        self.edit("UPDATE decisions SET capability_id = X'63' WHERE decision_id = 'odd'")
+        problems = self.verify()["problems"]
+        self.assertEqual([p["problem"] for p in problems], ["altered"])
+        self.assertIn("decision odd ", problems[0]["message"])
+
     def test_a_repeated_ingest_is_logged_and_counted_once(self):
         self.call("GET", "/api/activity")
         for _ in range(3):
@@ -4607,6 +4717,38 @@ class ReceiptTest(ServerCase):
                          "the decision carries no receipt")
         self.assertEqual(self.call("POST", "/api/receipts/verify", [1, 2])[0], 400)
 
+    def test_a_dropped_field_fails_even_one_signed_as_null(self):
+        decision = self.route()[2]
+        secret = self.keys()[decision["receipt"]["key_id"]]
+        self.assertIsNone(decision["deny_reason"])
+        for field in hall.RECEIPT_FIELDS:
+            dropped = {k: v for k, v in decision.items() if k != field}
+            self.assertFalse(hall.verify_receipt(dropped, secret), field)
+            self.assertEqual(self.check(dropped)["reason"],
+                             "the decision lacks signed field " + field)
+
+    def test_in_log_means_every_logged_field_is_as_answered(self):
+        decision = self.route(blast_score=20)[2]
+        self.assertIs(self.check(decision)["in_log"], True)
+        for edit in ("env = 'prod'", "blast_score = 21", "matched_rule_id = 'r.other'",
+                     "denied = 1", "source = 'ingest'"):
+            conn = sqlite3.connect(self.db)
+            try:
+                before = conn.execute("SELECT * FROM decisions WHERE decision_id = ?",
+                                      (decision["decision_id"],)).fetchone()
+                conn.execute("UPDATE decisions SET %s WHERE decision_id = ?" % edit,
+                             (decision["decision_id"],))
+                conn.commit()
+                answer = self.check(decision)
+                self.assertEqual((answer["valid"], answer["in_log"]), (True, False), edit)
+                columns = [d[0] for d in conn.execute("SELECT * FROM decisions").description]
+                conn.execute("UPDATE decisions SET %s WHERE decision_id = ?" % ", ".join(
+                    "%s = ?" % c for c in columns), list(before) + [decision["decision_id"]])
+                conn.commit()
+            finally:
+                conn.close()
+            self.assertIs(self.check(decision)["in_log"], True, edit)
+
     def test_a_wrong_key_fails(self):
         decision = self.route()[2]
         self.assertFalse(hall.verify_receipt(decision, os.urandom(32)))
@@ -4621,14 +4763,15 @@ class ReceiptTest(ServerCase):
 
     def test_a_decision_too_deep_to_encode_does_not_verify(self):
         secret = b"k" * 32
-        decision = {"decision_id": "d-1", "tenant_id": "org.a"}
+        decision = dict(dict.fromkeys(hall.RECEIPT_FIELDS), decision_id="d-1", tenant_id="org.a")
         decision["receipt"] = hall.sign_receipt(decision, hall.receipt_key_id(secret), secret)
         self.assertTrue(hall.verify_receipt(decision, secret))
         deep = []
         for _ in range(100000):
             deep = [deep]
         decision["preconditions_checked"] = deep
-        self.assertFalse(hall.verify_receipt(decision, secret))
+        self.assertEqual(hall.check_receipt(decision, {decision["receipt"]["key_id"]: secret}),
+                         (False, "a signed field of the decision is not a JSON value"))
 
     def test_rotation_keeps_old_receipts_valid(self):
         old = self.route()[2]
