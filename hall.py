@@ -273,6 +273,29 @@ def is_loopback(host):
         return False
 
 
+def sent_from_this_host(headers):
+    """Is this request one a program of this host sent -- the only kind the
+    endpoints open on loopback answer without a token?  Not one a web page
+    of another site made (a browser names the page's site in ``Origin`` on
+    every cross-site request and every POST: a page must not read the log
+    nor enroll a worker through the operator's browser), nor one sent to a
+    name of such a site pointed at 127.0.0.1 (DNS rebinding: ``Host`` names it)."""
+    return _names_this_host(headers.get("Host"), "//") and \
+        _names_this_host(headers.get("Origin"), "")
+
+
+@functools.lru_cache(maxsize=64)
+def _names_this_host(value, prefix):
+    """True for a Host (prefix "//") or Origin that names loopback, or is absent."""
+    if value is None:
+        return True
+    try:
+        name = urlsplit(prefix + value).hostname
+    except ValueError:                          # (an unclosed [ in an IPv6 address)
+        return False
+    return bool(name) and (is_loopback(name) or name.endswith(".localhost"))
+
+
 ###############################################################################
 # 2. Utilities
 ###############################################################################
@@ -5913,9 +5936,13 @@ def dispatch(hall, method, target, headers, body, client="-", limiter=None, cont
         if wait:
             raise HallError(429, "rate limit exceeded; retry in %.1f s" % wait, "RATE_LIMITED",
                             {"Retry-After": str(max(1, int(math.ceil(wait))))})
-    if entry.scope and not (entry.open_on_loopback and hall.config.loopback):
+    if entry.scope and not (entry.open_on_loopback and hall.config.loopback and
+                            sent_from_this_host(headers)):
         if principal is None:
-            raise HallError(401, "a valid token is required (Authorization: Bearer <token>)",
+            raise HallError(401, "a valid token is required (Authorization: Bearer <token>)%s"
+                            % ("; without one, only programs on this host, sending to a "
+                               "loopback name, are answered" if entry.open_on_loopback and
+                               hall.config.loopback else ""),
                             "UNAUTHORIZED", {"WWW-Authenticate": 'Bearer realm="hall"'})
         if entry.scope not in principal.scopes:
             raise HallError(403, "this token lacks the %s scope" % entry.scope, "FORBIDDEN")

@@ -693,6 +693,30 @@ class HttpBehaviourTest(ServerCase):
         _, headers, _ = self.call("GET", "/health", headers={"Origin": "https://evil.example"})
         self.assertNotIn("access-control-allow-origin", headers)
 
+    def test_what_is_open_on_loopback_is_open_to_this_hosts_programs_not_to_web_pages(self):
+        port = self.server.url.rsplit(":", 1)[1]
+        for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"},
+                        {"Host": "evil.example:" + port},        # DNS rebinding
+                        {"Host": "evil.example", "Origin": "http://evil.example"},
+                        {"Origin": "http://[::1"}, {"Host": ""}):
+            status, _, body = self.call("POST", "/enroll", worker_record("w.page"),
+                                        headers=headers)
+            self.assertEqual((status, body["code"]), (401, "UNAUTHORIZED"), headers)
+            self.assertIn("only programs on this host", body["error"])
+            self.assertEqual(self.call("GET", "/dispatches", headers=headers)[0], 401, headers)
+        self.assertEqual(self.db_rows("SELECT count(*) FROM enrollments"), [(0,)])
+        self.assertEqual(self.call("GET", "/health", headers={"Origin": "null"})[0], 200)
+        status, _, _ = self.call("POST", "/enroll", worker_record("w.token"), token=self.admin,
+                                 headers={"Origin": "https://evil.example"})
+        self.assertEqual(status, 201)           # (a token is the caller's own say-so)
+        for n, headers in enumerate(({}, {"Origin": "http://localhost:" + port},
+                                     {"Host": "localhost:" + port},
+                                     {"Host": "[::1]:" + port, "Origin": "http://127.0.0.1"},
+                                     {"Host": "hall.localhost"})):
+            status, _, body = self.call("POST", "/enroll", worker_record("w.local%d" % n),
+                                        headers=headers)
+            self.assertEqual(status, 201, (headers, body))
+
     def test_keep_alive_serves_many_requests_on_one_connection(self):
         for _ in range(20):
             self.assertEqual(self.call("GET", "/health")[0], 200)
@@ -3217,7 +3241,7 @@ class EventStreamTest(ServerCase):
     def open_stream(self, query="", last_id=None):
         host, port = self.server.server_address[:2]
         sock = socket.create_connection((host, port), timeout=5)
-        head = "GET /events%s HTTP/1.1\r\nHost: x\r\n" % query
+        head = "GET /events%s HTTP/1.1\r\nHost: localhost\r\n" % query
         if last_id is not None:
             head += "Last-Event-ID: %s\r\n" % last_id
         sock.sendall((head + "\r\n").encode())
