@@ -793,6 +793,14 @@ MIGRATIONS = [
     # 8 -- the head's MAC covers the seal too (what migration 6 says it
     # sealed, and when), so that an edit of that record shows.
     [lambda conn, store: sign_the_seal(conn, store)],
+    # 9 -- a version of the governance settings (safe mode, tenants, policy)
+    # and the bans, bumped on every change, so that a hall follows what
+    # another process sharing the file changed: safe mode holds in all.
+    ["INSERT INTO meta (key, value) VALUES ('governance_version', 0)"] +
+    ["""CREATE TRIGGER %s_%s AFTER %s ON %s BEGIN
+            UPDATE meta SET value = value + 1 WHERE key = 'governance_version';
+        END""" % (table, event.lower(), event, table)
+     for table in ("settings", "bans") for event in ("INSERT", "UPDATE", "DELETE")],
 ]
 # From this schema version on the head's MAC covers the seal (head_mac).
 SEAL_SIGNED_FROM = 8
@@ -1457,10 +1465,11 @@ class Store(object):
                                      json.dumps(entry["detail"], default=_blob_text)])
         self._batch_audit.append(entry)
 
-    def registry_version(self):
-        """Bumped by a trigger on every enrollment change, by any process."""
+    def version(self, of):
+        """The version of the "registry" (enrollments) or of the "governance"
+        settings and bans: bumped by a trigger on every change, by any process."""
         with self.reading() as conn:
-            return conn.execute("SELECT value FROM meta WHERE key = 'registry_version'"
+            return conn.execute("SELECT value FROM meta WHERE key = ?", (of + "_version",)
                                 ).fetchone()[0]
 
     # -- enrollments ---------------------------------------------------------
@@ -3972,6 +3981,7 @@ class Hall(object):
         self._registry = None
         self._registry_generation = 0           # bumped by every enrollment change
         self._registry_checked = 0.0            # when the database's version was last read
+        self._governance_checked = time.monotonic()     # (and of the settings: just read)
         self._answers = {}                      # cached answers: key -> (stamp, value, refusal)
         self._answer_locks = {}                 # key -> the lock its one computer holds
         self._registry_lock = threading.Lock()
@@ -4009,7 +4019,8 @@ class Hall(object):
         Settings changed through the API win over the configuration files."""
         def edited(what):
             return ConfigError("the stored %s (the database was edited)" % what)
-        try:
+        version = self.store.version("governance")     # (read first: a change after it
+        try:                                            # is read at the next check)
             settings = self.store.settings()
         except ValueError as exc:
             raise edited("settings are not all JSON: %s" % exc)
@@ -4039,6 +4050,24 @@ class Hall(object):
         self.floor = Floor(bool(safe_mode.get("on")), safe_mode.get("reason"),
                            frozenset(tenants) if tenants is not None else None, banned,
                            self.hall_hash in banned)
+        self._governance_version = version
+
+    def follow_governance(self):
+        """Read the governance settings again if another process sharing the
+        database changed them (asked at most once a second): safe mode
+        entered through one hall holds in every hall on the file.  Settings
+        this hall cannot use put it in safe mode until they are mended."""
+        moment = time.monotonic()
+        if moment - self._governance_checked < 1.0:
+            return
+        self._governance_checked = moment
+        if self.store.version("governance") == self._governance_version:
+            return
+        try:
+            self.load_governance()
+        except ConfigError as exc:
+            _complain("[hall-api] safe mode: %s" % exc)
+            self.floor = self.floor._replace(safe_mode=True, safe_mode_reason=str(exc))
 
     # -- reads ---------------------------------------------------------------
 
@@ -4092,7 +4121,7 @@ class Hall(object):
         moment = time.monotonic()
         if snapshot is not None and moment - self._registry_checked >= 1.0:
             self._registry_checked = moment
-            if self.store.registry_version() != snapshot.version:
+            if self.store.version("registry") != snapshot.version:
                 self.registry_changed()
                 snapshot = None
         if snapshot is None:
@@ -4102,7 +4131,7 @@ class Hall(object):
                 snapshot = self._registry
                 if snapshot is None:
                     generation = self._registry_generation
-                    version = self.store.registry_version()
+                    version = self.store.version("registry")
                     snapshot = Registry(self.store.enrollments(), version)
                     if generation == self._registry_generation:
                         self._registry = snapshot
@@ -4188,6 +4217,7 @@ class Hall(object):
                              worker_id=worker_id)
             raise HallError(400, "artifact_hash mismatch", "DENY_WORKER_TAMPERED")
         code_hash = (record.get("attestation") or {}).get("code_hash")
+        self.follow_governance()
         banned = self.floor.banned.intersection(
             [record["artifact_hash"]] + ([_sha256_tag_of(code_hash)] if code_hash else []))
         if banned:
@@ -4277,6 +4307,7 @@ class Hall(object):
         inp = parse_route_input(body)
         inp["worker_id"] = worker_id
         check_namespace(principal.tenant, inp["tenant_id"])
+        self.follow_governance()
         rules = self.rules_for(body.get("_rules"), principal)
         registry, now = self.registry(), now_iso()
         approval = self._presented_approval(inp["approval_id"], now)
@@ -4489,6 +4520,7 @@ class Hall(object):
         return self.policy_view()
 
     def safe_mode_view(self):
+        self.follow_governance()
         state = self.safe_mode_state
         return {"safe_mode": bool(state.get("on")), "reason": state.get("reason"),
                 "since": state.get("since"), "by": state.get("by")}

@@ -1730,6 +1730,28 @@ class SafeModeTest(ServerCase):
         self.assertEqual(codes[:2], [("info", "SAFE_MODE_EXITED"),
                                      ("critical", "SAFE_MODE_ENTERED")])
 
+    def test_safe_mode_and_bans_set_by_another_hall_on_the_file_hold_here(self):
+        self.enroll(worker_record())
+        other = hall.Hall(hall.Config(db_path=self.db, access_log=False))
+        self.addCleanup(other.close)
+        other.set_safe_mode(True, "entered elsewhere")
+        self.assertTrue(poll(lambda: self.route()[2]["deny_reason"] == "DENY_SAFE_MODE"))
+        self.assertEqual(self.call("GET", "/api/safe-mode", token=self.reader)[2]["reason"],
+                         "entered elsewhere")
+        other.set_safe_mode(False, None)
+        self.assertTrue(poll(lambda: self.route()[2]["allowed"]))
+        other.ban(worker_record()["artifact_hash"], "revoked elsewhere")
+        self.assertTrue(poll(lambda: self.route()[2]["deny_reason"] ==
+                             "DENY_NO_AVAILABLE_WORKER"))
+        conn = sqlite3.connect(self.db)         # settings no hall can use: safe mode
+        try:
+            conn.execute("UPDATE settings SET value = '[' WHERE key = 'safe_mode'")
+            conn.commit()
+        finally:
+            conn.close()
+        self.assertTrue(poll(lambda: self.route()[2]["deny_reason"] == "DENY_SAFE_MODE"))
+        self.assertIn("settings", self.route()[2]["deny_reason_if_denied"]["safe_mode_reason"])
+
     def test_safe_mode_needs_admin(self):
         self.assertEqual(self.call("POST", "/api/safe-mode/enter", {"reason": "x"},
                                    token=self.router_token)[0], 403)
@@ -4191,6 +4213,11 @@ class SealMigrationTest(TempDirCase):
             seq, recorded = conn.execute("SELECT seq, head FROM chain").fetchone()
             conn.execute("UPDATE chain SET head_mac = ?",
                          (hall.head_mac(secret, key_id, seq, head or recorded),))
+            conn.execute("DELETE FROM meta WHERE key = 'governance_version'")   # (schema 9)
+            for (trigger,) in conn.execute("SELECT name FROM sqlite_master WHERE type = "
+                                           "'trigger' AND sql LIKE '%governance_version%'"
+                                           ).fetchall():
+                conn.execute("DROP TRIGGER %s" % trigger)
             conn.execute("PRAGMA user_version = 7")
             conn.commit()
 
