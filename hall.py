@@ -2169,8 +2169,10 @@ def _vouched_link(vouched, first, end):
 def log_signature(path, busy_timeout_ms=5000):
     """What the database at ``path`` says of its receipt key: "signed" (its
     chain head is signed: a missing key file is lost, not yet to be made),
-    "unsigned" (new, or no key signed it yet: a key is to be made), or
-    "refused" (a database this hall will not open: Store says why).  One
+    "unsigned" (new, or no key signed it yet: a key is to be made),
+    "unchained" (tables but no evidence chain: a reference database, to be
+    sealed -- or one whose chain was removed), or "refused" (a database
+    this hall will not open: Store says why).  One
     that cannot be read now (locked, say) is refused here: whether a key
     signed it is not known."""
     if path == ":memory:":
@@ -2188,7 +2190,8 @@ def log_signature(path, busy_timeout_ms=5000):
             if conn.execute("PRAGMA user_version").fetchone()[0] > len(MIGRATIONS):
                 return "refused"
             if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'chain'").fetchone():
-                return "unsigned"               # (a reference database: no chain yet)
+                return "unchained" if conn.execute("SELECT 1 FROM sqlite_master").fetchone() \
+                    else "unsigned"
             row = conn.execute("SELECT head_mac FROM chain").fetchone()
         finally:
             conn.close()
@@ -3961,7 +3964,15 @@ class Hall(object):
             self.attestor = Attestor(config.attest_dirs, config.require_attestation)
         signature = log_signature(config.db_path, config.busy_timeout)
         self.keyring = Keyring(config.receipt_keys_path, may_create=signature != "signed")
-        if signature == "unsigned":             # its key made before the database changes:
+        if signature == "unchained" and self.keyring.keys:
+            # A key that has signed a chain, beside a file with none: the chain
+            # was removed, and sealing the rows now would vouch for any edit.
+            raise ConfigError(
+                "database %s has no evidence chain, but its key file %s has signed one: the "
+                "chain was removed from the file. The hall will not seal its rows anew (that "
+                "would vouch for them); if this is a database from before the chain, restored "
+                "on purpose, move the key file away" % (config.db_path, config.receipt_keys_path))
+        if signature in ("unsigned", "unchained"):  # its key made before the file changes:
             self.keyring.signing_key()          # a key file that cannot be written stops it here
         self.hall_hash = file_sha256(os.path.abspath(__file__))
         try:

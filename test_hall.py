@@ -4198,6 +4198,14 @@ class ReferenceDatabaseTest(TempDirCase):
         self.assertIn("3 entries predate the chain", result.stdout)
 
 
+def undo_schema_9(conn):
+    """Take migration 9 out of a file (to make it as an older hall left it)."""
+    conn.execute("DELETE FROM meta WHERE key = 'governance_version'")
+    for (trigger,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' "
+                                   "AND sql LIKE '%governance_version%'").fetchall():
+        conn.execute("DROP TRIGGER %s" % trigger)
+
+
 class SealMigrationTest(TempDirCase):
     """Schema 8: the head's MAC covers the seal from the migration on."""
 
@@ -4213,11 +4221,7 @@ class SealMigrationTest(TempDirCase):
             seq, recorded = conn.execute("SELECT seq, head FROM chain").fetchone()
             conn.execute("UPDATE chain SET head_mac = ?",
                          (hall.head_mac(secret, key_id, seq, head or recorded),))
-            conn.execute("DELETE FROM meta WHERE key = 'governance_version'")   # (schema 9)
-            for (trigger,) in conn.execute("SELECT name FROM sqlite_master WHERE type = "
-                                           "'trigger' AND sql LIKE '%governance_version%'"
-                                           ).fetchall():
-                conn.execute("DROP TRIGGER %s" % trigger)
+            undo_schema_9(conn)
             conn.execute("PRAGMA user_version = 7")
             conn.commit()
 
@@ -5023,6 +5027,28 @@ class ReceiptTest(ServerCase):
             self.assertTrue(report["intact"], report["problems"])
         finally:
             h.close()
+
+    def test_a_file_whose_chain_was_removed_is_not_sealed_anew_with_its_key(self):
+        self.route()
+        self.stop()
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            conn.execute("DROP TABLE chain")    # all of the chain: its rows can be rewritten
+            for table in ("decisions", "alerts", "audit"):
+                conn.execute("DROP INDEX %s_by_chain" % table)
+                for column in ("chain_seq", "chain_hash"):
+                    conn.execute("ALTER TABLE %s DROP COLUMN %s" % (table, column))
+            undo_schema_9(conn)
+            conn.execute("PRAGMA user_version = 5")
+            conn.commit()
+        with self.assertRaises(hall.ConfigError) as caught:
+            hall.Hall(hall.Config(db_path=self.db, access_log=False))
+        self.assertIn("the chain was removed from the file", str(caught.exception))
+        self.assertEqual(files_held_open(self.db), [])
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            self.assertEqual(conn.execute("PRAGMA user_version").fetchone(), (5,))
+        result = run_hall(["token", "list", "--db", self.db])
+        self.assertEqual(result.returncode, 2, result.stdout)
+        self.assertIn("the chain was removed", result.stderr)
 
     def test_a_key_file_that_cannot_be_written_is_a_clear_error(self):
         self.stop()
