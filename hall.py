@@ -2055,7 +2055,9 @@ def _walk_chain(conn, keys, max_problems):
         return _chained_rows(conn, table, "chain_seq")
 
     expected, previous, entries, pruned, last_name = 1, CHAIN_GENESIS, 0, 0, "the start"
+    walked = dict.fromkeys(CHAINED_COLUMNS, 0)
     for seq, table, _rowid, values, stored in heapq.merge(*map(placed, CHAINED_COLUMNS)):
+        walked[table] += 1
         name = "%s %s" % (ENTRY_NAMES[table], _shown(values[0]))
         if table == "audit" and values[3] == HEAD_REWRITTEN:
             problem("head", seq, "at %s the hall found the chain's head rewritten (at place "
@@ -2092,6 +2094,13 @@ def _walk_chain(conn, keys, max_problems):
         problem("head", expected - 1, "the recorded head (place %s, %s) does not match the "
                 "last entry (%s at place %d)" % (recorded_seq, str(recorded_head)[:16],
                                                  last_name, expected - 1))
+    for table, count in walked.items():         # rows an edited index or schema hides from
+        (held,) = conn.execute("SELECT count(*) FROM %s NOT INDEXED WHERE %s"   # the walk
+                               % (table, PLACED_SQL)).fetchone()
+        if held != count:
+            problem("inserted", None, "the %s table holds %d placed rows, but its chain_seq "
+                    "index leads to %d: the file's schema or an index was edited (PRAGMA "
+                    "integrity_check names it)" % (table, held, count))
     for voucher, (first, last, before) in sorted(vouchers.items()):
         if voucher not in sound_prunes:         # a prune entry forged, or edited after
             problem("deleted", first, "%s missing (after %s): the prune entry at place %d "

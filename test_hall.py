@@ -4642,6 +4642,37 @@ class ChainDefenceTest(ChainCase):
                                 if p["problem"] == "inserted"),
                          ["a-half", "a-text", "far-below", "lowest"])
 
+    def test_a_row_left_out_of_the_chain_index_is_reported(self):
+        # The index is taken out of the schema, a row written, the index put
+        # back: the row is in the table (and in /dispatches), not in the index.
+        conn = sqlite3.connect(self.db)
+        try:
+            conn.execute("PRAGMA writable_schema = ON")
+            index = conn.execute("SELECT type, name, tbl_name, rootpage, sql FROM sqlite_master "
+                                 "WHERE name = 'decisions_by_chain'").fetchone()
+            conn.execute("DELETE FROM sqlite_master WHERE name = 'decisions_by_chain'")
+            conn.commit()
+        finally:
+            conn.close()
+        seq, link = self.db_rows("SELECT chain_seq, chain_hash FROM decisions "
+                                 "WHERE decision_id = 'ing-2'")[0]
+        self.edit(("INSERT INTO decisions (decision_id, decided_at, capability_id, chain_seq, "
+                   "chain_hash) VALUES ('hidden', '2026-01-01T00:00:00Z', 'cap.x', ?, ?)",
+                   (seq, link)))
+        conn = sqlite3.connect(self.db)
+        try:
+            conn.execute("PRAGMA writable_schema = ON")
+            conn.execute("INSERT INTO sqlite_master (type, name, tbl_name, rootpage, sql) "
+                         "VALUES (?, ?, ?, ?, ?)", index)
+            conn.commit()
+        finally:
+            conn.close()
+        self.restart()                          # (its connections read the schema anew)
+        report = self.verify()
+        self.assertFalse(report["intact"])
+        self.assertEqual([p["problem"] for p in report["problems"]], ["inserted"])
+        self.assertIn("decisions table holds", report["first_problem"]["message"])
+
     def forge_prune(self, gaps, seq):
         self.edit(("INSERT INTO audit (audit_id, at, token_id, action, target, detail, "
                    "chain_seq, chain_hash) VALUES (?, '2026-01-01T00:00:00Z', 'tok', ?, "
