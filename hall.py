@@ -3373,20 +3373,22 @@ def _human_gate(decision, approval, code, **detail):
 
 
 def envelope_violations(envelope, inp):
-    """What a request asks beyond a worker's privilege_envelope (none declared: all of it)."""
+    """What a request asks beyond a worker's privilege_envelope (none declared:
+    all of it).  A bound the envelope does not state is the narrowest: data
+    labelled PUBLIC, no env, no egress, no writes."""
     if envelope is None:
         return ["the worker declares no privilege_envelope"]
     problem = check_envelope(envelope)          # (a record another program wrote, say)
     if problem:
         return [problem]
     violations = []
-    ceiling = envelope.get("max_data_label")
-    if ceiling is not None and DATA_LABEL_ORDER[inp["data_label"]] > DATA_LABEL_ORDER[ceiling]:
+    ceiling = envelope.get("max_data_label", DATA_LABELS[0])
+    if DATA_LABEL_ORDER[inp["data_label"]] > DATA_LABEL_ORDER[ceiling]:
         violations.append("data_label %s is above %s" % (inp["data_label"], ceiling))
-    envs = envelope.get("envs")
-    if envs is not None and match_value("env", inp["env"]) not in {match_value("env", e)
-                                                                   for e in envs}:
-        violations.append("env %s is not in %s" % (inp["env"], ", ".join(envs)))
+    envs = envelope.get("envs", ())
+    if match_value("env", inp["env"]) not in {match_value("env", e) for e in envs}:
+        violations.append("env %s is not in %s" % (inp["env"], ", ".join(envs) or
+                                                    "its envs (none stated)"))
     request = inp["request"]
     if (request.get("egress") or request.get("external_call")) and not envelope.get("egress"):
         violations.append("egress is not allowed")

@@ -1981,6 +1981,21 @@ class EnvelopeTest(unittest.TestCase):
         self.assertIs(decide({}, [rule("r.free", {}, ["wrk.doc.summarizer"])], bare)["allowed"],
                       True)
 
+    def test_a_bound_the_envelope_does_not_state_is_the_narrowest(self):
+        rules = [rule("r.env", {}, ["wrk.doc.summarizer"], controls=[hall.CTRL_ENVELOPE])]
+        for envelope, body, violations in (
+                ({}, {}, ["env dev is not in its envs (none stated)"]),
+                ({"envs": ["dev"]}, {}, []),
+                ({"envs": ["dev"]}, {"data_label": "SECRET"}, ["data_label SECRET is above PUBLIC"]),
+                ({"max_data_label": "SECRET"}, {"data_label": "SECRET", "env": "prod"},
+                 ["env prod is not in its envs (none stated)"])):
+            registry = registry_of(worker_record(
+                "w.env", "wrk.doc.summarizer", ["cap.doc.summarize"], privilege_envelope=envelope,
+                currently_implements=[hall.CTRL_ENVELOPE]))
+            d = decide(body, rules, registry)
+            self.assertEqual(d["deny_reason_if_denied"]["violations"] if d["denied"] else [],
+                             violations, envelope)
+
     def test_an_envelope_the_hall_would_have_refused_denies_and_does_not_raise(self):
         rules = [rule("r.env", {}, ["wrk.doc.summarizer"], controls=[hall.CTRL_ENVELOPE])]
         for envelope in ({"max_data_label": "BOGUS"}, {"envs": 5}, {"envs": [1]},
