@@ -426,6 +426,7 @@ def _blob_text(value):
 
 _STRICT_JSON = json.JSONEncoder(check_circular=False, allow_nan=False,
                                 default=_blob_text).encode
+_JSON_STRING = json.encoder.encode_basestring_ascii     # a str, as both encoders write it
 
 
 def _JSON(value):
@@ -538,7 +539,9 @@ def parse_json_body(raw, what="request body"):
         raise HallError(400, "%s is nested too deeply" % what)
     except ValueError as exc:
         raise HallError(400, "%s is not valid JSON: %s" % (what, str(exc)[:200]))
-    _check_json_value(value, _SUSPECT_ESCAPE.search(text) is not None, what)
+    check_strings = _SUSPECT_ESCAPE.search(text) is not None
+    if check_strings or text.count("{") + text.count("[") > MAX_JSON_DEPTH:
+        _check_json_value(value, check_strings, what)   # (else it cannot be too deep)
     return value
 
 
@@ -3542,10 +3545,15 @@ def receipt_key_id(secret):
     return "rk_" + hashlib.sha256(b"pyhall receipt key\n" + secret).hexdigest()[:16]
 
 
-def _receipt_mac(decision, key_id, secret):
+def _receipt_fields(decision, key_id):
     signed = {field: decision.get(field) for field in RECEIPT_FIELDS}
     signed["key_id"] = key_id
-    return hmac.digest(secret, canonical_json(signed).encode("utf-8"), "sha256").hex()
+    return signed
+
+
+def _receipt_mac(decision, key_id, secret):
+    return hmac.digest(secret, canonical_json(_receipt_fields(decision, key_id)).encode("utf-8"),
+                       "sha256").hex()
 
 
 def sign_receipt(decision, key_id, secret):
@@ -3604,6 +3612,153 @@ def _secret_bytes(secret):
     if isinstance(secret, (bytes, bytearray)):
         return bytes(secret)
     raise TypeError("a receipt key is bytes or a hex string")
+
+
+# -- prepared decisions ------------------------------------------------------
+#
+# Most route requests repeat: an agent asks again for the same capability,
+# tenant, env and data, and only its correlation id differs.  Their decision
+# is a function of that input and of what decide() reads -- rules, registry
+# snapshot, policy, floor -- each of which the hall replaces, never changes.
+# So an allowed decision is made once per input and state, and each repeat
+# takes it with its own ids and time filled in: the dict, the canonical text
+# its receipt signs and the answer's JSON, all three.
+
+class JSONTemplate(object):
+    """JSON text with holes: the encoding of a value that held a marker
+    string wherever a hole is, kept as a %-format with a named field at
+    each.  A marker is a random token the hall made, so no caller's string
+    is one."""
+
+    __slots__ = ("format",)
+
+    def __init__(self, text, markers):
+        by_text = {_JSON_STRING(marker): hole for hole, marker in markers.items()}
+        pieces = re.split("(%s)" % "|".join(map(re.escape, by_text)), text)
+        # (re.split with a group: the text between markers at even places, markers at odd)
+        self.format = "".join("%%(%s)s" % by_text[piece] if index % 2 else
+                              piece.replace("%", "%%") for index, piece in enumerate(pieces))
+
+    def fill(self, encoded):
+        """The text with each hole replaced by ``encoded[hole]`` (JSON text)."""
+        return self.format % encoded
+
+
+class PreparedDecision(dict):
+    """A RouteDecision taken from a prepared one; ``json`` is its answer's
+    JSON text (see answer_json), made with it."""
+
+    __slots__ = ("json",)
+
+
+_KEYED_FIELDS = tuple(f for f in HASHED_FIELDS if f != "request") + ("worker_id",)
+
+
+class PreparedDecisions(object):
+    """The allowed decisions prepared for the inputs seen under the current
+    state.  Only what is sure to decide the same way is prepared: no dry
+    run, explanation or approval, a correlation id telemetry shows as sent,
+    a compiled policy (a callable one may answer differently each time) and
+    no attestation (worker code is read at each request).  A prepared
+    decision is checked, once, against the decision it was made beside:
+    one that would differ in anything is not kept."""
+
+    LIMIT = 1024                                # inputs noted or prepared (then: start over)
+    HOLES = ("decision_id", "timestamp", "correlation_id", "mac")
+
+    def __init__(self):
+        self._markers = {hole: "hole-%s-%s" % (hole, secrets.token_hex(16))
+                         for hole in self.HOLES}
+        self._current = ((), {})                # (state and signing key, its table)
+
+    def __len__(self):
+        """How many inputs have a decision prepared under the current state."""
+        return sum(1 for prepared in list(self._current[1].values()) if prepared)
+
+    @staticmethod
+    def applies(inp, policy, attestor):
+        cid = inp["correlation_id"]
+        return not (inp["dry_run"] or inp["explain"] or inp["approval_id"] is not None
+                    or not cid.strip() or clean_id(cid) != cid
+                    or (attestor is not None and attestor.required)
+                    or not (policy is None or isinstance(policy, Policy)))
+
+    def _table(self, state):
+        """The decisions prepared under ``state``: a new table when it is not
+        the current one's.  (Tables are replaced whole, so a decision
+        prepared under an older state is never found under a newer one.)"""
+        current, table = self._current
+        if len(current) != len(state) or any(a is not b for a, b in zip(current, state)):
+            table = {}
+            self._current = (state, table)
+        elif len(table) >= self.LIMIT:
+            table.clear()
+        return table
+
+    def take(self, inp, state, now, signing_key):
+        """The decision for ``inp`` under ``state`` = (rules, registry,
+        policy, floor), signed with ``signing_key``, if one is prepared;
+        else None."""
+        prepared = self._table(state + signing_key).get(self._key(inp))
+        if prepared is None:
+            return None
+        return self._fill(prepared, new_id(), now, inp["correlation_id"], signing_key)
+
+    def prepare(self, inp, state, decision, signing_key):
+        """After ``decision`` (signed) was made for ``inp`` under ``state``
+        by decide(): keep it for the inputs that repeat it -- from the
+        second time an input is seen, so that inputs that never repeat cost
+        no more than a note that they were seen."""
+        if not decision["allowed"] or decision["artifact_hash"] is None:
+            return
+        table, key = self._table(state + signing_key), self._key(inp)
+        if key not in table:
+            table[key] = None
+            return
+        rules, registry, policy, floor = state
+        marks = self._markers
+        template = decide(dict(inp, correlation_id=marks["correlation_id"]), rules, registry,
+                          policy, floor, now=marks["timestamp"],
+                          decision_id=marks["decision_id"])
+        template["receipt"] = dict(sign_receipt(template, *signing_key), mac=marks["mac"])
+        copied = tuple(key for key, value in template.items() if isinstance(value, (dict, list))
+                       and key not in ("telemetry_envelopes", "receipt"))
+        prepared = (template, copied,
+                    JSONTemplate(canonical_json(_receipt_fields(template, signing_key[0])),
+                                 marks),
+                    JSONTemplate(answer_json(template), marks))
+        made = self._fill(prepared, decision["decision_id"], decision["timestamp"],
+                          decision["correlation_id"], signing_key)
+        if made == decision and made.json == answer_json(decision):
+            table[key] = prepared
+
+    @staticmethod
+    def _key(inp):
+        """What of an input its decision depends on (the fields its hash
+        covers, the worker it is pinned to), cheaper to make than that hash."""
+        request = inp["request"]
+        return tuple(map(inp.__getitem__, _KEYED_FIELDS)) + (
+            canonical_json(request) if request else None,)
+
+    @staticmethod
+    def _fill(prepared, decision_id, timestamp, correlation_id, signing_key):
+        template, copied, signed, answer = prepared
+        decision = PreparedDecision(template)
+        for key in copied:                      # its own lists and dicts, one level down
+            value = template[key]
+            decision[key] = (RankedCandidates(list(map(dict, value)), value.json)
+                             if type(value) is RankedCandidates else type(value)(value))
+        fields = {"decision_id": decision_id, "timestamp": timestamp,
+                  "correlation_id": correlation_id}
+        decision.update(fields)
+        decision["telemetry_envelopes"] = [dict(envelope, **fields)
+                                           for envelope in template["telemetry_envelopes"]]
+        encoded = {hole: _JSON_STRING(value) for hole, value in fields.items()}
+        mac = hmac.digest(signing_key[1], signed.fill(encoded).encode("utf-8"), "sha256").hex()
+        decision["receipt"] = dict(template["receipt"], mac=mac)
+        encoded["mac"] = '"%s"' % mac
+        decision.json = answer.fill(encoded)
+        return decision
 
 
 class BurstCounter(object):
@@ -3971,6 +4126,7 @@ class Hall(object):
             self.file_policy = load_json_file(config.policy_path, "policy")
             load_policy_file(config.policy_path)        # refuses an invalid document
         self.attestor = None
+        self.prepared = PreparedDecisions()
         if config.attest_dirs or config.require_attestation:
             self.attestor = Attestor(config.attest_dirs, config.require_attestation)
         signature = log_signature(config.db_path, config.busy_timeout)
@@ -4332,22 +4488,31 @@ class Hall(object):
         self.follow_governance()
         rules = self.rules_for(body.get("_rules"), principal)
         registry, now = self.registry(), now_iso()
-        approval = self._presented_approval(inp["approval_id"], now)
-        decision = decide(inp, rules, registry, self.policy, self.floor, now=now,
-                          approval=approval, attestor=self.attestor, explain=inp["explain"])
-        if decision["dry_run"]:
-            return self._sign(decision)
-        used = decision["preconditions_checked"].get("human_approval")
-        place = used and self.store.insert_decision(decision_row(decision),
-                                                    (used, decision["artifact_hash"], now))
-        if used and not place:
-            # Another request used the approval first: decide again as it is now.
-            approval = self._presented_approval(used, now)
-            if approval.get("status") == "approved":
-                approval["status"] = "used"
+        state = (rules, registry, self.policy, self.floor)
+        signing_key = self.keyring.signing_key()
+        preparable = body.get("_rules") is None and PreparedDecisions.applies(
+            inp, self.policy, self.attestor)
+        decision = preparable and self.prepared.take(inp, state, now, signing_key)
+        used = None
+        if not decision:
+            approval = self._presented_approval(inp["approval_id"], now)
             decision = decide(inp, rules, registry, self.policy, self.floor, now=now,
-                              approval=approval, attestor=self.attestor, explain=inp["explain"])
-            used = None
+                              approval=approval, attestor=self.attestor,
+                              explain=inp["explain"])
+            if decision["dry_run"]:
+                return self._sign(decision, signing_key)
+            used = decision["preconditions_checked"].get("human_approval")
+            place = used and self.store.insert_decision(decision_row(decision),
+                                                        (used, decision["artifact_hash"], now))
+            if used and not place:
+                # Another request used the approval first: decide again as it is now.
+                approval = self._presented_approval(used, now)
+                if approval.get("status") == "approved":
+                    approval["status"] = "used"
+                decision = decide(inp, rules, registry, self.policy, self.floor, now=now,
+                                  approval=approval, attestor=self.attestor,
+                                  explain=inp["explain"])
+                used = None
         row = decision_row(decision)
 
         def logged(place):
@@ -4362,10 +4527,14 @@ class Hall(object):
                 self._open_approval(decision)
             self.store.insert_decision(row, then=logged)
         self._watch(decision)
-        return self._sign(decision)
+        if "receipt" not in decision:           # (a prepared decision comes signed)
+            self._sign(decision, signing_key)
+            if preparable:
+                self.prepared.prepare(inp, state, decision, signing_key)
+        return decision
 
-    def _sign(self, decision):
-        decision["receipt"] = sign_receipt(decision, *self.keyring.signing_key())
+    def _sign(self, decision, signing_key):
+        decision["receipt"] = sign_receipt(decision, *signing_key)
         return decision
 
     def _announce(self, row, place):
@@ -6168,6 +6337,8 @@ def answer_json(payload):
     encoded with null in its place, which is then replaced -- if no object
     or array opens before it, so that it is surely the decision's own
     member (inside an encoded string every quote is escaped)."""
+    if type(payload) is PreparedDecision:
+        return payload.json
     ranked = payload.get("candidate_workers_ranked") if type(payload) is dict else None
     if type(ranked) is not RankedCandidates:
         return _JSON(payload)
@@ -7113,7 +7284,8 @@ class EventLoop(object):
 
     def parse_head(self, head):
         config = self.config
-        lines = head.decode("latin-1").split("\r\n")
+        text = head.decode("latin-1")
+        lines = text.split("\r\n")
         parts = lines[0].split()
         if len(parts) != 3 or parts[2] != "HTTP/1.1" or len(lines) > config.max_headers or \
                 len(lines[0]) + 2 > config.max_header_line:
@@ -7123,11 +7295,15 @@ class EventLoop(object):
         entry = methods.get(method) if methods else None
         if entry is None or not entry.inline:
             raise HandOver()
+        # No CR or LF but the line ends, no NUL, no field line too long.
+        if "\0" in text or text.count("\r") != len(lines) - 1 or \
+                text.count("\n") != len(lines) - 1 or \
+                max(map(len, lines)) + 2 > config.max_header_line:
+            raise HandOver()
         headers = Headers()
         for line in lines[1:]:
             name, colon, value = line.partition(":")
-            if not colon or not _FIELD_NAME.match(name) or "\r" in line or \
-                    "\n" in line or "\0" in line or len(line) + 2 > config.max_header_line:
+            if not colon or not _FIELD_NAME.match(name):
                 raise HandOver()
             headers.add(name, value.strip())
         if "Transfer-Encoding" in headers or "Expect" in headers:

@@ -5166,6 +5166,140 @@ EXPLAIN_DENIALS = [
 ]
 
 
+class PreparedDecisionTest(ServerCase):
+    """A repeated input is answered from the decision prepared for it: the
+    same answer, byte for byte in what is not the request's own, as
+    deciding it anew."""
+
+    def setUp(self):
+        ServerCase.setUp(self)
+        self.enroll(worker_record())
+        self.enroll(worker_record("w.second", "wrk.second", ["cap.doc.summarize"]))
+
+    def secret(self):
+        with open(self.db + ".keys") as handle:
+            return {k["key_id"]: k["secret"] for k in json.load(handle)["keys"]}
+
+    def assert_answers_alike(self, first, second):
+        """Two answers to one input differ only in the ids and time of each."""
+        own = ("decision_id", "timestamp", "correlation_id")
+
+        def common(decision):
+            return dict(decision, receipt=dict(decision["receipt"], mac=None),
+                        telemetry_envelopes=[{k: v for k, v in e.items() if k not in own}
+                                             for e in decision["telemetry_envelopes"]],
+                        **{k: None for k in own})
+        self.assertEqual(common(first), common(second))
+        for decision in (first, second):
+            for envelope in decision["telemetry_envelopes"]:
+                self.assertEqual({k: envelope[k] for k in own}, {k: decision[k] for k in own})
+            self.assertTrue(hall.verify_receipt(decision, self.secret()), decision)
+            self.assertEqual(self.db_rows(
+                "SELECT decided_at, correlation_id, selected_worker FROM decisions "
+                "WHERE decision_id = ?", (decision["decision_id"],)),
+                [(decision["timestamp"], decision["correlation_id"],
+                  decision["selected_worker_species_id"])])
+
+    def test_a_repeated_input_is_answered_as_deciding_it_anew_would(self):
+        first = self.route(correlation_id="c-1")[2]
+        self.assertEqual(len(self.hall.prepared), 0)     # (an input seen once is only noted)
+        answers = [self.route(correlation_id="c-%d" % n)[2] for n in (2, 3)] + [self.route()[2]]
+        self.assertEqual(len(self.hall.prepared), 1)
+        for answer in answers:
+            self.assert_answers_alike(first, answer)
+        self.assertEqual([a["correlation_id"] for a in answers[:2]], ["c-2", "c-3"])
+        self.assertEqual(len({a["decision_id"] for a in [first] + answers}), 4)
+        self.assertEqual(len({a["correlation_id"] for a in [first] + answers}), 4)
+        self.assertEqual(self.db_rows("SELECT count(*) FROM decisions"), [(4,)])
+        # another input is prepared beside it
+        others = [self.route(correlation_id=c, data_label="INTERNAL")[2] for c in ("c-5", "c-6")]
+        self.assertEqual([o["data_label"] for o in others], ["INTERNAL", "INTERNAL"])
+        self.assertEqual(len(self.hall.prepared), 2)
+        self.assert_answers_alike(*others)
+
+    def test_what_a_client_sends_is_answered_as_sent(self):
+        markers = self.hall.prepared._markers
+        self.route(correlation_id="c-0")
+        self.route(correlation_id="c-0")
+        for correlation_id in ('a "quoted" \\ one', "caf\u00e9 \u2713 \U0001f642", "50%(mac)s %s %%",
+                               markers["decision_id"], markers["mac"]):
+            status, _, answer = self.route(correlation_id=correlation_id)
+            self.assertEqual((status, answer["correlation_id"]), (200, correlation_id))
+            self.assertNotIn(answer["decision_id"], markers.values())
+            self.assertEqual(len(self.hall.prepared), 1)
+        first = self.route(correlation_id="c-1")[2]
+        self.assert_answers_alike(first, answer)
+        # a tenant named like a hole is decided, and answered, as any other
+        for tenant in (markers["timestamp"], "org.100% (%(decision_id)s)"):
+            answers = [self.route(tenant_id=tenant, correlation_id=c)[2]
+                       for c in ("t-1", "t-2", "t-3")]
+            self.assertEqual([a["tenant_id"] for a in answers], [tenant] * 3)
+            self.assert_answers_alike(answers[0], answers[2])
+        self.assertEqual(len(self.hall.prepared), 2)      # (the hole-named tenant is not kept)
+
+    def test_a_change_of_what_decides_is_decided_anew(self):
+        def admin(method, path, body=None):
+            status, _, answer = self.call(method, path, body, token=self.admin)
+            self.assertIn(status, (200, 201), answer)
+        record = worker_record()
+        self.assertEqual(self.route()[2]["worker_id"], record["worker_id"])
+        admin("POST", "/api/bans", {"sha256": record["artifact_hash"], "reason": "cve"})
+        self.assertEqual(self.route()[2]["worker_id"], "w.second")
+        admin("POST", "/api/safe-mode/enter", {"reason": "drill"})
+        self.assertEqual(self.route()[2]["deny_reason"], "DENY_SAFE_MODE")
+        admin("POST", "/api/safe-mode/exit", {})
+        self.assertEqual(self.route()[2]["worker_id"], "w.second")
+        admin("PUT", "/api/policy", {"version": "p1", "default": "DENY"})
+        self.assertEqual(self.route()[2]["deny_reason"], "DENY_POLICY_GATE")
+        admin("DELETE", "/api/policy")
+        before = self.route()[2]["receipt"]["key_id"]
+        admin("POST", "/api/receipts/keys/rotate")
+        answer = self.route()[2]
+        self.assertNotEqual(answer["receipt"]["key_id"], before)
+        self.assertTrue(hall.verify_receipt(answer, self.secret()))
+        admin("DELETE", "/workers/w.second")
+        self.assertEqual(self.route()[2]["deny_reason"], "DENY_NO_AVAILABLE_WORKER")
+        admin("DELETE", "/api/bans/" + record["artifact_hash"])
+        self.assertEqual(self.route()[2]["worker_id"], record["worker_id"])
+        self.assertEqual(self.route(tenant_id="org.other")[2]["worker_id"], record["worker_id"])
+        admin("PUT", "/api/tenants", {"tenants": ["org.acme"]})
+        self.assertEqual(self.route(tenant_id="org.other")[2]["deny_reason"],
+                         "DENY_UNKNOWN_TENANT")
+
+    def test_what_might_decide_otherwise_is_not_prepared(self):
+        for _ in range(2):
+            self.assertEqual(self.route(capability_id="cap.none")[2]["deny_reason"],
+                             "DENY_NO_MATCHING_RULE")
+        for overrides in ({"dry_run": True}, {"explain": True}, {"approval_id": "apr_x"},
+                          {"correlation_id": "line\nbreak"}):
+            self.route(**overrides)
+            answer = self.route(**overrides)[2]
+            self.assertEqual(answer["correlation_id"], overrides.get("correlation_id",
+                                                                     answer["correlation_id"]))
+        self.assertEqual(len(self.hall.prepared), 0)
+        self.assertEqual(answer["telemetry_envelopes"][0]["correlation_id"], "linebreak")
+        calls = []
+        self.hall.policy = lambda values: calls.append(values) or "ALLOW"   # (embedding)
+        for _ in range(3):
+            self.assertIs(self.route()[2]["allowed"], True)
+        self.assertEqual((len(calls), len(self.hall.prepared)), (3, 0))
+
+    def test_a_decision_handed_back_is_its_callers_own(self):
+        self.hall.route(route_body())
+        first = self.hall.route(route_body())
+        first["escalation_effective"]["rationale"] = "mine"
+        first["candidate_workers_ranked"][0]["score_hint"] = 99
+        first["telemetry_envelopes"][0]["event_id"] = "mine"
+        first["receipt"]["alg"] = "mine"
+        second = self.hall.route(route_body())
+        self.assertEqual(len(self.hall.prepared), 1)
+        self.assertIsNone(second["escalation_effective"]["rationale"])
+        self.assertNotEqual(second["candidate_workers_ranked"][0]["score_hint"], 99)
+        self.assertEqual(second["telemetry_envelopes"][0]["event_id"], "evt.os.task.routed")
+        self.assertTrue(hall.verify_receipt(second, self.secret()))
+        self.assertEqual(json.loads(hall.answer_json(second)), json.loads(json.dumps(second)))
+
+
 class ExplainTest(unittest.TestCase):
 
     def explained(self, body, **case):
