@@ -3646,7 +3646,8 @@ class JSONTemplate(object):
 
 class PreparedDecision(dict):
     """A RouteDecision taken from a prepared one; ``json`` is its answer's
-    JSON text (see answer_json), made with it."""
+    JSON text, made with it: answer_json sends that text, whatever is done
+    to the dict afterwards."""
 
     __slots__ = ("json",)
 
@@ -3663,7 +3664,9 @@ class PreparedDecisions(object):
     decision is checked, once, against the decision it was made beside:
     one that would differ in anything is not kept."""
 
-    LIMIT = 1024                                # inputs noted or prepared (then: start over)
+    LIMIT = 512                                 # inputs noted or prepared (then: start over)
+    MAX_KEY = 1024                              # characters: a longer input is not noted,
+    MAX_ANSWER = 8192                           # nor one whose answer is longer prepared
     HOLES = ("decision_id", "timestamp", "correlation_id", "mac")
 
     def __init__(self):
@@ -3699,8 +3702,9 @@ class PreparedDecisions(object):
         """The decision for ``inp`` under ``state`` = (rules, registry,
         policy, floor), signed with ``signing_key``, if one is prepared;
         else None."""
-        prepared = self._table(state + signing_key).get(self._key(inp))
-        if prepared is None:
+        key = self._key(inp)
+        prepared = key and self._table(state + signing_key).get(key)
+        if not prepared:
             return None
         return self._fill(prepared, new_id(), now, inp["correlation_id"], signing_key)
 
@@ -3709,9 +3713,11 @@ class PreparedDecisions(object):
         by decide(): keep it for the inputs that repeat it -- from the
         second time an input is seen, so that inputs that never repeat cost
         no more than a note that they were seen."""
-        if not decision["allowed"] or decision["artifact_hash"] is None:
+        key = self._key(inp)
+        if not decision["allowed"] or key is None or \
+                sum(len(part) for part in key if isinstance(part, str)) > self.MAX_KEY:
             return
-        table, key = self._table(state + signing_key), self._key(inp)
+        table = self._table(state + signing_key)
         if key not in table:
             table[key] = None
             return
@@ -3721,12 +3727,15 @@ class PreparedDecisions(object):
                           policy, floor, now=marks["timestamp"],
                           decision_id=marks["decision_id"])
         template["receipt"] = dict(sign_receipt(template, *signing_key), mac=marks["mac"])
-        copied = tuple(key for key, value in template.items() if isinstance(value, (dict, list))
-                       and key not in ("telemetry_envelopes", "receipt"))
+        copied = tuple((key, _copier(value)) for key, value in template.items()
+                       if isinstance(value, (dict, list)))
+        answer = answer_json(template)
+        if len(answer) > self.MAX_ANSWER:
+            return
         prepared = (template, copied,
                     JSONTemplate(canonical_json(_receipt_fields(template, signing_key[0])),
                                  marks),
-                    JSONTemplate(answer_json(template), marks))
+                    JSONTemplate(answer, marks))
         made = self._fill(prepared, decision["decision_id"], decision["timestamp"],
                           decision["correlation_id"], signing_key)
         if made == decision and made.json == answer_json(decision):
@@ -3737,28 +3746,56 @@ class PreparedDecisions(object):
         """What of an input its decision depends on (the fields its hash
         covers, the worker it is pinned to), cheaper to make than that hash."""
         request = inp["request"]
-        return tuple(map(inp.__getitem__, _KEYED_FIELDS)) + (
-            canonical_json(request) if request else None,)
+        try:
+            return tuple(map(inp.__getitem__, _KEYED_FIELDS)) + (
+                canonical_json(request) if request else None,)
+        except (TypeError, ValueError, RecursionError):   # (a Python caller's value JSON
+            return None                                   # has no form for: decide denies)
 
     @staticmethod
     def _fill(prepared, decision_id, timestamp, correlation_id, signing_key):
         template, copied, signed, answer = prepared
         decision = PreparedDecision(template)
-        for key in copied:                      # its own lists and dicts, one level down
-            value = template[key]
-            decision[key] = (RankedCandidates(list(map(dict, value)), value.json)
-                             if type(value) is RankedCandidates else type(value)(value))
+        for key, copy in copied:                # its own lists and dicts, all the way down
+            decision[key] = copy(template[key])
         fields = {"decision_id": decision_id, "timestamp": timestamp,
                   "correlation_id": correlation_id}
         decision.update(fields)
-        decision["telemetry_envelopes"] = [dict(envelope, **fields)
-                                           for envelope in template["telemetry_envelopes"]]
+        for envelope in decision["telemetry_envelopes"]:
+            envelope.update(fields)
         encoded = {hole: _JSON_STRING(value) for hole, value in fields.items()}
         mac = hmac.digest(signing_key[1], signed.fill(encoded).encode("utf-8"), "sha256").hex()
-        decision["receipt"] = dict(template["receipt"], mac=mac)
+        decision["receipt"]["mac"] = mac
         encoded["mac"] = '"%s"' % mac
         decision.json = answer.fill(encoded)
         return decision
+
+
+def _copier(value):
+    """A function that copies a JSON value shaped like ``value`` -- the
+    same containers at the same places -- with its lists and dicts copied
+    all the way down (strings and numbers cannot change: they are shared).
+    Made once per shape, it copies with no look at what is not a container."""
+    if type(value) is RankedCandidates:         # (its entries are flat; its JSON is kept)
+        return lambda original: RankedCandidates(list(map(dict, original)), original.json)
+    if isinstance(value, dict):
+        inner = {key: _copier(item) for key, item in value.items()
+                 if isinstance(item, (dict, list))}
+        if not inner:
+            return dict
+
+        def copy_dict(original):
+            copied = dict(original)
+            for key, copy in inner.items():
+                copied[key] = copy(copied[key])
+            return copied
+        return copy_dict
+    if isinstance(value, list):
+        if not any(isinstance(item, (dict, list)) for item in value):
+            return list
+        copies = [_copier(item) for item in value]
+        return lambda original: [copy(item) for copy, item in zip(copies, original)]
+    return lambda original: original
 
 
 class BurstCounter(object):

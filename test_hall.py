@@ -5285,19 +5285,42 @@ class PreparedDecisionTest(ServerCase):
         self.assertEqual((len(calls), len(self.hall.prepared)), (3, 0))
 
     def test_a_decision_handed_back_is_its_callers_own(self):
-        self.hall.route(route_body())
-        first = self.hall.route(route_body())
+        body = route_body(env="prod", request={"writes": True})     # (blast terms: nested)
+        for _ in range(2):                      # (noted, then prepared)
+            self.hall.route(body)
+        first = self.hall.route(body)
+        self.assertEqual((type(first), len(self.hall.prepared)), (hall.PreparedDecision, 1))
         first["escalation_effective"]["rationale"] = "mine"
         first["candidate_workers_ranked"][0]["score_hint"] = 99
         first["telemetry_envelopes"][0]["event_id"] = "mine"
-        first["receipt"]["alg"] = "mine"
-        second = self.hall.route(route_body())
-        self.assertEqual(len(self.hall.prepared), 1)
+        scored = [e for e in first["telemetry_envelopes"] if "terms" in e]
+        scored[0]["terms"]["mine"] = 1
+        first["receipt"]["signed_fields"].append("mine")
+        second = self.hall.route(body)
         self.assertIsNone(second["escalation_effective"]["rationale"])
         self.assertNotEqual(second["candidate_workers_ranked"][0]["score_hint"], 99)
         self.assertEqual(second["telemetry_envelopes"][0]["event_id"], "evt.os.task.routed")
+        self.assertNotIn("mine", [e for e in second["telemetry_envelopes"] if "terms" in e][0]
+                         ["terms"])
+        self.assertNotIn("mine", second["receipt"]["signed_fields"])
         self.assertTrue(hall.verify_receipt(second, self.secret()))
         self.assertEqual(json.loads(hall.answer_json(second)), json.loads(json.dumps(second)))
+
+    def test_what_is_kept_is_bounded(self):
+        long_tenant, long_request = "org." + "\u2713" * 900, {"text": "x" * 5000}
+        for _ in range(3):
+            answer = self.route(tenant_id=long_tenant)[2]
+            self.assertEqual((answer["tenant_id"], answer["allowed"]), (long_tenant, True))
+            self.assertEqual(self.route(request=long_request)[2]["allowed"], True)
+        self.assertEqual(len(self.hall.prepared), 0)
+        self.assertEqual(len(self.hall.prepared._current[1]), 1)   # (the long tenant, noted)
+        for number in range(hall.PreparedDecisions.LIMIT + 1):
+            self.hall.route(route_body(request={"n": number}))
+        self.assertLessEqual(len(self.hall.prepared._current[1]), hall.PreparedDecisions.LIMIT)
+        # a Python caller's value JSON has no form for is denied, prepared or not
+        for _ in range(2):
+            decision = self.hall.route(route_body(request={"x": {1, 2}}))
+            self.assertEqual(decision["deny_reason"], "DENY_INVALID_INPUT")
 
 
 class ExplainTest(unittest.TestCase):
