@@ -1486,15 +1486,30 @@ class Store(object):
         caller's token is limited to it) a stored worker outside it is not
         replaced: HallError(403)."""
         now = now_iso()
-        def work(conn):
+        stored = (species, capabilities, risk_tier, artifact_hash, record_json)
+
+        def unchanged(conn):
+            """(the stored row or None, the Upsert if it is this very record)"""
             row = conn.execute("SELECT enrollment_id, enrolled_at, (SELECT value FROM meta "
                                "WHERE key = 'registry_version'), worker_species_id, "
                                "capabilities, risk_tier, artifact_hash, record_json "
                                "FROM enrollments WHERE worker_id = ?", (worker_id,)).fetchone()
             if row and namespace is not None:
                 check_namespace(namespace, worker_namespace(worker_id, _json_object(row[7])))
-            if row and row[3:] == (species, capabilities, risk_tier, artifact_hash, record_json):
-                return Upsert(False, False, row[0], row[1], row[2])
+            same = row and row[3:] == stored
+            return row, Upsert(False, False, row[0], row[1], row[2]) if same else None
+
+        # Told from a read, without queueing for the writer: most enrollments
+        # are a worker starting again with the record it had.
+        with self.reading() as conn:
+            same = unchanged(conn)[1]
+        if same:
+            return same
+
+        def work(conn):
+            row, same = unchanged(conn)
+            if same:
+                return same
             if row:
                 conn.execute("UPDATE enrollments SET worker_species_id = ?, capabilities = ?, "
                              "risk_tier = ?, artifact_hash = ?, record_json = ?, updated_at = ? "
@@ -5876,7 +5891,7 @@ ROUTES = [
                                     count=INTEGER)}),
     route("POST", "/enroll", handle_enroll, "write", "Enroll or update a worker.",
           open_on_loopback=True, request=ENROLL_REQUEST,
-          responses={201: ENROLL_RESPONSE, 200: ENROLL_RESPONSE}),
+          responses={201: ENROLL_RESPONSE, 200: ENROLL_RESPONSE}, inline=True),
     route("POST", "/decisions/ingest", handle_ingest, "write",
           "Record a decision made by another router.", open_on_loopback=True,
           request=INGEST_REQUEST, responses={201: INGEST_RESPONSE}, inline=True),

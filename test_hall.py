@@ -821,6 +821,33 @@ class EventLoopTest(ServerCase):
         self.assertEqual(statuses(raw), [201])
         self.assertEqual(self.db_rows("SELECT decision_id FROM decisions"), [("held",)])
 
+    def test_a_worker_enrolled_again_as_stored_is_answered_without_the_writer(self):
+        record = worker_record()
+        self.enroll(record)
+        changed = worker_record(risk_tier="medium")
+        host, port = self.server.server_address[:2]
+        with self.hall.store._write_lock:      # the writer cannot commit
+            status, _, answer = self.call("POST", "/enroll", record)
+            self.assertEqual((status, answer["updated"]), (200, True))
+            sock = socket.create_connection((host, port), timeout=5)
+            try:
+                body = json.dumps(changed).encode()
+                sock.sendall(b"POST /enroll HTTP/1.1\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                sock.settimeout(0.3)
+                with self.assertRaises(socket.timeout):
+                    sock.recv(65536)            # a change waits for its commit
+                self.assertEqual(self.db_rows("SELECT risk_tier FROM enrollments"), [("low",)])
+            except BaseException:
+                sock.close()
+                raise
+        with sock:
+            sock.settimeout(5)
+            raw = self.exchange_on(sock, b"", 1)
+        self.assertEqual(statuses(raw), [200])
+        self.assertEqual(self.db_rows("SELECT risk_tier FROM enrollments"), [("medium",)])
+        self.assertEqual(self.call("GET", "/workers")[2]["workers"][0]["risk_tier"], "medium")
+
     def test_an_answer_made_while_its_commit_fails_is_not_sent(self):
         self.enroll(worker_record())
         loop, store = self.server.loop, self.hall.store
