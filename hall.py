@@ -3695,6 +3695,8 @@ class PreparedDecisions(object):
 
     @staticmethod
     def applies(inp, policy, attestor):
+        """Whether a decision for ``inp`` may be taken from, or kept as, a
+        prepared one."""
         cid = inp["correlation_id"]
         return not (inp["dry_run"] or inp["explain"] or inp["approval_id"] is not None
                     or not cid.strip() or clean_id(cid) != cid
@@ -3742,11 +3744,11 @@ class PreparedDecisions(object):
                           policy, floor, now=marks["timestamp"],
                           decision_id=marks["decision_id"])
         template["receipt"] = dict(sign_receipt(template, *signing_key), mac=marks["mac"])
-        copied = tuple((key, _copier(value)) for key, value in template.items()
-                       if isinstance(value, (dict, list)))
         answer = answer_json(template)
         if len(answer) > self.MAX_ANSWER:
             return
+        copied = tuple((field, _copier(value)) for field, value in template.items()
+                       if isinstance(value, (dict, list)))
         prepared = (template, copied,
                     JSONTemplate(canonical_json(_receipt_fields(template, signing_key[0])),
                                  marks),
@@ -3769,6 +3771,7 @@ class PreparedDecisions(object):
 
     @staticmethod
     def _fill(prepared, decision_id, timestamp, correlation_id, signing_key):
+        """A new decision from a prepared one: its own copy, ids, time and MAC."""
         template, copied, signed, answer = prepared
         decision = PreparedDecision(template)
         for key, copy in copied:                # its own lists and dicts, all the way down

@@ -796,55 +796,47 @@ class EventLoopTest(ServerCase):
             self.assertEqual(statuses(raw), [200])
         self.assertEqual(self.db_rows("SELECT decision_id FROM decisions"), [("piped",)])
 
-    def test_a_logged_write_is_answered_once_committed_and_others_are_served_meanwhile(self):
+    def post_while_the_writer_is_held(self, path, body, meanwhile):
+        """POST ``body`` on a connection of its own while the writer cannot
+        commit, run ``meanwhile()``, see that no answer came, then let the
+        writer go; the statuses of what the connection was answered."""
         host, port = self.server.server_address[:2]
-        body = json.dumps({"decision_id": "held"}).encode()
-        with self.hall.store._write_lock:      # the writer cannot commit
+        data = json.dumps(body).encode()
+        with self.hall.store._write_lock:
             sock = socket.create_connection((host, port), timeout=5)
             try:
-                sock.sendall(b"POST /decisions/ingest HTTP/1.1\r\nContent-Type: "
-                             b"application/json\r\nContent-Length: %d\r\n\r\n%s"
-                             % (len(body), body))
-                # The loop is free: another connection is answered at once.
-                self.assertEqual(self.call("GET", "/health")[0], 200)
-                self.assertEqual(self.call("GET", "/status")[0], 200)
+                sock.sendall(b"POST %s HTTP/1.1\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(data), data))
+                meanwhile()
                 sock.settimeout(0.3)
                 with self.assertRaises(socket.timeout):
                     sock.recv(65536)            # no answer before the commit
-                self.assertEqual(self.db_rows("SELECT count(*) FROM decisions"), [(0,)])
             except BaseException:
                 sock.close()
                 raise
         with sock:
             sock.settimeout(5)
-            raw = self.exchange_on(sock, b"", 1)
-        self.assertEqual(statuses(raw), [201])
+            return statuses(self.exchange_on(sock, b"", 1))
+
+    def test_a_logged_write_is_answered_once_committed_and_others_are_served_meanwhile(self):
+        def meanwhile():                        # the loop is free: others are answered at once
+            self.assertEqual(self.call("GET", "/health")[0], 200)
+            self.assertEqual(self.call("GET", "/status")[0], 200)
+            self.assertEqual(self.db_rows("SELECT count(*) FROM decisions"), [(0,)])
+        self.assertEqual(self.post_while_the_writer_is_held(
+            "/decisions/ingest", {"decision_id": "held"}, meanwhile), [201])
         self.assertEqual(self.db_rows("SELECT decision_id FROM decisions"), [("held",)])
 
     def test_a_worker_enrolled_again_as_stored_is_answered_without_the_writer(self):
         record = worker_record()
         self.enroll(record)
-        changed = worker_record(risk_tier="medium")
-        host, port = self.server.server_address[:2]
-        with self.hall.store._write_lock:      # the writer cannot commit
+
+        def meanwhile():                        # (the change waits for its commit)
             status, _, answer = self.call("POST", "/enroll", record)
             self.assertEqual((status, answer["updated"]), (200, True))
-            sock = socket.create_connection((host, port), timeout=5)
-            try:
-                body = json.dumps(changed).encode()
-                sock.sendall(b"POST /enroll HTTP/1.1\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-                sock.settimeout(0.3)
-                with self.assertRaises(socket.timeout):
-                    sock.recv(65536)            # a change waits for its commit
-                self.assertEqual(self.db_rows("SELECT risk_tier FROM enrollments"), [("low",)])
-            except BaseException:
-                sock.close()
-                raise
-        with sock:
-            sock.settimeout(5)
-            raw = self.exchange_on(sock, b"", 1)
-        self.assertEqual(statuses(raw), [200])
+            self.assertEqual(self.db_rows("SELECT risk_tier FROM enrollments"), [("low",)])
+        self.assertEqual(self.post_while_the_writer_is_held(
+            "/enroll", worker_record(risk_tier="medium"), meanwhile), [200])
         self.assertEqual(self.db_rows("SELECT risk_tier FROM enrollments"), [("medium",)])
         self.assertEqual(self.call("GET", "/workers")[2]["workers"][0]["risk_tier"], "medium")
 
