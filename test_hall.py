@@ -5240,8 +5240,8 @@ class PreparedDecisionTest(ServerCase):
         markers = self.hall.prepared._markers
         self.route(correlation_id="c-0")
         self.route(correlation_id="c-0")
-        for correlation_id in ('a "quoted" \\ one', "caf\u00e9 \u2713 \U0001f642", "50%(mac)s %s %%",
-                               markers["decision_id"], markers["mac"]):
+        for correlation_id in ('a "quoted" \\ one', "caf\u00e9 \u2713 \U0001f642",
+                               "50%(mac)s %s %%", markers["decision_id"], markers["mac"]):
             status, _, answer = self.route(correlation_id=correlation_id)
             self.assertEqual((status, answer["correlation_id"]), (200, correlation_id))
             self.assertNotIn(answer["decision_id"], markers.values())
