@@ -157,6 +157,11 @@ class ServerCase(TempDirCase):
         return self.call("POST", "/api/route", route_body(**overrides),
                          token=token or self.router_token)
 
+    def receipt_keys(self):
+        """{key_id: secret} of the hall's receipt key file."""
+        with open(self.db + ".keys") as handle:
+            return {k["key_id"]: k["secret"] for k in json.load(handle)["keys"]}
+
     def db_rows(self, sql, params=()):
         conn = sqlite3.connect(self.db)
         try:
@@ -4779,10 +4784,6 @@ class ReceiptTest(ServerCase):
         ServerCase.setUp(self)
         self.enroll(worker_record())
 
-    def keys(self):
-        with open(self.db + ".keys") as handle:
-            return {k["key_id"]: k["secret"] for k in json.load(handle)["keys"]}
-
     def check(self, decision):
         status, _, answer = self.call("POST", "/api/receipts/verify", decision)
         self.assertEqual(status, 200, answer)
@@ -4794,7 +4795,7 @@ class ReceiptTest(ServerCase):
         self.assertEqual(status, 200)
         receipt = decision["receipt"]
         self.assertEqual((receipt["alg"], receipt["signed_fields"][-1]), ("HMAC-SHA256", "key_id"))
-        (key_id, secret), = self.keys().items()
+        (key_id, secret), = self.receipt_keys().items()
         self.assertEqual(receipt["key_id"], key_id)
         self.assertTrue(hall.verify_receipt(decision, secret))
         self.assertTrue(hall.verify_receipt(decision, bytes.fromhex(secret)))
@@ -4808,7 +4809,7 @@ class ReceiptTest(ServerCase):
 
     def test_changing_any_signed_field_fails(self):
         decision = self.route()[2]
-        secret = self.keys()[decision["receipt"]["key_id"]]
+        secret = self.receipt_keys()[decision["receipt"]["key_id"]]
         changes = {"decision_id": "another", "timestamp": "2026-01-01T00:00:00.000000+00:00",
                    "correlation_id": "c-2", "tenant_id": "org.evil", "capability_id": "cap.x",
                    "selected_worker_species_id": "wrk.evil", "selected_worker_id": "w.evil",
@@ -4839,7 +4840,7 @@ class ReceiptTest(ServerCase):
 
     def test_a_dropped_field_fails_even_one_signed_as_null(self):
         decision = self.route()[2]
-        secret = self.keys()[decision["receipt"]["key_id"]]
+        secret = self.receipt_keys()[decision["receipt"]["key_id"]]
         self.assertIsNone(decision["deny_reason"])
         for field in hall.RECEIPT_FIELDS:
             dropped = {k: v for k, v in decision.items() if k != field}
@@ -4905,7 +4906,7 @@ class ReceiptTest(ServerCase):
         self.assertNotIn("secret", json.dumps(listing))
         new = self.route()[2]
         self.assertEqual(new["receipt"]["key_id"], current[0])
-        keys = self.keys()
+        keys = self.receipt_keys()
         self.assertEqual(set(keys), {old_key, current[0]})
         self.assertTrue(self.check(old)["valid"])
         self.assertTrue(hall.verify_receipt(old, keys[old_key]))
@@ -5195,10 +5196,6 @@ class PreparedDecisionTest(ServerCase):
         self.enroll(worker_record())
         self.enroll(worker_record("w.second", "wrk.second", ["cap.doc.summarize"]))
 
-    def secret(self):
-        with open(self.db + ".keys") as handle:
-            return {k["key_id"]: k["secret"] for k in json.load(handle)["keys"]}
-
     def assert_answers_alike(self, first, second):
         """Two answers to one input differ only in the ids and time of each."""
         own = ("decision_id", "timestamp", "correlation_id")
@@ -5212,7 +5209,7 @@ class PreparedDecisionTest(ServerCase):
         for decision in (first, second):
             for envelope in decision["telemetry_envelopes"]:
                 self.assertEqual({k: envelope[k] for k in own}, {k: decision[k] for k in own})
-            self.assertTrue(hall.verify_receipt(decision, self.secret()), decision)
+            self.assertTrue(hall.verify_receipt(decision, self.receipt_keys()), decision)
             self.assertEqual(self.db_rows(
                 "SELECT decided_at, correlation_id, selected_worker FROM decisions "
                 "WHERE decision_id = ?", (decision["decision_id"],)),
@@ -5275,7 +5272,7 @@ class PreparedDecisionTest(ServerCase):
         admin("POST", "/api/receipts/keys/rotate")
         answer = self.route()[2]
         self.assertNotEqual(answer["receipt"]["key_id"], before)
-        self.assertTrue(hall.verify_receipt(answer, self.secret()))
+        self.assertTrue(hall.verify_receipt(answer, self.receipt_keys()))
         admin("DELETE", "/workers/w.second")
         self.assertEqual(self.route()[2]["deny_reason"], "DENY_NO_AVAILABLE_WORKER")
         admin("DELETE", "/api/bans/" + record["artifact_hash"])
@@ -5322,7 +5319,7 @@ class PreparedDecisionTest(ServerCase):
         self.assertNotIn("mine", [e for e in second["telemetry_envelopes"] if "terms" in e][0]
                          ["terms"])
         self.assertNotIn("mine", second["receipt"]["signed_fields"])
-        self.assertTrue(hall.verify_receipt(second, self.secret()))
+        self.assertTrue(hall.verify_receipt(second, self.receipt_keys()))
         self.assertEqual(json.loads(hall.answer_json(second)), json.loads(json.dumps(second)))
 
     def test_what_is_kept_is_bounded(self):
